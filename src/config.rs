@@ -1,0 +1,617 @@
+//! Configuration: a TOML file (`--config PATH`) overlaid by environment variables named
+//! `OPPSYNC__SECTION__KEY` (how Kubernetes Secrets arrive). Validated once at start; every
+//! problem is reported together.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use url::Url;
+
+use crate::rules::SyncConfig;
+
+/// A secret value: never printed by `Debug`, serialised as `[redacted]`.
+#[derive(Clone)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(SecretString::from(value.into()))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Environment values that look numeric arrive as numbers; a secret is always text.
+        let value = serde_json::Value::deserialize(d)?;
+        match value {
+            serde_json::Value::String(s) => Ok(Secret::new(s)),
+            serde_json::Value::Number(n) => Ok(Secret::new(n.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a string, found {other}"
+            ))),
+        }
+    }
+}
+
+/// A list given either as a TOML array or as one comma-separated string (environment).
+fn comma_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: From<String>,
+{
+    let value = serde_json::Value::deserialize(d)?;
+    let items: Vec<String> = match value {
+        serde_json::Value::String(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                serde_json::Value::String(s) => Ok(s),
+                serde_json::Value::Number(n) => Ok(n.to_string()),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected a string, found {other}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        serde_json::Value::Number(n) => vec![n.to_string()],
+        serde_json::Value::Null => vec![],
+        other => {
+            return Err(serde::de::Error::custom(format!(
+                "expected a list, found {other}"
+            )));
+        }
+    };
+    Ok(items.into_iter().filter(|s| !s.is_empty()).map(T::from).collect())
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret::new(s)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub webhook: WebhookConfig,
+    pub marketo: MarketoConfig,
+    pub dataverse: DataverseConfig,
+    pub sync: SyncConfig,
+    pub admin: AdminConfig,
+    pub worker: WorkerConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub body_limit_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests and the worker before exiting.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".into(),
+            body_limit_bytes: 1024 * 1024,
+            shutdown_grace_secs: 25,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (default, embedded) or `postgres://…`.
+    pub url: Secret,
+    pub max_connections: u32,
+    /// Most notifications one group commit takes at once.
+    pub group_commit_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: Secret::new("sqlite://oppsync.db"),
+            max_connections: 8,
+            group_commit_max: 256,
+        }
+    }
+}
+
+/// How Dynamics proves it is the caller (the service endpoint's authentication type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookAuth {
+    /// WebhookKey: `?code=<key>`.
+    #[default]
+    WebhookKey,
+    /// HttpHeader: a header named by `header_name`.
+    HttpHeader,
+    /// HttpQueryString: a query parameter named by `param_name`.
+    QueryString,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub auth: WebhookAuth,
+    pub header_name: Option<String>,
+    pub param_name: Option<String>,
+    /// Accepted secrets; several at once so a key can be rotated without downtime.
+    #[serde(deserialize_with = "comma_list")]
+    pub keys: Vec<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MarketoConfig {
+    /// `https://<munchkin>.mktorest.com`
+    pub base_url: Option<Url>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    /// Calls allowed per rate window (Marketo: 100 per 20 s per instance, shared).
+    pub calls_per_20s: u32,
+    /// Length of the rate window in seconds (20 in production; scaled down in tests).
+    pub window_secs: f64,
+    pub max_concurrent: u32,
+    pub daily_quota: u32,
+    pub batch_size: usize,
+    /// Largest request body oppsync sends (Marketo refuses over 1 MB with HTTP 413).
+    pub max_body_bytes: usize,
+    /// Immediate retries of one call on retryable errors before the write is rescheduled.
+    pub max_retries: u32,
+    pub retry_base_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    /// Multiplies the client timeouts (which sit a little above each endpoint's server timeout).
+    pub timeout_scale: f64,
+}
+
+impl Default for MarketoConfig {
+    fn default() -> Self {
+        MarketoConfig {
+            base_url: None,
+            client_id: None,
+            client_secret: None,
+            calls_per_20s: 100,
+            window_secs: 20.0,
+            max_concurrent: 10,
+            daily_quota: 50_000,
+            batch_size: 300,
+            max_body_bytes: 1_000_000,
+            max_retries: 4,
+            retry_base_delay_ms: 500,
+            retry_max_delay_ms: 30_000,
+            timeout_scale: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataverseConfig {
+    /// Environment URL, e.g. `https://contoso.crm.dynamics.com`.
+    pub url: Option<Url>,
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    /// Overrides `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`.
+    pub token_url: Option<Url>,
+}
+
+impl DataverseConfig {
+    pub fn effective_token_url(&self) -> Option<Url> {
+        if let Some(u) = &self.token_url {
+            return Some(u.clone());
+        }
+        let tenant = self.tenant_id.as_deref()?;
+        Url::parse(&format!(
+            "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+        ))
+        .ok()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// HS256 shared secret.
+    pub jwt_secret: Option<Secret>,
+    /// PEM public key (RS256 or ES256).
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Start with pushing to Marketo paused (intake and planning go on).
+    pub paused: bool,
+    /// How long a claimed notification stays leased; renewed while working.
+    pub lease_secs: u64,
+    /// Attempts at a notification or a Marketo write before it becomes a dead letter.
+    pub max_attempts: u32,
+    pub poll_interval_ms: u64,
+    /// Notifications planned per claim.
+    pub claim_batch: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            paused: false,
+            lease_secs: 300,
+            max_attempts: 12,
+            poll_interval_ms: 200,
+            claim_batch: 64,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            store: StoreConfig::default(),
+            webhook: WebhookConfig::default(),
+            marketo: MarketoConfig::default(),
+            dataverse: DataverseConfig::default(),
+            sync: SyncConfig::default(),
+            admin: AdminConfig::default(),
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+/// Everything wrong with a configuration, listed together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+/// What the configuration is for: `serve` needs every collaborator, other commands less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Serve,
+    Inspect,
+}
+
+impl Config {
+    /// Loads the file (if any) and the `OPPSYNC__…` environment, then validates.
+    pub fn load(path: Option<&Path>, purpose: Purpose) -> Result<Config, ConfigError> {
+        Self::load_from(path, Env::prefixed("OPPSYNC__").split("__"), purpose)
+    }
+
+    fn load_from(path: Option<&Path>, env: Env, purpose: Purpose) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError {
+                    problems: vec![format!("config file {} does not exist", path.display())],
+                });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(env);
+        let config: Config = figment.extract().map_err(|e| ConfigError {
+            problems: e.into_iter().map(describe_figment_error).collect(),
+        })?;
+        let problems = config.problems(purpose);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Parses a TOML document (tests, `check-config`).
+    pub fn from_toml(text: &str, purpose: Purpose) -> Result<Config, ConfigError> {
+        let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+        let config: Config = figment.extract().map_err(|e| ConfigError {
+            problems: e.into_iter().map(describe_figment_error).collect(),
+        })?;
+        let problems = config.problems(purpose);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Every semantic problem of this configuration.
+    pub fn problems(&self, purpose: Purpose) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "server.listen (OPPSYNC__SERVER__LISTEN): {:?} is not an address such as 0.0.0.0:8080",
+                self.server.listen
+            ));
+        }
+        if self.server.body_limit_bytes < 1024 {
+            p.push(
+                "server.body_limit_bytes (OPPSYNC__SERVER__BODY_LIMIT_BYTES): must be at least 1024".into(),
+            );
+        }
+        let url = self.store.url.expose();
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            p.push("store.url (OPPSYNC__STORE__URL): must start with sqlite:// or postgres://".into());
+        }
+        if self.store.group_commit_max == 0 {
+            p.push("store.group_commit_max: must be at least 1".into());
+        }
+        match self.webhook.auth {
+            WebhookAuth::HttpHeader if self.webhook.header_name.as_deref().unwrap_or("").is_empty() => p.push(
+                "webhook.header_name (OPPSYNC__WEBHOOK__HEADER_NAME): required when webhook.auth = http_header".into(),
+            ),
+            WebhookAuth::QueryString if self.webhook.param_name.as_deref().unwrap_or("").is_empty() => p.push(
+                "webhook.param_name (OPPSYNC__WEBHOOK__PARAM_NAME): required when webhook.auth = query_string".into(),
+            ),
+            _ => {}
+        }
+        if let Some(h) = &self.webhook.header_name
+            && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            p.push(format!(
+                "webhook.header_name: {h:?} is not a valid HTTP header name"
+            ));
+        }
+        if purpose == Purpose::Serve && self.webhook.keys.is_empty() {
+            p.push("webhook.keys (OPPSYNC__WEBHOOK__KEYS): at least one key is required; Dynamics must prove it is the caller".into());
+        }
+        if self.webhook.keys.iter().any(|k| k.expose().len() < 8) {
+            p.push("webhook.keys: every key must be at least 8 characters".into());
+        }
+        let m = &self.marketo;
+        if purpose == Purpose::Serve {
+            if m.base_url.is_none() {
+                p.push("marketo.base_url (OPPSYNC__MARKETO__BASE_URL): required, e.g. https://123-ABC-456.mktorest.com".into());
+            }
+            if m.client_id.as_deref().unwrap_or("").is_empty() {
+                p.push("marketo.client_id (OPPSYNC__MARKETO__CLIENT_ID): required".into());
+            }
+            if m.client_secret.is_none() {
+                p.push("marketo.client_secret (OPPSYNC__MARKETO__CLIENT_SECRET): required".into());
+            }
+        }
+        if m.calls_per_20s == 0 {
+            p.push("marketo.calls_per_20s: must be at least 1".into());
+        }
+        if !(m.window_secs > 0.0) {
+            p.push("marketo.window_secs: must be positive".into());
+        }
+        if m.max_concurrent == 0 {
+            p.push("marketo.max_concurrent: must be at least 1".into());
+        }
+        if m.batch_size == 0 || m.batch_size > 300 {
+            p.push("marketo.batch_size: must be between 1 and 300 (Marketo's limit)".into());
+        }
+        if m.max_body_bytes < 10_000 || m.max_body_bytes > 1_000_000 {
+            p.push("marketo.max_body_bytes: must be between 10000 and 1000000 (Marketo's 1 MB limit)".into());
+        }
+        if !(m.timeout_scale > 0.0) {
+            p.push("marketo.timeout_scale: must be positive".into());
+        }
+        let d = &self.dataverse;
+        if purpose == Purpose::Serve {
+            if d.url.is_none() {
+                p.push("dataverse.url (OPPSYNC__DATAVERSE__URL): required, e.g. https://contoso.crm.dynamics.com".into());
+            }
+            if d.client_id.as_deref().unwrap_or("").is_empty() {
+                p.push("dataverse.client_id (OPPSYNC__DATAVERSE__CLIENT_ID): required".into());
+            }
+            if d.client_secret.is_none() {
+                p.push("dataverse.client_secret (OPPSYNC__DATAVERSE__CLIENT_SECRET): required".into());
+            }
+            if d.effective_token_url().is_none() {
+                p.push("dataverse.tenant_id (OPPSYNC__DATAVERSE__TENANT_ID) or dataverse.token_url: one is required".into());
+            }
+        }
+        if self.admin.jwt_secret.is_some() && self.admin.jwt_public_key_file.is_some() {
+            p.push(
+                "admin: set either jwt_secret (HS256) or jwt_public_key_file (RS256/ES256), not both".into(),
+            );
+        }
+        if let Some(s) = &self.admin.jwt_secret
+            && s.expose().len() < 32
+        {
+            p.push("admin.jwt_secret (OPPSYNC__ADMIN__JWT_SECRET): must be at least 32 characters".into());
+        }
+        if let Some(f) = &self.admin.jwt_public_key_file
+            && !f.exists()
+        {
+            p.push(format!(
+                "admin.jwt_public_key_file: {} does not exist",
+                f.display()
+            ));
+        }
+        if self.worker.lease_secs < 10 {
+            p.push("worker.lease_secs: must be at least 10".into());
+        }
+        if self.worker.max_attempts == 0 {
+            p.push("worker.max_attempts: must be at least 1".into());
+        }
+        if self.worker.claim_batch == 0 {
+            p.push("worker.claim_batch: must be at least 1".into());
+        }
+        p.extend(self.sync.problems());
+        p
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn redacted_toml(&self) -> String {
+        toml_string(self)
+    }
+}
+
+fn toml_string(config: &Config) -> String {
+    // Through serde_json first, so `None`s can be dropped (TOML has no null).
+    let value = strip_nulls(serde_json::to_value(config).unwrap_or_default());
+    toml::to_string_pretty(&value).unwrap_or_else(|e| format!("# could not render: {e}"))
+}
+
+fn strip_nulls(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => serde_json::Value::Object(
+            m.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, strip_nulls(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(strip_nulls).collect()),
+        other => other,
+    }
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    let path = e.path.join(".");
+    let env_name = if path.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (OPPSYNC__{})",
+            e.path
+                .iter()
+                .map(|p| p.to_uppercase())
+                .collect::<Vec<_>>()
+                .join("__")
+        )
+    };
+    let kind = e.kind.to_string();
+    if path.is_empty() {
+        kind
+    } else {
+        format!("{path}{env_name}: {kind}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_ready() -> &'static str {
+        r#"
+        [webhook]
+        keys = ["first-key-123", "second-key-456"]
+        [marketo]
+        base_url = "https://123-ABC-456.mktorest.com"
+        client_id = "id"
+        client_secret = "secret"
+        [dataverse]
+        url = "https://contoso.crm.dynamics.com"
+        tenant_id = "tenant"
+        client_id = "id"
+        client_secret = "secret"
+        "#
+    }
+
+    #[test]
+    fn a_complete_file_is_valid_for_serve() {
+        let c = Config::from_toml(serve_ready(), Purpose::Serve).unwrap();
+        assert_eq!(c.webhook.keys.len(), 2);
+        assert_eq!(c.server.listen, "0.0.0.0:8080");
+        assert_eq!(c.server.body_limit_bytes, 1024 * 1024);
+        assert_eq!(c.store.url.expose(), "sqlite://oppsync.db");
+    }
+
+    #[test]
+    fn every_problem_is_listed_together() {
+        let err = Config::from_toml(
+            r#"
+            [server]
+            listen = "nowhere"
+            [webhook]
+            auth = "http_header"
+            [marketo]
+            batch_size = 500
+            "#,
+            Purpose::Serve,
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in [
+            "server.listen",
+            "webhook.header_name",
+            "webhook.keys",
+            "marketo.batch_size",
+            "marketo.base_url",
+            "dataverse.url",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_its_environment_variable() {
+        let err = Config::from_toml("[server]\nbody_limit_bytes = \"lots\"\n", Purpose::Inspect).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("server.body_limit_bytes"), "{all}");
+        assert!(all.contains("OPPSYNC__SERVER__BODY_LIMIT_BYTES"), "{all}");
+    }
+
+    #[test]
+    fn environment_overlays_the_file_and_splits_keys_on_commas() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("oppsync.toml", serve_ready())?;
+            jail.set_env(
+                "OPPSYNC__WEBHOOK__KEYS",
+                "rotated-key-1, rotated-key-2,rotated-key-3",
+            );
+            jail.set_env("OPPSYNC__SERVER__LISTEN", "127.0.0.1:9999");
+            jail.set_env("OPPSYNC__MARKETO__CALLS_PER_20S", "50");
+            let c =
+                Config::load(Some(Path::new("oppsync.toml")), Purpose::Serve).map_err(|e| e.to_string())?;
+            let keys: Vec<&str> = c.webhook.keys.iter().map(|k| k.expose()).collect();
+            assert_eq!(keys, ["rotated-key-1", "rotated-key-2", "rotated-key-3"]);
+            assert_eq!(c.server.listen, "127.0.0.1:9999");
+            assert_eq!(c.marketo.calls_per_20s, 50);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redacted_output_never_contains_secrets() {
+        let c = Config::from_toml(serve_ready(), Purpose::Serve).unwrap();
+        let out = c.redacted_toml();
+        assert!(!out.contains("first-key-123"), "{out}");
+        assert!(!out.contains("\"secret\""), "{out}");
+        assert!(out.contains("[redacted]"), "{out}");
+        assert!(out.contains("[marketo]"), "{out}");
+        assert!(!format!("{c:?}").contains("first-key-123"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("[server]\nlisten_adress = \"x\"\n", Purpose::Inspect).unwrap_err();
+        assert!(
+            err.problems.join("\n").contains("listen_adress"),
+            "{:?}",
+            err.problems
+        );
+    }
+}

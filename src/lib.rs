@@ -1,0 +1,12 @@
+//! oppsync keeps Adobe Marketo Engage in step with Microsoft Dynamics 365 opportunities, one way,
+//! Dynamics → Marketo.
+
+pub mod config;
+pub mod dynamics;
+pub mod http;
+pub mod marketo;
+pub mod register;
+pub mod rules;
+pub mod sim;
+pub mod store;
+pub mod worker;

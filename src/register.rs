@@ -1,0 +1,1 @@
+//! `oppsync register`: creates or updates the Dynamics service endpoint, steps and images.

@@ -1,0 +1,5 @@
+//! Built-in simulators of Marketo and the Dataverse Web API, for tests and `oppsync demo`.
+//! Production never talks to them.
+
+pub mod dataverse;
+pub mod marketo;
