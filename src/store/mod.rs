@@ -1,1 +1,508 @@
-//! store
+//! Durable storage: the inbox of notifications, what oppsync knows of Dynamics rows, and the
+//! pending Marketo writes. Two backends with one SQL text (`sql.rs`): SQLite (default, embedded,
+//! WAL with fsync on commit) and PostgreSQL (several replicas).
+
+mod group_commit;
+mod sql;
+#[doc(hidden)]
+pub mod suite;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use uuid::Uuid;
+
+pub use group_commit::{GroupCommitter, IntakeError};
+pub use sql::{PgStore, SqliteStore};
+
+/// Milliseconds since the Unix epoch, the store's clock unit.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported store url (expected sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    #[error("the database schema is {0}; run `oppsync migrate` (or start with `serve --migrate`)")]
+    Schema(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A notification to store, as intake decoded it.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub dedupe_key: String,
+    pub entity: String,
+    pub message: String,
+    pub record_id: Uuid,
+    pub version: i64,
+    pub correlation_id: Option<String>,
+    pub data_missing: bool,
+    pub body: String,
+    pub received_at: i64,
+}
+
+/// What storing one notification did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Newly committed under this inbox id.
+    Stored(i64),
+    /// The same notification was already stored (a Dynamics retry or a re-run job).
+    Duplicate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationStatus {
+    Pending,
+    Done,
+    Dead,
+    Discarded,
+}
+
+impl NotificationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationStatus::Pending => "pending",
+            NotificationStatus::Done => "done",
+            NotificationStatus::Dead => "dead",
+            NotificationStatus::Discarded => "discarded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(NotificationStatus::Pending),
+            "done" => Some(NotificationStatus::Done),
+            "dead" => Some(NotificationStatus::Dead),
+            "discarded" => Some(NotificationStatus::Discarded),
+            _ => None,
+        }
+    }
+}
+
+/// One stored notification.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct InboxEntry {
+    pub id: i64,
+    pub dedupe_key: String,
+    pub received_at: i64,
+    pub entity: String,
+    pub message: String,
+    pub record_id: String,
+    pub version: i64,
+    pub correlation_id: Option<String>,
+    pub data_missing: bool,
+    pub status: NotificationStatus,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub settled_at: Option<i64>,
+    /// The raw body as Dynamics sent it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// A stored row of state (JSON owned by `rules`) with its revision for compare-and-swap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateRow {
+    pub id: Uuid,
+    pub revision: i64,
+    pub state: String,
+    /// Opportunities only: the last projection planned for Marketo.
+    pub projection: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleRow {
+    pub id: Uuid,
+    pub name: String,
+    pub category: i32,
+}
+
+/// Which rows to load for one notification.
+#[derive(Debug, Clone, Default)]
+pub struct RowKeys {
+    pub opportunity_ids: Vec<Uuid>,
+    pub connection_ids: Vec<Uuid>,
+    pub contact_ids: Vec<Uuid>,
+    /// Load every connection of these opportunities.
+    pub connections_of_opportunities: Vec<Uuid>,
+    /// Load every opportunity whose potential customer is one of these contacts.
+    pub opportunities_with_customer: Vec<Uuid>,
+    pub role_ids: Vec<Uuid>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadedRows {
+    pub opportunities: Vec<StateRow>,
+    pub connections: Vec<StateRow>,
+    pub contacts: Vec<StateRow>,
+    pub roles: Vec<RoleRow>,
+}
+
+/// A row to write in a commit. `expected_revision` None means "must not exist yet".
+#[derive(Debug, Clone)]
+pub struct RowWrite {
+    pub id: Uuid,
+    pub expected_revision: Option<i64>,
+    pub state: String,
+    pub projection: Option<String>,
+    /// Secondary index column: an opportunity's customer contact, a connection's opportunity.
+    pub index: Option<Uuid>,
+}
+
+/// A Marketo write the plan asks for (coalesced by key).
+#[derive(Debug, Clone)]
+pub struct PlannedWrite {
+    pub key: String,
+    pub opportunity_id: Option<Uuid>,
+    pub phase: i64,
+    pub payload: String,
+}
+
+/// Everything one processed notification changes, committed in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    /// The notification to settle as done (with the lease owner that claimed it).
+    pub settle: Option<(i64, String)>,
+    pub opportunities: Vec<RowWrite>,
+    pub connections: Vec<RowWrite>,
+    pub contacts: Vec<RowWrite>,
+    pub roles: Vec<RoleRow>,
+    pub writes: Vec<PlannedWrite>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Another worker changed one of the rows since they were loaded: reload and retry.
+    #[error("a row changed concurrently")]
+    Conflict,
+    /// The notification's lease was lost (expired and claimed elsewhere).
+    #[error("the notification's lease was lost")]
+    LeaseLost,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for CommitError {
+    fn from(e: sqlx::Error) -> Self {
+        CommitError::Store(StoreError::Database(e))
+    }
+}
+
+/// How a notification left processing without a commit.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// Try again at this time (a lookup or the store failed; never counted as lost).
+    Retry { at: i64, error: String },
+    /// Give up: a dead letter, visible and re-drivable through the admin API.
+    Dead { error: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteStatus {
+    Pending,
+    Done,
+    Dead,
+    Discarded,
+}
+
+impl WriteStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteStatus::Pending => "pending",
+            WriteStatus::Done => "done",
+            WriteStatus::Dead => "dead",
+            WriteStatus::Discarded => "discarded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(WriteStatus::Pending),
+            "done" => Some(WriteStatus::Done),
+            "dead" => Some(WriteStatus::Dead),
+            "discarded" => Some(WriteStatus::Discarded),
+            _ => None,
+        }
+    }
+}
+
+/// A stored Marketo write.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct StoredWrite {
+    pub key: String,
+    pub opportunity_id: Option<String>,
+    pub phase: i64,
+    /// The write as JSON (a `rules::MarketoWrite`).
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub revision: i64,
+    pub status: WriteStatus,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+}
+
+/// How one pushed write settles.
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    Done,
+    /// Retry later; `count_attempt` is false for waits that are not failures (rate limits).
+    Retry {
+        at: i64,
+        error: String,
+        count_attempt: bool,
+    },
+    Dead {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct StoreStats {
+    pub inbox_pending: i64,
+    /// Age in milliseconds of the oldest pending notification.
+    pub inbox_oldest_pending_age_ms: Option<i64>,
+    pub inbox_dead: i64,
+    pub inbox_done: i64,
+    pub writes_pending: i64,
+    pub writes_oldest_pending_age_ms: Option<i64>,
+    pub writes_dead: i64,
+    pub writes_done: i64,
+}
+
+/// Whether the database schema matches this binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaState {
+    UpToDate,
+    /// Migrations this binary has that the database lacks.
+    Behind(usize),
+    /// The database has migrations this binary does not know (a newer version ran).
+    Ahead,
+}
+
+/// The store, on one of its backends.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Connects (creating an SQLite file if needed). Does not migrate.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // FULL: every commit is fsync'd, so a 2xx really means durable (DESIGN §3).
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(2))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?;
+            Ok(Store::Sqlite(SqliteStore::new(pool)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections.max(2))
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?;
+            Ok(Store::Postgres(PgStore::new(pool)))
+        } else {
+            Err(StoreError::UnsupportedUrl)
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    pub async fn schema_state(&self) -> Result<SchemaState, StoreError> {
+        dispatch!(self, s => s.schema_state().await)
+    }
+
+    /// Fails unless the schema is exactly what this binary expects.
+    pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        match self.schema_state().await? {
+            SchemaState::UpToDate => Ok(()),
+            SchemaState::Behind(n) => Err(StoreError::Schema(format!("missing {n} migration(s)"))),
+            SchemaState::Ahead => Err(StoreError::Schema(
+                "newer than this binary (a later oppsync version migrated it); upgrade oppsync".into(),
+            )),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Stores a batch in one transaction (one fsync): the group commit.
+    pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
+        dispatch!(self, s => s.insert_notifications(batch).await)
+    }
+
+    /// Leases up to `limit` ready notifications to `owner` until `now + lease_ms`.
+    pub async fn claim_notifications(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        dispatch!(self, s => s.claim_notifications(owner, now, lease_ms, limit).await)
+    }
+
+    pub async fn renew_leases(&self, owner: &str, ids: &[i64], until: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.renew_leases(owner, ids, until).await)
+    }
+
+    pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.release_leases(owner).await)
+    }
+
+    pub async fn load_rows(&self, keys: &RowKeys) -> Result<LoadedRows, StoreError> {
+        dispatch!(self, s => s.load_rows(keys).await)
+    }
+
+    pub async fn commit(&self, commit: &Commit) -> Result<(), CommitError> {
+        dispatch!(self, s => s.commit(commit).await)
+    }
+
+    pub async fn settle_notification(
+        &self,
+        id: i64,
+        owner: &str,
+        settlement: &Settlement,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.settle_notification(id, owner, settlement).await)
+    }
+
+    pub async fn ready_writes(&self, now: i64, limit: i64) -> Result<Vec<StoredWrite>, StoreError> {
+        dispatch!(self, s => s.ready_writes(now, limit).await)
+    }
+
+    pub async fn write_statuses(&self, keys: &[String]) -> Result<HashMap<String, WriteStatus>, StoreError> {
+        dispatch!(self, s => s.write_statuses(keys).await)
+    }
+
+    pub async fn settle_writes(&self, settled: &[(String, i64, WriteOutcome)]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.settle_writes(settled).await)
+    }
+
+    pub async fn lead_ids(&self, contact_ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, StoreError> {
+        dispatch!(self, s => s.lead_ids(contact_ids).await)
+    }
+
+    pub async fn save_lead_ids(&self, leads: &[(Uuid, i64)]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.save_lead_ids(leads).await)
+    }
+
+    pub async fn control(&self, key: &str) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.control(key).await)
+    }
+
+    pub async fn set_control(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.set_control(key, value).await)
+    }
+
+    pub async fn notification(&self, id: i64) -> Result<Option<InboxEntry>, StoreError> {
+        dispatch!(self, s => s.notification(id).await)
+    }
+
+    /// Notifications with `status`, newest first, ids below `before` (paging).
+    pub async fn list_notifications(
+        &self,
+        status: Option<NotificationStatus>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        dispatch!(self, s => s.list_notifications(status, before, limit).await)
+    }
+
+    /// Puts dead (or discarded) notifications back to pending. `id` None: all dead ones,
+    /// optionally only of `entity`. Returns how many.
+    pub async fn retry_notifications(
+        &self,
+        id: Option<i64>,
+        entity: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.retry_notifications(id, entity, now_ms()).await)
+    }
+
+    pub async fn discard_notification(&self, id: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.discard_notification(id, now_ms()).await)
+    }
+
+    pub async fn list_writes(
+        &self,
+        status: Option<WriteStatus>,
+        opportunity_id: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<StoredWrite>, StoreError> {
+        dispatch!(self, s => s.list_writes(status, opportunity_id, limit).await)
+    }
+
+    /// Puts dead writes back to pending (`key` None: all dead ones). Returns how many.
+    pub async fn retry_writes(&self, key: Option<&str>) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.retry_writes(key, now_ms()).await)
+    }
+
+    pub async fn discard_write(&self, key: &str) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.discard_write(key, now_ms()).await)
+    }
+
+    pub async fn opportunity_row(&self, id: Uuid) -> Result<Option<StateRow>, StoreError> {
+        dispatch!(self, s => s.opportunity_row(id).await)
+    }
+
+    pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
+        dispatch!(self, s => s.stats(now).await)
+    }
+
+    /// True when nothing is left to do: no pending notification and no pending write.
+    pub async fn is_idle(&self) -> Result<bool, StoreError> {
+        let s = self.stats(now_ms()).await?;
+        Ok(s.inbox_pending == 0 && s.writes_pending == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests;

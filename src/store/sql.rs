@@ -1,0 +1,799 @@
+//! One SQL text, two backends. The statements are portable between SQLite and PostgreSQL
+//! (`$N` placeholders, `ON CONFLICT`, `RETURNING`, times as epoch-ms integers bound from Rust),
+//! so a macro stamps out both implementations and they cannot drift apart; the differences
+//! (how a write transaction begins, `FOR UPDATE SKIP LOCKED`, the migrations) are parameters.
+
+use std::collections::HashMap;
+
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{
+    Commit, CommitError, InboxEntry, LoadedRows, NewNotification, NotificationStatus, Received, RoleRow,
+    RowKeys, SchemaState, Settlement, StateRow, StoreError, StoreStats, StoredWrite, WriteOutcome,
+    WriteStatus,
+};
+
+fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("bad uuid {s:?}: {e}")))
+}
+
+fn inbox_entry<R: Row>(row: &R, with_body: bool) -> Result<InboxEntry, StoreError>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let status: String = row.try_get("status")?;
+    Ok(InboxEntry {
+        id: row.try_get("id")?,
+        dedupe_key: row.try_get("dedupe_key")?,
+        received_at: row.try_get("received_at")?,
+        entity: row.try_get("entity")?,
+        message: row.try_get("message")?,
+        record_id: row.try_get("record_id")?,
+        version: row.try_get("version")?,
+        correlation_id: row.try_get("correlation_id")?,
+        data_missing: row.try_get::<i64, _>("data_missing")? != 0,
+        status: NotificationStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown notification status {status:?}")))?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        settled_at: row.try_get("settled_at")?,
+        body: if with_body {
+            Some(row.try_get("body")?)
+        } else {
+            None
+        },
+    })
+}
+
+fn stored_write<R: Row>(row: &R) -> Result<StoredWrite, StoreError>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let status: String = row.try_get("status")?;
+    let payload: String = row.try_get("payload")?;
+    Ok(StoredWrite {
+        key: row.try_get("key")?,
+        opportunity_id: row.try_get("opportunity_id")?,
+        phase: row.try_get("phase")?,
+        payload: serde_json::from_str(&payload)
+            .map_err(|e| StoreError::Corrupt(format!("write payload is not JSON: {e}")))?,
+        revision: row.try_get("revision")?,
+        status: WriteStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown write status {status:?}")))?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn state_row<R: Row>(row: &R, with_projection: bool) -> Result<StateRow, StoreError>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = row.try_get("id")?;
+    Ok(StateRow {
+        id: parse_uuid(&id)?,
+        revision: row.try_get("revision")?,
+        state: row.try_get("state")?,
+        projection: if with_projection {
+            row.try_get("projection")?
+        } else {
+            None
+        },
+    })
+}
+
+macro_rules! sql_store {
+    ($Store:ident, $Db:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal) => {
+        #[derive(Clone)]
+        pub struct $Store {
+            pool: sqlx::Pool<$Db>,
+        }
+
+        impl $Store {
+            pub fn new(pool: sqlx::Pool<$Db>) -> Self {
+                $Store { pool }
+            }
+
+            pub fn pool(&self) -> &sqlx::Pool<$Db> {
+                &self.pool
+            }
+
+            fn migrator() -> sqlx::migrate::Migrator {
+                sqlx::migrate!($migrations)
+            }
+
+            pub async fn migrate(&self) -> Result<(), StoreError> {
+                Self::migrator().run(&self.pool).await?;
+                Ok(())
+            }
+
+            pub async fn schema_state(&self) -> Result<SchemaState, StoreError> {
+                let migrator = Self::migrator();
+                let known: Vec<i64> = migrator.iter().filter(|m| m.migration_type.is_up_migration()).map(|m| m.version).collect();
+                let applied: Vec<i64> = match sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = true")
+                    .fetch_all(&self.pool)
+                    .await
+                {
+                    Ok(rows) => rows.iter().map(|r| r.try_get::<i64, _>("version")).collect::<Result<_, _>>()?,
+                    // No migrations table yet: nothing applied.
+                    Err(sqlx::Error::Database(_)) => Vec::new(),
+                    Err(e) => return Err(e.into()),
+                };
+                if applied.iter().any(|v| !known.contains(v)) {
+                    return Ok(SchemaState::Ahead);
+                }
+                let missing = known.iter().filter(|v| !applied.contains(v)).count();
+                Ok(if missing == 0 { SchemaState::UpToDate } else { SchemaState::Behind(missing) })
+            }
+
+            pub async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let mut out = Vec::with_capacity(batch.len());
+                for n in batch {
+                    let row = sqlx::query(
+                        "INSERT INTO inbox (dedupe_key, received_at, entity, message, record_id, version, \
+                         correlation_id, data_missing, body, status, attempts, next_attempt_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $2) \
+                         ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
+                    )
+                    .bind(&n.dedupe_key)
+                    .bind(n.received_at)
+                    .bind(&n.entity)
+                    .bind(&n.message)
+                    .bind(n.record_id.to_string())
+                    .bind(n.version)
+                    .bind(&n.correlation_id)
+                    .bind(i64::from(n.data_missing))
+                    .bind(&n.body)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    out.push(match row {
+                        Some(r) => Received::Stored(r.try_get("id")?),
+                        None => Received::Duplicate,
+                    });
+                }
+                tx.commit().await?;
+                Ok(out)
+            }
+
+            pub async fn claim_notifications(
+                &self,
+                owner: &str,
+                now: i64,
+                lease_ms: i64,
+                limit: i64,
+            ) -> Result<Vec<InboxEntry>, StoreError> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let rows = sqlx::query(concat!(
+                    "UPDATE inbox SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1 \
+                     WHERE id IN (SELECT id FROM inbox WHERE status = 'pending' AND next_attempt_at <= $3 \
+                     AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY id LIMIT $4",
+                    $skip_locked,
+                    ") RETURNING id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body"
+                ))
+                .bind(owner)
+                .bind(now + lease_ms)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let mut entries = rows.iter().map(|r| inbox_entry(r, true)).collect::<Result<Vec<_>, _>>()?;
+                entries.sort_by_key(|e| e.id);
+                Ok(entries)
+            }
+
+            pub async fn renew_leases(&self, owner: &str, ids: &[i64], until: i64) -> Result<u64, StoreError> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let mut n = 0;
+                for id in ids {
+                    n += sqlx::query(
+                        "UPDATE inbox SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'pending'",
+                    )
+                    .bind(until)
+                    .bind(id)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                tx.commit().await?;
+                Ok(n)
+            }
+
+            /// Gives back every lease `owner` holds (graceful shutdown), so another worker can
+            /// take the notifications at once instead of after the lease expires.
+            pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
+                Ok(sqlx::query(
+                    "UPDATE inbox SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1 AND status = 'pending'",
+                )
+                .bind(owner)
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
+            }
+
+            pub async fn load_rows(&self, keys: &RowKeys) -> Result<LoadedRows, StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                let mut out = LoadedRows::default();
+                let mut seen_opportunities = std::collections::BTreeSet::new();
+                let mut seen_connections = std::collections::BTreeSet::new();
+                for id in &keys.opportunity_ids {
+                    if let Some(r) = sqlx::query("SELECT id, revision, state, projection FROM opportunities WHERE id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        let row = state_row(&r, true)?;
+                        if seen_opportunities.insert(row.id) {
+                            out.opportunities.push(row);
+                        }
+                    }
+                }
+                for contact in &keys.opportunities_with_customer {
+                    let rows = sqlx::query(
+                        "SELECT id, revision, state, projection FROM opportunities WHERE customer_contact_id = $1",
+                    )
+                    .bind(contact.to_string())
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    for r in &rows {
+                        let row = state_row(r, true)?;
+                        if seen_opportunities.insert(row.id) {
+                            out.opportunities.push(row);
+                        }
+                    }
+                }
+                for id in &keys.connection_ids {
+                    if let Some(r) = sqlx::query("SELECT id, revision, state FROM connections WHERE id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        let row = state_row(&r, false)?;
+                        if seen_connections.insert(row.id) {
+                            out.connections.push(row);
+                        }
+                    }
+                }
+                for opportunity in &keys.connections_of_opportunities {
+                    let rows = sqlx::query("SELECT id, revision, state FROM connections WHERE opportunity_id = $1")
+                        .bind(opportunity.to_string())
+                        .fetch_all(&mut *conn)
+                        .await?;
+                    for r in &rows {
+                        let row = state_row(r, false)?;
+                        if seen_connections.insert(row.id) {
+                            out.connections.push(row);
+                        }
+                    }
+                }
+                for id in &keys.contact_ids {
+                    if let Some(r) = sqlx::query("SELECT id, revision, state FROM contacts WHERE id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        out.contacts.push(state_row(&r, false)?);
+                    }
+                }
+                for id in &keys.role_ids {
+                    if let Some(r) = sqlx::query("SELECT id, name, category FROM connection_roles WHERE id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        let id: String = r.try_get("id")?;
+                        out.roles.push(RoleRow {
+                            id: parse_uuid(&id)?,
+                            name: r.try_get("name")?,
+                            category: i32::try_from(r.try_get::<i64, _>("category")?)
+                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        });
+                    }
+                }
+                Ok(out)
+            }
+
+            pub async fn commit(&self, commit: &Commit) -> Result<(), CommitError> {
+                let now = super::now_ms();
+                let mut tx = self.pool.begin_with($begin).await?;
+                if let Some((id, owner)) = &commit.settle {
+                    let n = sqlx::query(
+                        "UPDATE inbox SET status = 'done', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
+                         last_error = NULL WHERE id = $2 AND lease_owner = $3 AND status = 'pending'",
+                    )
+                    .bind(now)
+                    .bind(id)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n != 1 {
+                        return Err(CommitError::LeaseLost);
+                    }
+                }
+                for w in &commit.opportunities {
+                    let n = match w.expected_revision {
+                        Some(rev) => sqlx::query(
+                            "UPDATE opportunities SET revision = revision + 1, state = $1, projection = $2, \
+                             customer_contact_id = $3, updated_at = $4 WHERE id = $5 AND revision = $6",
+                        )
+                        .bind(&w.state)
+                        .bind(&w.projection)
+                        .bind(w.index.map(|u| u.to_string()))
+                        .bind(now)
+                        .bind(w.id.to_string())
+                        .bind(rev)
+                        .execute(&mut *tx)
+                        .await?,
+                        None => sqlx::query(
+                            "INSERT INTO opportunities (id, revision, state, projection, customer_contact_id, updated_at) \
+                             VALUES ($1, 1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                        )
+                        .bind(w.id.to_string())
+                        .bind(&w.state)
+                        .bind(&w.projection)
+                        .bind(w.index.map(|u| u.to_string()))
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?,
+                    };
+                    if n.rows_affected() != 1 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                for w in &commit.connections {
+                    let n = match w.expected_revision {
+                        Some(rev) => sqlx::query(
+                            "UPDATE connections SET revision = revision + 1, state = $1, opportunity_id = $2, \
+                             updated_at = $3 WHERE id = $4 AND revision = $5",
+                        )
+                        .bind(&w.state)
+                        .bind(w.index.map(|u| u.to_string()))
+                        .bind(now)
+                        .bind(w.id.to_string())
+                        .bind(rev)
+                        .execute(&mut *tx)
+                        .await?,
+                        None => sqlx::query(
+                            "INSERT INTO connections (id, revision, state, opportunity_id, updated_at) \
+                             VALUES ($1, 1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+                        )
+                        .bind(w.id.to_string())
+                        .bind(&w.state)
+                        .bind(w.index.map(|u| u.to_string()))
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?,
+                    };
+                    if n.rows_affected() != 1 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                for w in &commit.contacts {
+                    let n = match w.expected_revision {
+                        Some(rev) => sqlx::query(
+                            "UPDATE contacts SET revision = revision + 1, state = $1, updated_at = $2 \
+                             WHERE id = $3 AND revision = $4",
+                        )
+                        .bind(&w.state)
+                        .bind(now)
+                        .bind(w.id.to_string())
+                        .bind(rev)
+                        .execute(&mut *tx)
+                        .await?,
+                        None => sqlx::query(
+                            "INSERT INTO contacts (id, revision, state, updated_at) VALUES ($1, 1, $2, $3) \
+                             ON CONFLICT (id) DO NOTHING",
+                        )
+                        .bind(w.id.to_string())
+                        .bind(&w.state)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?,
+                    };
+                    if n.rows_affected() != 1 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                for r in &commit.roles {
+                    sqlx::query(
+                        "INSERT INTO connection_roles (id, name, category, fetched_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (id) DO UPDATE SET name = excluded.name, category = excluded.category, \
+                         fetched_at = excluded.fetched_at",
+                    )
+                    .bind(r.id.to_string())
+                    .bind(&r.name)
+                    .bind(i64::from(r.category))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for w in &commit.writes {
+                    // Coalescing: one row per Marketo record; a newer plan replaces the payload.
+                    sqlx::query(
+                        "INSERT INTO marketo_writes (key, opportunity_id, phase, payload, revision, status, attempts, \
+                         next_attempt_at, last_error, updated_at) VALUES ($1, $2, $3, $4, 1, 'pending', 0, $5, NULL, $5) \
+                         ON CONFLICT (key) DO UPDATE SET opportunity_id = excluded.opportunity_id, phase = excluded.phase, \
+                         payload = excluded.payload, revision = marketo_writes.revision + 1, status = 'pending', \
+                         attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
+                         updated_at = excluded.updated_at",
+                    )
+                    .bind(&w.key)
+                    .bind(w.opportunity_id.map(|u| u.to_string()))
+                    .bind(w.phase)
+                    .bind(&w.payload)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            pub async fn settle_notification(
+                &self,
+                id: i64,
+                owner: &str,
+                settlement: &Settlement,
+            ) -> Result<(), StoreError> {
+                let now = super::now_ms();
+                match settlement {
+                    Settlement::Retry { at, error } => {
+                        sqlx::query(
+                            "UPDATE inbox SET next_attempt_at = $1, last_error = $2, lease_owner = NULL, \
+                             lease_expires_at = NULL WHERE id = $3 AND lease_owner = $4 AND status = 'pending'",
+                        )
+                        .bind(at)
+                        .bind(error)
+                        .bind(id)
+                        .bind(owner)
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                    Settlement::Dead { error } => {
+                        sqlx::query(
+                            "UPDATE inbox SET status = 'dead', last_error = $1, settled_at = $2, lease_owner = NULL, \
+                             lease_expires_at = NULL WHERE id = $3 AND lease_owner = $4 AND status = 'pending'",
+                        )
+                        .bind(error)
+                        .bind(now)
+                        .bind(id)
+                        .bind(owner)
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                }
+                Ok(())
+            }
+
+            pub async fn ready_writes(&self, now: i64, limit: i64) -> Result<Vec<StoredWrite>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
+                     last_error, updated_at FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
+                     ORDER BY phase, updated_at, key LIMIT $2",
+                )
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(stored_write).collect()
+            }
+
+            pub async fn write_statuses(&self, keys: &[String]) -> Result<HashMap<String, WriteStatus>, StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                let mut out = HashMap::new();
+                for key in keys {
+                    if let Some(r) = sqlx::query("SELECT status FROM marketo_writes WHERE key = $1")
+                        .bind(key)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        let s: String = r.try_get("status")?;
+                        if let Some(status) = WriteStatus::parse(&s) {
+                            out.insert(key.clone(), status);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+
+            pub async fn settle_writes(&self, settled: &[(String, i64, WriteOutcome)]) -> Result<(), StoreError> {
+                let now = super::now_ms();
+                let mut tx = self.pool.begin_with($begin).await?;
+                for (key, revision, outcome) in settled {
+                    // `revision = $n`: a newer plan replaced the payload meanwhile; it is still
+                    // pending and will be pushed on its own.
+                    match outcome {
+                        WriteOutcome::Done => {
+                            sqlx::query(
+                                "UPDATE marketo_writes SET status = 'done', last_error = NULL, updated_at = $1 \
+                                 WHERE key = $2 AND revision = $3",
+                            )
+                            .bind(now)
+                            .bind(key)
+                            .bind(revision)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        WriteOutcome::Retry { at, error, count_attempt } => {
+                            sqlx::query(
+                                "UPDATE marketo_writes SET attempts = attempts + $1, next_attempt_at = $2, last_error = $3, \
+                                 updated_at = $4 WHERE key = $5 AND revision = $6",
+                            )
+                            .bind(i64::from(*count_attempt))
+                            .bind(at)
+                            .bind(error)
+                            .bind(now)
+                            .bind(key)
+                            .bind(revision)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        WriteOutcome::Dead { error } => {
+                            sqlx::query(
+                                "UPDATE marketo_writes SET status = 'dead', attempts = attempts + 1, last_error = $1, \
+                                 updated_at = $2 WHERE key = $3 AND revision = $4",
+                            )
+                            .bind(error)
+                            .bind(now)
+                            .bind(key)
+                            .bind(revision)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            pub async fn lead_ids(&self, contact_ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                let mut out = HashMap::new();
+                for id in contact_ids {
+                    if let Some(r) = sqlx::query("SELECT lead_id FROM marketo_leads WHERE contact_id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        out.insert(*id, r.try_get::<i64, _>("lead_id")?);
+                    }
+                }
+                Ok(out)
+            }
+
+            pub async fn save_lead_ids(&self, leads: &[(Uuid, i64)]) -> Result<(), StoreError> {
+                let now = super::now_ms();
+                let mut tx = self.pool.begin_with($begin).await?;
+                for (contact, lead) in leads {
+                    sqlx::query(
+                        "INSERT INTO marketo_leads (contact_id, lead_id, updated_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (contact_id) DO UPDATE SET lead_id = excluded.lead_id, updated_at = excluded.updated_at",
+                    )
+                    .bind(contact.to_string())
+                    .bind(lead)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            pub async fn control(&self, key: &str) -> Result<Option<String>, StoreError> {
+                let row = sqlx::query("SELECT value FROM control WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(match row {
+                    Some(r) => Some(r.try_get("value")?),
+                    None => None,
+                })
+            }
+
+            pub async fn set_control(&self, key: &str, value: &str) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO control (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .bind(key)
+                .bind(value)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            pub async fn notification(&self, id: i64) -> Result<Option<InboxEntry>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body FROM inbox WHERE id = $1"
+                ))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|r| inbox_entry(&r, true)).transpose()
+            }
+
+            pub async fn list_notifications(
+                &self,
+                status: Option<NotificationStatus>,
+                before: Option<i64>,
+                limit: i64,
+            ) -> Result<Vec<InboxEntry>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+                     data_missing, status, attempts, next_attempt_at, last_error, settled_at FROM inbox \
+                     WHERE ($1 IS NULL OR status = $1) AND id < $2 ORDER BY id DESC LIMIT $3",
+                )
+                .bind(status.map(|s| s.as_str()))
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|r| inbox_entry(r, false)).collect()
+            }
+
+            pub async fn retry_notifications(
+                &self,
+                id: Option<i64>,
+                entity: Option<&str>,
+                now: i64,
+            ) -> Result<u64, StoreError> {
+                let q = match id {
+                    Some(id) => sqlx::query(
+                        "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = $1, settled_at = NULL, \
+                         lease_owner = NULL, lease_expires_at = NULL WHERE id = $2 AND status IN ('dead', 'discarded')",
+                    )
+                    .bind(now)
+                    .bind(id),
+                    None => sqlx::query(
+                        "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = $1, settled_at = NULL, \
+                         lease_owner = NULL, lease_expires_at = NULL WHERE status = 'dead' AND ($2 IS NULL OR entity = $2)",
+                    )
+                    .bind(now)
+                    .bind(entity),
+                };
+                Ok(q.execute(&self.pool).await?.rows_affected())
+            }
+
+            pub async fn discard_notification(&self, id: i64, now: i64) -> Result<u64, StoreError> {
+                Ok(sqlx::query(
+                    "UPDATE inbox SET status = 'discarded', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = $2 AND status IN ('dead', 'pending')",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
+            }
+
+            pub async fn list_writes(
+                &self,
+                status: Option<WriteStatus>,
+                opportunity_id: Option<Uuid>,
+                limit: i64,
+            ) -> Result<Vec<StoredWrite>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
+                     last_error, updated_at FROM marketo_writes WHERE ($1 IS NULL OR status = $1) \
+                     AND ($2 IS NULL OR opportunity_id = $2) ORDER BY updated_at DESC, key LIMIT $3",
+                )
+                .bind(status.map(|s| s.as_str()))
+                .bind(opportunity_id.map(|u| u.to_string()))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(stored_write).collect()
+            }
+
+            pub async fn retry_writes(&self, key: Option<&str>, now: i64) -> Result<u64, StoreError> {
+                Ok(sqlx::query(
+                    "UPDATE marketo_writes SET status = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 \
+                     WHERE status IN ('dead', 'discarded') AND ($2 IS NULL OR key = $2) AND ($2 IS NOT NULL OR status = 'dead')",
+                )
+                .bind(now)
+                .bind(key)
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
+            }
+
+            pub async fn discard_write(&self, key: &str, now: i64) -> Result<u64, StoreError> {
+                Ok(sqlx::query(
+                    "UPDATE marketo_writes SET status = 'discarded', updated_at = $1 WHERE key = $2 AND status IN ('dead', 'pending')",
+                )
+                .bind(now)
+                .bind(key)
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
+            }
+
+            pub async fn opportunity_row(&self, id: Uuid) -> Result<Option<StateRow>, StoreError> {
+                let row = sqlx::query("SELECT id, revision, state, projection FROM opportunities WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| state_row(&r, true)).transpose()
+            }
+
+            pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
+                let mut stats = StoreStats::default();
+                let rows = sqlx::query("SELECT status, COUNT(*) AS n, MIN(received_at) AS oldest FROM inbox GROUP BY status")
+                    .fetch_all(&self.pool)
+                    .await?;
+                for r in &rows {
+                    let status: String = r.try_get("status")?;
+                    let n: i64 = r.try_get("n")?;
+                    let oldest: Option<i64> = r.try_get("oldest")?;
+                    match status.as_str() {
+                        "pending" => {
+                            stats.inbox_pending = n;
+                            stats.inbox_oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
+                        }
+                        "dead" => stats.inbox_dead = n,
+                        "done" => stats.inbox_done = n,
+                        _ => {}
+                    }
+                }
+                let rows = sqlx::query(
+                    "SELECT status, COUNT(*) AS n, MIN(updated_at) AS oldest FROM marketo_writes GROUP BY status",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                for r in &rows {
+                    let status: String = r.try_get("status")?;
+                    let n: i64 = r.try_get("n")?;
+                    let oldest: Option<i64> = r.try_get("oldest")?;
+                    match status.as_str() {
+                        "pending" => {
+                            stats.writes_pending = n;
+                            stats.writes_oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
+                        }
+                        "dead" => stats.writes_dead = n,
+                        "done" => stats.writes_done = n,
+                        _ => {}
+                    }
+                }
+                Ok(stats)
+            }
+        }
+    };
+}
+
+sql_store!(
+    SqliteStore,
+    sqlx::Sqlite,
+    migrations = "./migrations/sqlite",
+    // IMMEDIATE takes the write lock up front: a deferred transaction that reads first and
+    // writes later can fail with SQLITE_BUSY when another writer got in between.
+    begin = "BEGIN IMMEDIATE",
+    skip_locked = ""
+);
+
+sql_store!(
+    PgStore,
+    sqlx::Postgres,
+    migrations = "./migrations/postgres",
+    begin = "BEGIN",
+    // Several replicas claim at once: each skips rows another has locked instead of waiting.
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+);

@@ -1,0 +1,414 @@
+//! The store test suite: one set of checks every backend must pass. Called by the SQLite unit
+//! tests and by the PostgreSQL integration tests, each with a fresh, migrated store.
+
+use uuid::Uuid;
+
+use super::{
+    Commit, CommitError, NewNotification, NotificationStatus, PlannedWrite, Received, RowKeys, RowWrite,
+    SchemaState, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
+};
+
+fn notification(key: &str, record: Uuid) -> NewNotification {
+    NewNotification {
+        dedupe_key: key.to_owned(),
+        entity: "opportunity".into(),
+        message: "Update".into(),
+        record_id: record,
+        version: 1,
+        correlation_id: Some("corr".into()),
+        data_missing: false,
+        body: "{}".into(),
+        received_at: now_ms(),
+    }
+}
+
+fn write(key: &str, opportunity: Uuid, payload: &str) -> PlannedWrite {
+    PlannedWrite {
+        key: key.into(),
+        opportunity_id: Some(opportunity),
+        phase: 2,
+        payload: payload.into(),
+    }
+}
+
+/// Runs every check against a fresh, migrated store. Panics (test failure) on the first miss.
+pub async fn run_all(store: &Store) {
+    schema_is_up_to_date_after_migrate(store).await;
+    duplicates_are_recognised_within_and_across_batches(store).await;
+    claims_lease_each_notification_to_one_worker(store).await;
+    commit_is_compare_and_swap(store).await;
+    commit_settles_the_notification_atomically(store).await;
+    writes_coalesce_per_marketo_record(store).await;
+    failed_notifications_retry_then_dead_letter_and_can_be_redriven(store).await;
+    controls_and_lead_ids_round_trip(store).await;
+}
+
+async fn schema_is_up_to_date_after_migrate(store: &Store) {
+    assert_eq!(store.schema_state().await.unwrap(), SchemaState::UpToDate);
+    store.ensure_schema().await.unwrap();
+    store.ping().await.unwrap();
+}
+
+async fn duplicates_are_recognised_within_and_across_batches(store: &Store) {
+    let r = Uuid::new_v4();
+    let out = store
+        .insert_notifications(&[
+            notification("dup-a", r),
+            notification("dup-b", r),
+            notification("dup-a", r),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Received::Stored(_)));
+    assert!(matches!(out[1], Received::Stored(_)));
+    assert_eq!(out[2], Received::Duplicate);
+    let again = store
+        .insert_notifications(&[notification("dup-b", r)])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Received::Duplicate]);
+    let Received::Stored(id) = out[0] else {
+        unreachable!()
+    };
+    let stored = store.notification(id).await.unwrap().unwrap();
+    assert_eq!(stored.dedupe_key, "dup-a");
+    assert_eq!(stored.status, NotificationStatus::Pending);
+    assert_eq!(stored.body.as_deref(), Some("{}"));
+    // Leave a clean inbox for the next checks.
+    for n in store
+        .list_notifications(Some(NotificationStatus::Pending), None, 100)
+        .await
+        .unwrap()
+    {
+        store.discard_notification(n.id).await.unwrap();
+    }
+}
+
+async fn claims_lease_each_notification_to_one_worker(store: &Store) {
+    let r = Uuid::new_v4();
+    store
+        .insert_notifications(&[notification("lease-1", r), notification("lease-2", r)])
+        .await
+        .unwrap();
+    let now = now_ms();
+    let a = store
+        .claim_notifications("worker-a", now, 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 2);
+    assert!(a[0].id < a[1].id, "claimed in arrival order");
+    assert_eq!(a[0].attempts, 1);
+    let b = store
+        .claim_notifications("worker-b", now, 60_000, 10)
+        .await
+        .unwrap();
+    assert!(b.is_empty(), "a leased notification is not claimed twice");
+    // The lease expires (the worker died): another worker takes over.
+    let later = now + 61_000;
+    let c = store
+        .claim_notifications("worker-c", later, 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[0].attempts, 2);
+    // The old owner can no longer renew or settle.
+    assert_eq!(
+        store
+            .renew_leases("worker-a", &[c[0].id], later + 1000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .renew_leases("worker-c", &[c[0].id, c[1].id], later + 120_000)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.release_leases("worker-c").await.unwrap(), 2);
+    let d = store
+        .claim_notifications("worker-d", now, 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(d.len(), 2, "released leases are claimable at once");
+    for n in d {
+        store.discard_notification(n.id).await.unwrap();
+    }
+}
+
+async fn commit_is_compare_and_swap(store: &Store) {
+    let opp = Uuid::new_v4();
+    let contact = Uuid::new_v4();
+    let insert = Commit {
+        opportunities: vec![RowWrite {
+            id: opp,
+            expected_revision: None,
+            state: r#"{"v":1}"#.into(),
+            projection: Some("{}".into()),
+            index: Some(contact),
+        }],
+        ..Commit::default()
+    };
+    store.commit(&insert).await.unwrap();
+    assert!(
+        matches!(store.commit(&insert).await, Err(CommitError::Conflict)),
+        "second insert conflicts"
+    );
+    let loaded = store
+        .load_rows(&RowKeys {
+            opportunities_with_customer: vec![contact],
+            ..RowKeys::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.opportunities.len(), 1);
+    assert_eq!(loaded.opportunities[0].revision, 1);
+    let update = |rev| Commit {
+        opportunities: vec![RowWrite {
+            id: opp,
+            expected_revision: Some(rev),
+            state: r#"{"v":2}"#.into(),
+            projection: None,
+            index: None,
+        }],
+        ..Commit::default()
+    };
+    store.commit(&update(1)).await.unwrap();
+    assert!(
+        matches!(store.commit(&update(1)).await, Err(CommitError::Conflict)),
+        "stale revision conflicts"
+    );
+    let row = store.opportunity_row(opp).await.unwrap().unwrap();
+    assert_eq!((row.revision, row.state.as_str()), (2, r#"{"v":2}"#));
+    // A failed commit leaves nothing behind (rolled back as a whole).
+    let conn = Uuid::new_v4();
+    let mixed = Commit {
+        connections: vec![RowWrite {
+            id: conn,
+            expected_revision: None,
+            state: "{}".into(),
+            projection: None,
+            index: Some(opp),
+        }],
+        opportunities: vec![RowWrite {
+            id: opp,
+            expected_revision: Some(1),
+            state: "{}".into(),
+            projection: None,
+            index: None,
+        }],
+        ..Commit::default()
+    };
+    assert!(matches!(store.commit(&mixed).await, Err(CommitError::Conflict)));
+    let loaded = store
+        .load_rows(&RowKeys {
+            connection_ids: vec![conn],
+            ..RowKeys::default()
+        })
+        .await
+        .unwrap();
+    assert!(loaded.connections.is_empty(), "rolled back");
+}
+
+async fn commit_settles_the_notification_atomically(store: &Store) {
+    let r = Uuid::new_v4();
+    store
+        .insert_notifications(&[notification("settle-1", r)])
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_notifications("w1", now_ms(), 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let id = claimed[0].id;
+    let opp = Uuid::new_v4();
+    let lost = Commit {
+        settle: Some((id, "someone-else".into())),
+        writes: vec![write(&format!("opportunity:{opp}"), opp, "{}")],
+        ..Commit::default()
+    };
+    assert!(matches!(store.commit(&lost).await, Err(CommitError::LeaseLost)));
+    assert!(
+        store.list_writes(None, Some(opp), 10).await.unwrap().is_empty(),
+        "nothing written without the lease"
+    );
+    let ok = Commit {
+        settle: Some((id, "w1".into())),
+        ..lost
+    };
+    store.commit(&ok).await.unwrap();
+    assert_eq!(
+        store.notification(id).await.unwrap().unwrap().status,
+        NotificationStatus::Done
+    );
+    assert_eq!(store.list_writes(None, Some(opp), 10).await.unwrap().len(), 1);
+}
+
+async fn writes_coalesce_per_marketo_record(store: &Store) {
+    let opp = Uuid::new_v4();
+    let key = format!("opportunity:{opp}");
+    for i in 0..10 {
+        let c = Commit {
+            writes: vec![write(&key, opp, &format!(r#"{{"n":{i}}}"#))],
+            ..Commit::default()
+        };
+        store.commit(&c).await.unwrap();
+    }
+    let writes = store
+        .list_writes(Some(WriteStatus::Pending), Some(opp), 10)
+        .await
+        .unwrap();
+    assert_eq!(writes.len(), 1, "ten plans of one record are one write");
+    assert_eq!(
+        writes[0].payload,
+        serde_json::json!({"n": 9}),
+        "the newest payload wins"
+    );
+    assert_eq!(writes[0].revision, 10);
+    let ready = store.ready_writes(now_ms() + 1, 1000).await.unwrap();
+    assert!(ready.iter().any(|w| w.key == key));
+    // A push of revision 10 while a newer plan (11) arrives must not settle the newer one.
+    let c = Commit {
+        writes: vec![write(&key, opp, r#"{"n":10}"#)],
+        ..Commit::default()
+    };
+    store.commit(&c).await.unwrap();
+    store
+        .settle_writes(&[(key.clone(), 10, WriteOutcome::Done)])
+        .await
+        .unwrap();
+    let w = &store.list_writes(None, Some(opp), 10).await.unwrap()[0];
+    assert_eq!((w.status, w.revision), (WriteStatus::Pending, 11));
+    store
+        .settle_writes(&[(
+            key.clone(),
+            11,
+            WriteOutcome::Retry {
+                at: now_ms() + 60_000,
+                error: "606".into(),
+                count_attempt: false,
+            },
+        )])
+        .await
+        .unwrap();
+    let w = &store.list_writes(None, Some(opp), 10).await.unwrap()[0];
+    assert_eq!(w.attempts, 0, "a rate-limit wait is not an attempt");
+    assert!(
+        store
+            .ready_writes(now_ms(), 1000)
+            .await
+            .unwrap()
+            .iter()
+            .all(|w| w.key != key),
+        "backed off"
+    );
+    store
+        .settle_writes(&[(
+            key.clone(),
+            11,
+            WriteOutcome::Dead {
+                error: "1006 Field not found".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    let statuses = store.write_statuses(std::slice::from_ref(&key)).await.unwrap();
+    assert_eq!(statuses.get(&key), Some(&WriteStatus::Dead));
+    assert_eq!(store.stats(now_ms()).await.unwrap().writes_dead, 1);
+    assert_eq!(store.retry_writes(Some(&key)).await.unwrap(), 1);
+    store
+        .settle_writes(&[(key.clone(), 11, WriteOutcome::Done)])
+        .await
+        .unwrap();
+    let w = &store.list_writes(None, Some(opp), 10).await.unwrap()[0];
+    assert_eq!(w.status, WriteStatus::Done);
+}
+
+async fn failed_notifications_retry_then_dead_letter_and_can_be_redriven(store: &Store) {
+    let r = Uuid::new_v4();
+    store
+        .insert_notifications(&[notification("fail-1", r)])
+        .await
+        .unwrap();
+    let now = now_ms();
+    let c = store.claim_notifications("w", now, 60_000, 10).await.unwrap();
+    let id = c[0].id;
+    store
+        .settle_notification(
+            id,
+            "w",
+            &Settlement::Retry {
+                at: now + 5_000,
+                error: "dataverse 503".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_notifications("w", now, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not before its time"
+    );
+    let c = store
+        .claim_notifications("w", now + 5_001, 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(c[0].last_error.as_deref(), Some("dataverse 503"));
+    store
+        .settle_notification(
+            id,
+            "w",
+            &Settlement::Dead {
+                error: "gave up".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let stats = store.stats(now_ms()).await.unwrap();
+    assert_eq!(stats.inbox_dead, 1);
+    assert_eq!(stats.inbox_pending, 0);
+    let dead = store
+        .list_notifications(Some(NotificationStatus::Dead), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        store.retry_notifications(None, Some("contact")).await.unwrap(),
+        0,
+        "filter by entity"
+    );
+    assert_eq!(
+        store
+            .retry_notifications(None, Some("opportunity"))
+            .await
+            .unwrap(),
+        1
+    );
+    let again = store.notification(id).await.unwrap().unwrap();
+    assert_eq!((again.status, again.attempts), (NotificationStatus::Pending, 0));
+    assert_eq!(store.discard_notification(id).await.unwrap(), 1);
+    assert!(store.is_idle().await.unwrap() || store.stats(now_ms()).await.unwrap().writes_pending > 0);
+    // Paging: newest first, strictly below the cursor.
+    let page = store.list_notifications(None, None, 2).await.unwrap();
+    assert_eq!(page.len(), 2);
+    let next = store.list_notifications(None, Some(page[1].id), 2).await.unwrap();
+    assert!(next.iter().all(|n| n.id < page[1].id));
+}
+
+async fn controls_and_lead_ids_round_trip(store: &Store) {
+    assert_eq!(store.control("paused").await.unwrap(), None);
+    store.set_control("paused", "true").await.unwrap();
+    store.set_control("paused", "false").await.unwrap();
+    assert_eq!(store.control("paused").await.unwrap().as_deref(), Some("false"));
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    store.save_lead_ids(&[(a, 7), (b, 8)]).await.unwrap();
+    store.save_lead_ids(&[(a, 9)]).await.unwrap();
+    let ids = store.lead_ids(&[a, b, Uuid::new_v4()]).await.unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(ids[&a], 9);
+}

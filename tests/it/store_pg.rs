@@ -1,0 +1,18 @@
+use oppsync::store::{SchemaState, Store, suite};
+
+use crate::support::pg::TestDatabase;
+
+#[tokio::test]
+async fn postgres_passes_the_store_suite() {
+    let db = TestDatabase::create().await;
+    let store = Store::connect(&db.url, 4).await.unwrap();
+    assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(1));
+    assert!(
+        store.ensure_schema().await.is_err(),
+        "an unmigrated store is refused"
+    );
+    store.migrate().await.unwrap();
+    suite::run_all(&store).await;
+    drop(store);
+    db.drop_now().await;
+}

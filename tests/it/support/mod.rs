@@ -1,0 +1,5 @@
+//! Test harness: fresh stores, the app on a random port, the simulators.
+
+#![allow(dead_code)]
+
+pub mod pg;
