@@ -1,10 +1,12 @@
 //! oppsync keeps Adobe Marketo Engage in step with Microsoft Dynamics 365 opportunities, one way,
 //! Dynamics → Marketo.
 
+pub mod app;
 pub mod config;
 pub mod dynamics;
 pub mod http;
 pub mod marketo;
+pub mod openapi;
 pub mod register;
 pub mod rules;
 pub mod sim;

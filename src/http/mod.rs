@@ -1,1 +1,105 @@
-//! http
+//! The HTTP surface: Dynamics webhook intake, probes, metrics, the OpenAPI document, the admin
+//! API and the refusal of Marketo-side creation. Handlers know the store and little else.
+
+pub mod health;
+pub mod metrics;
+pub mod problem;
+pub mod refusal;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::RwLock;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::config::Config;
+use crate::store::{GroupCommitter, Store};
+use problem::ApiError;
+
+/// Process lifecycle flags shared by the server, the worker and the probes.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    marketo_problem: RwLock<Option<String>>,
+}
+
+impl Lifecycle {
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// A Marketo configuration error (e.g. 1018 native CRM sync enabled) stops pushing and
+    /// turns readiness red until it clears.
+    pub fn set_marketo_problem(&self, problem: Option<String>) {
+        *self.marketo_problem.write() = problem;
+    }
+
+    pub fn marketo_problem(&self) -> Option<String> {
+        self.marketo_problem.read().clone()
+    }
+}
+
+/// What handlers share.
+pub struct AppContext {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub intake: GroupCommitter,
+    pub lifecycle: Arc<Lifecycle>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub type AppState = Arc<AppContext>;
+
+/// Routes with their OpenAPI documentation, declared together.
+pub fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(crate::openapi::base())
+        .routes(routes!(webhook::receive))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(
+            refusal::refuse_get,
+            refusal::refuse_post,
+            refusal::refuse_put,
+            refusal::refuse_patch,
+            refusal::refuse_delete
+        ))
+}
+
+/// The service's router with its middleware.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.server.body_limit_bytes;
+    let (router, openapi) = api_router().split_for_parts();
+    let openapi = Arc::new(openapi);
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let openapi = openapi.clone();
+                async move { axum::Json(openapi.as_ref().clone()) }
+            }),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::Internal("a handler panicked".into()).into_response()
+        }))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    ApiError::NotFound(format!("There is no route {}.", uri.path())).into_response()
+}

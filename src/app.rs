@@ -1,0 +1,116 @@
+//! Builds and runs the service: store, intake, worker and HTTP server. Shared by `serve`,
+//! `demo` and the tests (which start it on port 0 with a fresh store).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{AppContext, AppState, Lifecycle};
+use crate::store::{GroupCommitter, Store};
+
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Apply pending migrations instead of refusing to start on an old schema.
+    pub migrate: bool,
+}
+
+/// A running service.
+pub struct RunningApp {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    /// Intake committers. Not awaited on stop: every 2xx was answered after its commit, and
+    /// the graceful HTTP shutdown has let in-flight requests finish first.
+    _committers: JoinSet<()>,
+}
+
+impl RunningApp {
+    /// Base URL of the HTTP server, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A token that stops the service when cancelled (SIGTERM does this in `serve`).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Graceful stop: no new connections, in-flight requests finish, the worker stops between
+    /// notifications, queued intake commits; bounded by `server.shutdown_grace_secs`.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Waits until the service has stopped (after the shutdown token is cancelled).
+    pub async fn wait(&mut self) {
+        let grace = Duration::from_secs(self.state.config.server.shutdown_grace_secs);
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("shutdown grace period over; stopping what is left");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// Connects the store and checks (or applies) migrations.
+pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Store> {
+    let store = Store::connect(config.store.url.expose(), config.store.max_connections)
+        .await
+        .context("connecting to the store (store.url)")?;
+    if migrate {
+        store.migrate().await.context("applying migrations")?;
+    }
+    store.ensure_schema().await?;
+    Ok(store)
+}
+
+pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<RunningApp> {
+    let config = Arc::new(config);
+    let store = open_store(&config, options.migrate).await?;
+    let committers = if store.backend() == "sqlite" { 1 } else { 4 };
+    let (intake, committer_tasks) =
+        GroupCommitter::start(store.clone(), config.store.group_commit_max, committers);
+    let lifecycle = Arc::new(Lifecycle::default());
+    let state: AppState = Arc::new(AppContext {
+        config: config.clone(),
+        store: store.clone(),
+        intake,
+        lifecycle: lifecycle.clone(),
+        metrics: crate::http::metrics::install(),
+    });
+    let listener = TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let router = crate::http::router(state.clone());
+    let server_shutdown = shutdown.clone();
+    let server_lifecycle = lifecycle.clone();
+    tasks.spawn(async move {
+        let signal = async move {
+            server_shutdown.cancelled().await;
+            server_lifecycle.start_draining();
+        };
+        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(signal).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(%addr, store = store.backend(), "oppsync listening");
+    Ok(RunningApp {
+        addr,
+        state,
+        shutdown,
+        tasks,
+        _committers: committer_tasks,
+    })
+}

@@ -1,0 +1,82 @@
+//! Kubernetes probes. Liveness does no I/O (a slow database must not get the pod killed);
+//! readiness says whether this instance should receive traffic.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    /// Each check by name: `ok` or what is wrong.
+    pub checks: std::collections::BTreeMap<&'static str, String>,
+}
+
+/// Liveness: the process is up. No I/O.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: store reachable and migrated, not draining, Marketo not in a configuration error.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness, description = "Not ready; `checks` says why"))
+)]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let mut checks = std::collections::BTreeMap::new();
+    let mut ready = true;
+    let store =
+        match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ensure_schema()).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => {
+                ready = false;
+                e.to_string()
+            }
+            Err(_) => {
+                ready = false;
+                "the store did not answer within 2 s".to_owned()
+            }
+        };
+    checks.insert("store", store);
+    if state.lifecycle.is_draining() {
+        ready = false;
+        checks.insert("lifecycle", "shutting down".to_owned());
+    } else {
+        checks.insert("lifecycle", "ok".to_owned());
+    }
+    match state.lifecycle.marketo_problem() {
+        Some(problem) => {
+            ready = false;
+            checks.insert("marketo", problem);
+        }
+        None => {
+            checks.insert("marketo", "ok".to_owned());
+        }
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Readiness {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+        }),
+    )
+}

@@ -1,0 +1,234 @@
+//! RFC 9457 problem details: every error oppsync answers over HTTP is one of these, decided in
+//! one place (`ApiError`'s `IntoResponse`). Internal causes are logged, never shown.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// An RFC 9457 problem details object (`application/problem+json`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    #[schema(example = "urn:oppsync:problem:webhook-key-mismatch")]
+    pub kind: String,
+    /// A short summary of the kind of problem.
+    pub title: String,
+    pub status: u16,
+    /// What happened and what the caller can do, in a sentence.
+    pub detail: String,
+    /// Extra members for some kinds (e.g. the handled entity/message pairs).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+impl Problem {
+    pub fn new(status: StatusCode, slug: &str, title: &str, detail: impl Into<String>) -> Problem {
+        Problem {
+            kind: format!("urn:oppsync:problem:{slug}"),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            extra: None,
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: serde_json::Value) -> Problem {
+        self.extra
+            .get_or_insert_with(Default::default)
+            .insert(key.to_owned(), value);
+        self
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(self)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        response
+    }
+}
+
+/// Everything that can go wrong answering an HTTP request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("webhook secret missing")]
+    WebhookKeyMissing { location: String },
+    #[error("webhook secret does not match")]
+    WebhookKeyMismatch { location: String },
+    #[error("body too large")]
+    PayloadTooLarge { limit: usize },
+    #[error("unsupported media type {0}")]
+    UnsupportedMediaType(String),
+    #[error("malformed body: {0}")]
+    Malformed(String),
+    #[error("not a Dynamics execution context: {0}")]
+    NotAContext(String),
+    #[error("unhandled {message} of {entity}")]
+    UnhandledMessage { entity: String, message: String },
+    #[error("unhandled stage {0}")]
+    UnhandledStage(i32),
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("opportunities are created in Dynamics")]
+    MarketoSideCreation,
+    #[error("admin API not configured")]
+    AdminNotConfigured,
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("upstream unavailable: {0}")]
+    Upstream(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn problem(&self) -> Problem {
+        use StatusCode as S;
+        match self {
+            ApiError::WebhookKeyMissing { location } => Problem::new(
+                S::UNAUTHORIZED,
+                "webhook-key-missing",
+                "Webhook key missing",
+                format!(
+                    "The request carries no webhook key ({location}); register the service endpoint with the key oppsync is configured with."
+                ),
+            ),
+            ApiError::WebhookKeyMismatch { location } => Problem::new(
+                S::UNAUTHORIZED,
+                "webhook-key-mismatch",
+                "Webhook key does not match",
+                format!("The webhook key ({location}) does not match any configured key."),
+            ),
+            ApiError::PayloadTooLarge { limit } => Problem::new(
+                S::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+                format!("The body exceeds the limit of {limit} bytes (server.body_limit_bytes)."),
+            ),
+            ApiError::UnsupportedMediaType(ct) => Problem::new(
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                format!("The body must be JSON (application/json), not {ct:?}."),
+            ),
+            ApiError::Malformed(why) => Problem::new(
+                S::BAD_REQUEST,
+                "malformed-json",
+                "Malformed JSON",
+                format!("The body is not valid JSON: {why}."),
+            ),
+            ApiError::NotAContext(why) => Problem::new(
+                S::BAD_REQUEST,
+                "not-an-execution-context",
+                "Not a Dynamics execution context",
+                format!("The body is JSON but not a Dynamics RemoteExecutionContext: {why}."),
+            ),
+            ApiError::UnhandledMessage { entity, message } => {
+                let handled: Vec<String> = crate::dynamics::event::HANDLED
+                    .iter()
+                    .map(|(e, m)| format!("{} {}", e.logical_name(), m.name()))
+                    .collect();
+                Problem::new(
+                    S::UNPROCESSABLE_ENTITY,
+                    "unhandled-message",
+                    "Entity or message not handled",
+                    format!(
+                        "oppsync does not handle {message} of {entity}; it handles {}. Remove this step from the service endpoint.",
+                        handled.join(", ")
+                    ),
+                )
+                .with("handled", serde_json::json!(handled))
+            }
+            ApiError::UnhandledStage(stage) => Problem::new(
+                S::UNPROCESSABLE_ENTITY,
+                "unhandled-stage",
+                "Stage not handled",
+                format!(
+                    "oppsync handles PostOperation steps (stage 40) only, not stage {stage}: register the step as PostOperation, asynchronous."
+                ),
+            ),
+            ApiError::StoreUnavailable(_) => Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Temporarily unavailable",
+                "The notification could not be stored durably; it was not accepted. Retry later.",
+            ),
+            ApiError::ShuttingDown => Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "Shutting down",
+                "This instance is shutting down and accepts nothing new. Retry shortly.",
+            ),
+            ApiError::MarketoSideCreation => Problem::new(
+                S::FORBIDDEN,
+                "marketo-side-creation-refused",
+                "Opportunities are created in Dynamics",
+                "Opportunities are created in Dynamics 365 and synced one way to Marketo; oppsync never creates an opportunity from the Marketo side.",
+            ),
+            ApiError::AdminNotConfigured => Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "admin-not-configured",
+                "Admin API not configured",
+                "The admin API is disabled because no JWT key is configured (admin.jwt_secret or admin.jwt_public_key_file).",
+            ),
+            ApiError::Unauthorized(why) => {
+                Problem::new(S::UNAUTHORIZED, "unauthorized", "Unauthorized", why.clone())
+            }
+            ApiError::Forbidden(why) => Problem::new(S::FORBIDDEN, "forbidden", "Forbidden", why.clone()),
+            ApiError::NotFound(what) => Problem::new(S::NOT_FOUND, "not-found", "Not found", what.clone()),
+            ApiError::BadRequest(why) => {
+                Problem::new(S::BAD_REQUEST, "bad-request", "Bad request", why.clone())
+            }
+            ApiError::Conflict(why) => Problem::new(S::CONFLICT, "conflict", "Conflict", why.clone()),
+            ApiError::Upstream(why) => Problem::new(
+                S::BAD_GATEWAY,
+                "upstream-unavailable",
+                "Upstream unavailable",
+                format!("A service oppsync depends on did not answer as expected: {why}."),
+            ),
+            ApiError::Internal(_) => Problem::new(
+                S::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "Something went wrong inside oppsync; the cause is in its logs.",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            ApiError::StoreUnavailable(cause) | ApiError::Internal(cause) | ApiError::Upstream(cause) => {
+                tracing::error!(error = %cause, "request failed")
+            }
+            _ => tracing::debug!(error = %self, "request refused"),
+        }
+        self.problem().into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::StoreUnavailable(e.to_string())
+    }
+}

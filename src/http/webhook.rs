@@ -1,0 +1,226 @@
+//! `POST /webhooks/dynamics`: check the caller's secret, decode, commit to the inbox, answer.
+//! Dynamics reads only the status: 2xx means delivered, 502/503/504 earn one retry, anything
+//! else fails the System Job (specs/dynamics.md §4). So 2xx only after the commit, 503 for
+//! trouble on our side, 4xx for what a retry cannot fix.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tracing::Instrument;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::problem::{ApiError, Problem};
+use crate::config::WebhookAuth;
+use crate::dynamics::{DecodeError, decode_notification};
+use crate::store::{IntakeError, NewNotification, Received, now_ms};
+
+/// What intake did with a notification.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IntakeAck {
+    /// `stored` (202, new) or `duplicate` (200, stored before).
+    #[schema(example = "stored")]
+    pub status: &'static str,
+    /// Inbox id, when newly stored.
+    pub id: Option<i64>,
+}
+
+/// Receives a Dynamics 365 webhook notification (a serialised RemoteExecutionContext).
+#[utoipa::path(
+    post,
+    path = "/webhooks/dynamics",
+    tag = "webhook",
+    params(
+        ("code" = Option<String>, Query, description = "WebhookKey authentication (webhook.auth = webhook_key)"),
+        ("x-ms-dynamics-msg-size-exceeded" = Option<String>, Header, description = "Set by Dynamics when the payload exceeded 256 KB and InputParameters/images were dropped"),
+        ("x-ms-correlation-request-id" = Option<String>, Header, description = "Dynamics correlation id, logged"),
+    ),
+    request_body(content = Object, content_type = "application/json", description = "The RemoteExecutionContext as Dynamics serialises it (DataContractJsonSerializer)"),
+    responses(
+        (status = 202, description = "Stored durably; will be synced", body = IntakeAck),
+        (status = 200, description = "Already stored (a repeated delivery); nothing more happens", body = IntakeAck),
+        (status = 400, description = "Malformed JSON or not a Dynamics execution context", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Webhook key missing or not matching", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over server.body_limit_bytes", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Entity, message or stage oppsync does not handle", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Could not store durably now; Dynamics retries once", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("webhook_key" = []), ("webhook_header" = []), ("webhook_query" = []))
+)]
+pub async fn receive(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<IntakeAck>), ApiError> {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "webhook",
+        correlation_id = tracing::field::Empty,
+        entity = tracing::field::Empty,
+        message = tracing::field::Empty,
+        record_id = tracing::field::Empty,
+    );
+    let result = intake(&state, &uri, &headers, body, &span)
+        .instrument(span.clone())
+        .await;
+    let outcome = match &result {
+        Ok((StatusCode::ACCEPTED, _)) => "stored",
+        Ok(_) => "duplicate",
+        Err(e) => outcome_label(e),
+    };
+    metrics::counter!("oppsync_intake_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("oppsync_intake_seconds").record(started.elapsed().as_secs_f64());
+    result
+}
+
+fn outcome_label(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::WebhookKeyMissing { .. } | ApiError::WebhookKeyMismatch { .. } => "unauthorized",
+        ApiError::PayloadTooLarge { .. } => "too_large",
+        ApiError::UnsupportedMediaType(_) => "not_json",
+        ApiError::Malformed(_) | ApiError::NotAContext(_) => "malformed",
+        ApiError::UnhandledMessage { .. } | ApiError::UnhandledStage(_) => "unhandled",
+        ApiError::ShuttingDown => "shutting_down",
+        _ => "unavailable",
+    }
+}
+
+async fn intake(
+    state: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+    span: &tracing::Span,
+) -> Result<(StatusCode, Json<IntakeAck>), ApiError> {
+    check_secret(state, uri, headers)?;
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        // Dynamics' exact content type is undocumented (specs/dynamics.md §2): accept any JSON
+        // type, and a missing header, but refuse what is clearly not JSON.
+        if !(essence == "application/json" || essence.ends_with("+json") || essence == "text/json") {
+            return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
+        }
+    }
+    let limit = state.config.server.body_limit_bytes;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && len > limit
+    {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::Malformed(e.to_string())
+        }
+    })?;
+    let size_exceeded = headers.contains_key("x-ms-dynamics-msg-size-exceeded");
+    let notification = decode_notification(&bytes, size_exceeded).map_err(|e| match e {
+        DecodeError::Malformed(why) => ApiError::Malformed(why),
+        DecodeError::NotAContext(why) => ApiError::NotAContext(why),
+        DecodeError::Unsupported { entity, message } => ApiError::UnhandledMessage { entity, message },
+    })?;
+    let event = &notification.event;
+    span.record("correlation_id", event.correlation_id.as_deref().unwrap_or(""));
+    span.record("entity", event.entity.logical_name());
+    span.record("message", event.message.name());
+    span.record("record_id", tracing::field::display(event.record_id));
+    // The body is valid JSON (just decoded), hence valid UTF-8.
+    let body = String::from_utf8(bytes.to_vec()).map_err(|e| ApiError::Malformed(e.to_string()))?;
+    let new = NewNotification {
+        dedupe_key: notification.dedupe_key.clone(),
+        entity: event.entity.logical_name().to_owned(),
+        message: event.message.name().to_owned(),
+        record_id: event.record_id,
+        version: event.version,
+        correlation_id: event.correlation_id.clone(),
+        data_missing: event.data_missing,
+        body,
+        received_at: now_ms(),
+    };
+    match state.intake.submit(new).await {
+        Ok(Received::Stored(id)) => {
+            tracing::info!(inbox_id = id, "notification stored");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(IntakeAck {
+                    status: "stored",
+                    id: Some(id),
+                }),
+            ))
+        }
+        Ok(Received::Duplicate) => {
+            tracing::info!("notification already stored");
+            Ok((
+                StatusCode::OK,
+                Json(IntakeAck {
+                    status: "duplicate",
+                    id: None,
+                }),
+            ))
+        }
+        Err(IntakeError::Closed) => Err(ApiError::ShuttingDown),
+        Err(IntakeError::Store(e)) => Err(ApiError::StoreUnavailable(e)),
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Checks the secret Dynamics was registered with. Every configured key is compared in
+/// constant time, with no early exit, so timing reveals neither which key nor how much matched.
+fn check_secret(state: &AppState, uri: &Uri, headers: &HeaderMap) -> Result<(), ApiError> {
+    let webhook = &state.config.webhook;
+    let (presented, location): (Option<String>, String) = match webhook.auth {
+        WebhookAuth::WebhookKey => (query_param(uri, "code"), "query parameter `code`".into()),
+        WebhookAuth::QueryString => {
+            let name = webhook.param_name.clone().unwrap_or_default();
+            (query_param(uri, &name), format!("query parameter `{name}`"))
+        }
+        WebhookAuth::HttpHeader => {
+            let name = webhook.header_name.clone().unwrap_or_default();
+            let value = headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (value, format!("header `{name}`"))
+        }
+    };
+    let Some(presented) = presented.filter(|p| !p.is_empty()) else {
+        return Err(ApiError::WebhookKeyMissing { location });
+    };
+    let mut matched = subtle::Choice::from(0u8);
+    for key in &webhook.keys {
+        matched |= presented.as_bytes().ct_eq(key.expose().as_bytes());
+    }
+    if bool::from(matched) {
+        Ok(())
+    } else {
+        Err(ApiError::WebhookKeyMismatch { location })
+    }
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    let query = uri.query()?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
