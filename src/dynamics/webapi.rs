@@ -793,6 +793,7 @@ fn parse_iso_date(s: &str) -> Option<OffsetDateTime> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::sim::dataverse::{self, ConnectionFixture, ContactFixture, DataverseSim};

@@ -1113,6 +1113,7 @@ fn parse_filter(filter: &str) -> Result<Vec<Clause>, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
