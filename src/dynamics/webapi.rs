@@ -860,6 +860,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_token_near_its_expiry_is_replaced() {
+        let sim = DataverseSim::start().await.unwrap();
+        sim.set_token_lifetime(1);
+        let c = client(&sim);
+        assert!(c.contact(Uuid::new_v4()).await.unwrap().is_none());
+        assert!(c.contact(Uuid::new_v4()).await.unwrap().is_none());
+        assert_eq!(sim.token_issued_count(), 2);
+    }
+
+    #[tokio::test]
     async fn concurrent_first_reads_fetch_one_token() {
         let sim = DataverseSim::start().await.unwrap();
         let c = client(&sim);
