@@ -210,7 +210,7 @@ impl Default for MarketoConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataverseConfig {
     /// Environment URL, e.g. `https://contoso.crm.dynamics.com`.
@@ -220,6 +220,27 @@ pub struct DataverseConfig {
     pub client_secret: Option<Secret>,
     /// Overrides `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`.
     pub token_url: Option<Url>,
+    /// Timeout of one Web API or token request.
+    pub request_timeout_secs: u64,
+    /// How many 429 answers one call waits out (honouring Retry-After) before giving up.
+    pub max_rate_limit_retries: u32,
+    /// Most total time one call spends waiting on 429s.
+    pub max_rate_limit_wait_secs: u64,
+}
+
+impl Default for DataverseConfig {
+    fn default() -> Self {
+        DataverseConfig {
+            url: None,
+            tenant_id: None,
+            client_id: None,
+            client_secret: None,
+            token_url: None,
+            request_timeout_secs: 30,
+            max_rate_limit_retries: 5,
+            max_rate_limit_wait_secs: 120,
+        }
+    }
 }
 
 impl DataverseConfig {
