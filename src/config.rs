@@ -90,7 +90,7 @@ impl From<String> for Secret {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -293,21 +293,6 @@ impl Default for WorkerConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            store: StoreConfig::default(),
-            webhook: WebhookConfig::default(),
-            marketo: MarketoConfig::default(),
-            dataverse: DataverseConfig::default(),
-            sync: SyncConfig::default(),
-            admin: AdminConfig::default(),
-            worker: WorkerConfig::default(),
-        }
-    }
-}
-
 /// Everything wrong with a configuration, listed together.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
@@ -423,7 +408,7 @@ impl Config {
         if m.calls_per_20s == 0 {
             p.push("marketo.calls_per_20s: must be at least 1".into());
         }
-        if !(m.window_secs > 0.0) {
+        if m.window_secs.is_nan() || m.window_secs <= 0.0 {
             p.push("marketo.window_secs: must be positive".into());
         }
         if m.max_concurrent == 0 {
@@ -435,7 +420,7 @@ impl Config {
         if m.max_body_bytes < 10_000 || m.max_body_bytes > 1_000_000 {
             p.push("marketo.max_body_bytes: must be between 10000 and 1000000 (Marketo's 1 MB limit)".into());
         }
-        if !(m.timeout_scale > 0.0) {
+        if m.timeout_scale.is_nan() || m.timeout_scale <= 0.0 {
             p.push("marketo.timeout_scale: must be positive".into());
         }
         let d = &self.dataverse;
@@ -596,6 +581,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
     fn environment_overlays_the_file_and_splits_keys_on_commas() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("oppsync.toml", serve_ready())?;

@@ -621,10 +621,10 @@ macro_rules! sql_store {
             }
 
             pub async fn notification(&self, id: i64) -> Result<Option<InboxEntry>, StoreError> {
-                let row = sqlx::query(concat!(
+                let row = sqlx::query(
                     "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body FROM inbox WHERE id = $1"
-                ))
+                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body FROM inbox WHERE id = $1",
+                )
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;

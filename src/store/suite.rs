@@ -1,6 +1,8 @@
 //! The store test suite: one set of checks every backend must pass. Called by the SQLite unit
 //! tests and by the PostgreSQL integration tests, each with a fresh, migrated store.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failure is a test failure
+
 use uuid::Uuid;
 
 use super::{

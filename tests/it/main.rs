@@ -1,5 +1,7 @@
 //! Integration tests: one binary (faster to build than one per file), modules by area.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure is a test failure
+
 mod support;
 
 mod store_pg;
