@@ -1,6 +1,7 @@
 //! Everything Dynamics 365 / Dataverse: the webhook wire format (a DCJS-serialised
 //! `RemoteExecutionContext`), the domain events it becomes, and the Dataverse Web API client.
 
+pub mod compose;
 pub mod event;
 pub mod value;
 pub mod webapi;
