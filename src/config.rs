@@ -402,7 +402,7 @@ impl Config {
         if m.calls_per_20s == 0 {
             p.push("marketo.calls_per_20s: must be at least 1".into());
         }
-        if !(m.window_secs > 0.0) {
+        if m.window_secs.is_nan() || m.window_secs <= 0.0 {
             p.push("marketo.window_secs: must be positive".into());
         }
         if m.max_concurrent == 0 {
@@ -414,7 +414,7 @@ impl Config {
         if m.max_body_bytes < 10_000 || m.max_body_bytes > 1_000_000 {
             p.push("marketo.max_body_bytes: must be between 10000 and 1000000 (Marketo's 1 MB limit)".into());
         }
-        if !(m.timeout_scale > 0.0) {
+        if m.timeout_scale.is_nan() || m.timeout_scale <= 0.0 {
             p.push("marketo.timeout_scale: must be positive".into());
         }
         let d = &self.dataverse;
