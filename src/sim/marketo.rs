@@ -699,12 +699,16 @@ impl Key {
 }
 
 impl Tables {
+    /// Stores a lead; honours an integer `id` given by a test seed, else assigns the next one.
     fn insert_lead(&mut self, mut fields: Map<String, Value>) -> i64 {
         if self.next_lead_id == 0 {
             self.next_lead_id = 318_500;
         }
-        self.next_lead_id += 1;
-        let id = self.next_lead_id;
+        let id = match fields.get("id").and_then(Value::as_i64) {
+            Some(id) if !self.leads.contains_key(&id) => id,
+            _ => self.next_lead_id + 1,
+        };
+        self.next_lead_id = self.next_lead_id.max(id);
         let now = now_text();
         fields.insert("id".into(), json!(id));
         fields.insert("createdAt".into(), Value::String(now.clone()));
@@ -1522,7 +1526,7 @@ impl SimState {
             let outcome = (|| {
                 let rec = rec.as_object().ok_or(("1003", "Invalid data".to_owned()))?;
                 if action == "createDuplicate" {
-                    return Ok(("created", self.tables.insert_lead(rec.clone())));
+                    return Ok(("created", self.tables.insert_lead(without_id(rec))));
                 }
                 let value = rec
                     .get(&lookup)
@@ -1554,7 +1558,7 @@ impl SimState {
                         Ok(("updated", id))
                     }
                     ([], "updateOnly") => Err(("1004", "Lead not found".to_owned())),
-                    ([], _) => Ok(("created", self.tables.insert_lead(rec.clone()))),
+                    ([], _) => Ok(("created", self.tables.insert_lead(without_id(rec)))),
                 }
             })();
             out.push(match outcome {
@@ -1641,6 +1645,13 @@ fn describe_roles() -> Value {
     })
 }
 
+/// `id` is assigned by Marketo on create; a sent one is ignored.
+fn without_id(rec: &Map<String, Value>) -> Map<String, Value> {
+    let mut r = rec.clone();
+    r.remove("id");
+    r
+}
+
 /// Writes must be JSON (612 otherwise) and well formed (609).
 fn json_body(content_type: &str, body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if !content_type.starts_with("application/json") {
@@ -1657,4 +1668,500 @@ fn leak_code(code: &str) -> &'static str {
         "1022", "1036",
     ];
     KNOWN.iter().find(|k| **k == code).copied().unwrap_or("1003")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    struct Caller {
+        http: reqwest::Client,
+        sim: MarketoSimHandle,
+        token: String,
+    }
+
+    async fn start(cfg: MarketoSimConfig) -> Caller {
+        let sim = MarketoSim::start(cfg).await.unwrap();
+        let http = reqwest::Client::new();
+        let mut caller = Caller {
+            http,
+            sim,
+            token: String::new(),
+        };
+        caller.token = caller.fetch_token().await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        caller
+    }
+
+    impl Caller {
+        async fn fetch_token(&self) -> Value {
+            let url = format!(
+                "{}/identity/oauth/token?grant_type=client_credentials&client_id={}&client_secret={}",
+                self.sim.base_url(),
+                self.sim.client_id(),
+                self.sim.client_secret()
+            );
+            self.http.get(url).send().await.unwrap().json().await.unwrap()
+        }
+
+        async fn post(&self, path: &str, body: Value) -> Value {
+            self.http
+                .post(format!("{}{path}", self.sim.base_url()))
+                .bearer_auth(&self.token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        }
+
+        async fn get(&self, path_and_query: &str) -> Value {
+            self.http
+                .get(format!("{}{path_and_query}", self.sim.base_url()))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn assert_uuid_v4(v: &Value) {
+        let u = uuid::Uuid::parse_str(v.as_str().unwrap()).unwrap();
+        assert_eq!(u.get_version_num(), 4, "{v}");
+    }
+
+    #[tokio::test]
+    async fn token_is_reused_until_it_expires_and_bad_credentials_get_401() {
+        let c = start(MarketoSimConfig::default()).await;
+        // §10.1: a second call returns the same token with its remaining life.
+        let again = c.fetch_token().await;
+        assert_eq!(again["access_token"], c.token.as_str());
+        assert_eq!(again["token_type"], "bearer");
+        assert!(again["expires_in"].as_u64().unwrap() <= 3600);
+        assert!(c.token.contains(':'), "token looks like <uuid>:<suffix>");
+        assert_eq!(c.sim.token_issued_count(), 1);
+
+        let url = format!(
+            "{}/identity/oauth/token?grant_type=client_credentials&client_id={}&client_secret=wrong",
+            c.sim.base_url(),
+            c.sim.client_id()
+        );
+        let resp = c.http.post(url).send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_client");
+        // Identity calls do not count against the quota.
+        assert_eq!(c.sim.quota_used(), 0);
+    }
+
+    #[tokio::test]
+    async fn sync_opportunities_mixed_outcomes_as_in_10_2() {
+        let c = start(MarketoSimConfig::default()).await;
+        c.sim
+            .add_opportunity(obj(json!({"externalOpportunityId": "OPP-0001", "name": "old"})));
+        let answer = c
+            .post(
+                "/rest/v1/opportunities.json",
+                json!({
+                    "action": "createOrUpdate",
+                    "dedupeBy": "dedupeFields",
+                    "input": [
+                        { "externalOpportunityId": "OPP-0001", "name": "Acme renewal FY27", "stage": "Negotiation",
+                          "amount": 48000.0, "closeDate": "2026-12-15", "isClosed": false, "isWon": false,
+                          "externalCompanyId": "ACCT-77", "externalSalesPersonId": "rep-12" },
+                        { "externalOpportunityId": "OPP-0002", "name": "Globex expansion", "stage": "Closed Won",
+                          "amount": 12500, "closeDate": "2026-09-30", "isClosed": true, "isWon": true,
+                          "externalCompanyId": "ACCT-81" },
+                        { "externalOpportunityId": "OPP-0003", "name": "Initech pilot", "pilotScore__c": 7 },
+                        { "externalOpportunityId": "OPP-0004", "name": null }
+                    ]
+                }),
+            )
+            .await;
+        assert_eq!(answer["success"], true);
+        let rid = answer["requestId"].as_str().unwrap();
+        assert!(rid.contains('#'), "{rid}");
+        let r = answer["result"].as_array().unwrap();
+        assert_eq!(r.len(), 4);
+        for (i, item) in r.iter().enumerate() {
+            assert_eq!(item["seq"], i);
+        }
+        assert_eq!(r[0]["status"], "updated");
+        assert_uuid_v4(&r[0]["marketoGUID"]);
+        assert_eq!(r[1]["status"], "created");
+        assert_uuid_v4(&r[1]["marketoGUID"]);
+        assert_eq!(r[2]["status"], "skipped");
+        assert_eq!(r[2]["reasons"][0]["code"], "1006");
+        assert!(r[2].get("marketoGUID").is_none());
+        assert_eq!(r[3]["status"], "skipped");
+        assert_eq!(r[3]["reasons"][0]["code"], "1002");
+        let opps = c.sim.opportunities();
+        assert_eq!(opps.len(), 2);
+        assert_eq!(opps["OPP-0001"]["name"], "Acme renewal FY27");
+        assert_eq!(opps["OPP-0002"]["isWon"], true);
+    }
+
+    #[tokio::test]
+    async fn roles_need_their_opportunity_and_lead_as_in_10_3() {
+        let c = start(MarketoSimConfig::default()).await;
+        c.sim
+            .add_opportunity(obj(json!({"externalOpportunityId": "OPP-0001", "name": "Acme"})));
+        assert_eq!(
+            c.sim
+                .add_lead(obj(json!({"id": 318581, "email": "a@example.com"}))),
+            318581
+        );
+        assert_eq!(
+            c.sim
+                .add_lead(obj(json!({"id": 318592, "email": "b@example.com"}))),
+            318592
+        );
+        let body = json!({
+            "action": "createOrUpdate",
+            "dedupeBy": "dedupeFields",
+            "input": [
+                { "externalOpportunityId": "OPP-0001", "leadId": 318581, "role": "Economic Buyer", "isPrimary": true },
+                { "externalOpportunityId": "OPP-0001", "leadId": 318592, "role": "Technical Evaluator", "isPrimary": false },
+                { "externalOpportunityId": "OPP-9999", "leadId": 318581, "role": "Champion", "isPrimary": false },
+                { "externalOpportunityId": "OPP-0001", "leadId": 1, "role": "Champion", "isPrimary": false }
+            ]
+        });
+        let first = c.post("/rest/v1/opportunities/roles.json", body.clone()).await;
+        let r = first["result"].as_array().unwrap();
+        assert_eq!(r[0]["status"], "created");
+        assert_eq!(r[1]["status"], "created");
+        assert_eq!(r[2]["status"], "skipped");
+        assert_eq!(r[2]["reasons"][0]["code"], "1013");
+        assert_eq!(r[3]["reasons"][0]["code"], "1013");
+        let second = c.post("/rest/v1/opportunities/roles.json", body).await;
+        assert_eq!(second["result"][0]["status"], "updated");
+        assert_eq!(
+            second["result"][0]["marketoGUID"],
+            first["result"][0]["marketoGUID"]
+        );
+        assert_eq!(c.sim.roles().len(), 2);
+
+        // Compound-key query: POST ?_method=GET with a JSON body (§4).
+        let found = c
+            .http
+            .post(format!("{}/rest/v1/opportunities/roles.json?_method=GET", c.sim.base_url()))
+            .bearer_auth(&c.token)
+            .json(&json!({"filterType": "dedupeFields", "fields": ["isPrimary"],
+                          "input": [{"externalOpportunityId": "OPP-0001", "leadId": 318581, "role": "Economic Buyer"}]}))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        assert_eq!(found["result"].as_array().unwrap().len(), 1);
+        assert_eq!(found["result"][0]["isPrimary"], true);
+
+        let deleted = c
+            .post(
+                "/rest/v1/opportunities/roles/delete.json",
+                json!({"deleteBy": "dedupeFields", "input": [
+                    {"externalOpportunityId": "OPP-0001", "leadId": 318592, "role": "Technical Evaluator"}]}),
+            )
+            .await;
+        assert_eq!(deleted["result"][0]["status"], "deleted");
+        assert_eq!(c.sim.roles().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn delete_reports_missing_records_as_skipped_1013_as_in_10_4() {
+        let c = start(MarketoSimConfig::default()).await;
+        c.sim.add_opportunity(obj(
+            json!({"externalOpportunityId": "OPP-0002", "name": "Globex"}),
+        ));
+        let answer = c
+            .post(
+                "/rest/v1/opportunities/delete.json",
+                json!({"deleteBy": "dedupeFields", "input": [
+                    {"externalOpportunityId": "OPP-0002"}, {"externalOpportunityId": "OPP-0404"}]}),
+            )
+            .await;
+        let r = answer["result"].as_array().unwrap();
+        assert_eq!(r[0]["seq"], 0);
+        assert_eq!(r[0]["status"], "deleted");
+        assert_uuid_v4(&r[0]["marketoGUID"]);
+        assert_eq!(r[1]["status"], "skipped");
+        assert_eq!(r[1]["reasons"][0]["code"], "1013");
+        assert!(c.sim.opportunities().is_empty());
+    }
+
+    #[tokio::test]
+    async fn rate_and_concurrency_limits_answer_606_and_615_as_in_10_5() {
+        let c = start(MarketoSimConfig {
+            calls_per_window: 2,
+            max_concurrent: 1,
+            ..Default::default()
+        })
+        .await;
+        let query = "/rest/v1/opportunities.json?filterType=externalOpportunityId&filterValues=X";
+        assert_eq!(c.get(query).await["success"], true);
+        assert_eq!(c.get(query).await["success"], true);
+        let third = c.get(query).await;
+        assert_eq!(third["success"], false);
+        assert_eq!(third["errors"][0]["code"], "606");
+        assert_eq!(
+            third["errors"][0]["message"],
+            "Max rate limit '2' exceeded with in '20' secs"
+        );
+        assert_eq!(c.sim.count_606(), 1);
+
+        let c = start(MarketoSimConfig {
+            max_concurrent: 1,
+            ..Default::default()
+        })
+        .await;
+        c.sim.inject(Fault::Delay {
+            delay: Duration::from_millis(300),
+            times: 1,
+        });
+        let slow = c.get(query);
+        let fast = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.get(query).await
+        };
+        let (slow, fast) = tokio::join!(slow, fast);
+        assert_eq!(slow["success"], true);
+        assert_eq!(fast["errors"][0]["code"], "615");
+        assert_eq!(
+            fast["errors"][0]["message"],
+            "Concurrent access limit '1' reached"
+        );
+        assert_eq!(c.sim.count_615(), 1);
+        assert_eq!(c.sim.max_concurrent_seen(), 1);
+    }
+
+    #[tokio::test]
+    async fn daily_quota_answers_607() {
+        let c = start(MarketoSimConfig {
+            daily_quota: 1,
+            ..Default::default()
+        })
+        .await;
+        let query = "/rest/v1/opportunities.json?filterType=externalOpportunityId&filterValues=X";
+        assert_eq!(c.get(query).await["success"], true);
+        let over = c.get(query).await;
+        assert_eq!(over["errors"][0]["code"], "607");
+        assert_eq!(over["errors"][0]["message"], "Daily quota reached");
+    }
+
+    #[tokio::test]
+    async fn invalid_and_expired_tokens_answer_601_and_602_as_in_10_6() {
+        let mut c = start(MarketoSimConfig::default()).await;
+        let query = "/rest/v1/opportunities.json?filterType=externalOpportunityId&filterValues=X";
+        c.sim.inject(Fault::InvalidateToken);
+        let answer = c.get(query).await;
+        assert_eq!(answer["success"], false);
+        assert_eq!(answer["errors"][0]["code"], "601");
+        c.token = c.fetch_token().await["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(c.get(query).await["success"], true);
+        c.sim.inject(Fault::ExpireTokenNow);
+        assert_eq!(c.get(query).await["errors"][0]["code"], "602");
+        assert_eq!(c.sim.token_issued_count(), 2);
+        let fresh = c.fetch_token().await;
+        assert_ne!(fresh["access_token"], c.token.as_str());
+        assert_eq!(c.sim.token_issued_count(), 3);
+    }
+
+    #[tokio::test]
+    async fn short_ttl_tokens_expire_by_themselves() {
+        let c = start(MarketoSimConfig {
+            token_ttl: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let answer = c.get("/rest/v1/opportunities/describe.json").await;
+        assert_eq!(answer["errors"][0]["code"], "602");
+    }
+
+    #[tokio::test]
+    async fn batch_and_body_limits() {
+        let c = start(MarketoSimConfig {
+            body_max_bytes: 2_000,
+            ..Default::default()
+        })
+        .await;
+        let too_many: Vec<Value> = (0..301)
+            .map(|i| json!({"externalCompanyId": format!("A{i}")}))
+            .collect();
+        let small = c
+            .post("/rest/v1/companies.json", json!({"input": too_many[..5]}))
+            .await;
+        assert_eq!(small["success"], true);
+        let resp = c
+            .http
+            .post(format!("{}/rest/v1/companies.json", c.sim.base_url()))
+            .bearer_auth(&c.token)
+            .json(&json!({"input": too_many}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            413,
+            "a body over the limit is refused at the HTTP level"
+        );
+
+        let c = start(MarketoSimConfig::default()).await;
+        let too_many: Vec<Value> = (0..301)
+            .map(|i| json!({"externalCompanyId": format!("A{i}")}))
+            .collect();
+        let answer = c
+            .post("/rest/v1/companies.json", json!({"input": too_many}))
+            .await;
+        assert_eq!(answer["success"], false);
+        assert_eq!(answer["errors"][0]["code"], "1003");
+    }
+
+    #[tokio::test]
+    async fn companies_get_integer_ids_and_duplicates_get_1036() {
+        let c = start(MarketoSimConfig::default()).await;
+        let answer = c
+            .post(
+                "/rest/v1/companies.json",
+                json!({"action": "createOrUpdate", "dedupeBy": "dedupeFields", "input": [
+                    {"externalCompanyId": "ACCT-77", "company": "Acme"},
+                    {"externalCompanyId": "ACCT-77", "company": "Acme again"}]}),
+            )
+            .await;
+        assert_eq!(answer["result"][0]["status"], "created");
+        assert!(answer["result"][0]["id"].is_i64());
+        assert_eq!(answer["result"][1]["reasons"][0]["code"], "1036");
+        let gone = c
+            .post(
+                "/rest/v1/companies/delete.json",
+                json!({"deleteBy": "dedupeFields", "input": [{"externalCompanyId": "ACCT-00"}]}),
+            )
+            .await;
+        assert_eq!(gone["result"][0]["reasons"][0]["code"], "1013");
+        assert_eq!(gone["result"][0]["reasons"][0]["message"], "Record not found");
+    }
+
+    #[tokio::test]
+    async fn lead_sync_results_have_no_seq_and_integer_ids() {
+        let c = start(MarketoSimConfig::default()).await;
+        c.sim
+            .add_lead(obj(json!({"email": "known@example.com", "firstName": "Kim"})));
+        let answer = c
+            .post(
+                "/rest/v1/leads.json",
+                json!({"action": "createOrUpdate", "lookupField": "email", "input": [
+                    {"email": "known@example.com", "lastName": "Known"},
+                    {"email": "new@example.com"},
+                    {"firstName": "No email"}]}),
+            )
+            .await;
+        let r = answer["result"].as_array().unwrap();
+        assert_eq!(r[0]["status"], "updated");
+        assert_eq!(r[1]["status"], "created");
+        assert_eq!(r[2]["status"], "skipped");
+        assert!(r.iter().all(|i| i.get("seq").is_none()));
+        assert!(r[0]["id"].is_i64() && r[1]["id"].is_i64());
+
+        let form = [
+            ("filterType", "email"),
+            ("filterValues", "known@example.com,new@example.com"),
+            ("fields", "email,lastName"),
+        ];
+        let found: Value = c
+            .http
+            .post(format!("{}/rest/v1/leads.json?_method=GET", c.sim.base_url()))
+            .bearer_auth(&c.token)
+            .form(&form)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows = found["result"].as_array().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["lastName"], "Known");
+    }
+
+    #[tokio::test]
+    async fn crm_switch_skips_writes_with_1018() {
+        let c = start(MarketoSimConfig::default()).await;
+        c.sim.set_crm_enabled(true);
+        let answer = c
+            .post(
+                "/rest/v1/opportunities.json",
+                json!({"input": [{"externalOpportunityId": "A", "name": "x"}]}),
+            )
+            .await;
+        assert_eq!(answer["result"][0]["reasons"][0]["code"], "1018");
+        assert!(c.sim.opportunities().is_empty());
+    }
+
+    #[tokio::test]
+    async fn wrong_content_type_bad_json_and_unknown_paths() {
+        let c = start(MarketoSimConfig::default()).await;
+        let text = |ct: &'static str, body: &'static str| {
+            c.http
+                .post(format!("{}/rest/v1/opportunities.json", c.sim.base_url()))
+                .bearer_auth(&c.token)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+        };
+        let a: Value = text("text/plain", "{}").await.unwrap().json().await.unwrap();
+        assert_eq!(a["errors"][0]["code"], "612");
+        let b: Value = text("application/json", "{nope")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(b["errors"][0]["code"], "609");
+        assert_eq!(c.get("/rest/v1/nothing.json").await["errors"][0]["code"], "610");
+    }
+
+    #[tokio::test]
+    async fn describe_usage_and_state_dump() {
+        let c = start(MarketoSimConfig::default()).await;
+        let d = c.get("/rest/v1/opportunities/describe.json").await;
+        assert_eq!(d["result"][0]["idField"], "marketoGUID");
+        assert_eq!(d["result"][0]["dedupeFields"], json!(["externalOpportunityId"]));
+        let u = c.get("/rest/v1/stats/usage.json").await;
+        assert_eq!(u["result"][0]["total"], 2);
+        let state: Value = c
+            .http
+            .get(format!("{}/_sim/state", c.sim.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(state["restCalls"], 2);
+        assert_eq!(c.sim.call_count("/rest/v1/stats/usage.json"), 1);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_handle_stops_the_server() {
+        let c = start(MarketoSimConfig::default()).await;
+        let base = c.sim.base_url();
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let fresh = reqwest::Client::new();
+        assert!(fresh.get(format!("{base}/_sim/state")).send().await.is_err());
+    }
 }
