@@ -1,0 +1,233 @@
+//! Client-side pacing so Marketo never has to say 606, 615 or 607 because of us (spec §6).
+//!
+//! - Rate: a sliding log of calls. A call occupies the window from the moment it is sent
+//!   until `window` after its answer arrived; the server saw it somewhere in between, so the
+//!   server's window can never hold more than `calls` of ours.
+//! - Concurrency: a semaphore held until the answer is read.
+//! - Daily quota: a counter that resets at 00:00 CST. Marketo says "CST"; we use a fixed
+//!   UTC−6 offset and do not follow daylight saving (spec §13 leaves it open), which at worst
+//!   resets an hour late in summer.
+//!
+//! Waiting here is not an error and not an attempt; waits are counted for the metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::error::MarketoError;
+
+struct Slot {
+    id: u64,
+    /// When the answer arrived; `None` while the call is in flight.
+    ended: Option<Instant>,
+}
+
+struct Log {
+    slots: Vec<Slot>,
+    next_id: u64,
+}
+
+struct Daily {
+    day: i64,
+    used: u32,
+    /// Marketo said 607 today: refuse until the reset without asking again.
+    exhausted: bool,
+}
+
+pub(crate) struct Limiter {
+    calls: usize,
+    window: Duration,
+    quota: u32,
+    concurrency: Arc<Semaphore>,
+    log: Mutex<Log>,
+    daily: Mutex<Daily>,
+    waits: AtomicU64,
+    wait_micros: AtomicU64,
+}
+
+/// Permission for one call. Dropping it (answer read, or call abandoned) closes its slot.
+pub(crate) struct Permit {
+    limiter: Arc<Limiter>,
+    id: u64,
+    _concurrency: OwnedSemaphorePermit,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut log = self.limiter.log();
+        if let Some(s) = log.slots.iter_mut().find(|s| s.id == self.id) {
+            s.ended = Some(now);
+        }
+    }
+}
+
+fn cst_day() -> i64 {
+    crate::sim::marketo::cst_day(time::OffsetDateTime::now_utc())
+}
+
+impl Limiter {
+    pub fn new(calls: u32, window: Duration, max_concurrent: u32, quota: u32) -> Self {
+        Limiter {
+            calls: calls.max(1) as usize,
+            window,
+            quota,
+            concurrency: Arc::new(Semaphore::new(max_concurrent.max(1) as usize)),
+            log: Mutex::new(Log {
+                slots: Vec::new(),
+                next_id: 0,
+            }),
+            daily: Mutex::new(Daily {
+                day: cst_day(),
+                used: 0,
+                exhausted: false,
+            }),
+            waits: AtomicU64::new(0),
+            wait_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn log(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn daily(&self) -> MutexGuard<'_, Daily> {
+        let mut d = self.daily.lock().unwrap_or_else(|e| e.into_inner());
+        let today = cst_day();
+        if d.day != today {
+            *d = Daily {
+                day: today,
+                used: 0,
+                exhausted: false,
+            };
+        }
+        d
+    }
+
+    fn quota_check(&self) -> Result<(), MarketoError> {
+        let exhausted = {
+            let d = self.daily();
+            d.exhausted || d.used >= self.quota
+        };
+        if exhausted {
+            Err(self.quota_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn quota_error(&self) -> MarketoError {
+        let used = self.daily().used;
+        MarketoError::QuotaExhausted {
+            message: format!(
+                "{used} of {} calls used today; the quota resets at 00:00 CST",
+                self.quota
+            ),
+        }
+    }
+
+    /// Waits until a call may be sent. Fails only when today's quota is gone.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Permit, MarketoError> {
+        self.quota_check()?;
+        let started = Instant::now();
+        let mut waited = false;
+        let concurrency = match self.concurrency.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                waited = true;
+                self.concurrency
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| MarketoError::Retryable {
+                        code: "client_closed".into(),
+                        message: "the Marketo client is shutting down".into(),
+                    })?
+            }
+        };
+        let id = loop {
+            let wake_at = {
+                let now = Instant::now();
+                let mut log = self.log();
+                let window = self.window;
+                log.slots
+                    .retain(|s| s.ended.is_none_or(|e| now.duration_since(e) < window));
+                if log.slots.len() < self.calls {
+                    let id = log.next_id;
+                    log.next_id += 1;
+                    log.slots.push(Slot { id, ended: None });
+                    break id;
+                }
+                // The earliest finished call to leave the window; if every counted call is
+                // still in flight, look again shortly.
+                log.slots
+                    .iter()
+                    .filter_map(|s| s.ended.map(|e| e + window))
+                    .min()
+                    .unwrap_or(now + window / 20)
+            };
+            waited = true;
+            tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)).await;
+        };
+        let permit = Permit {
+            limiter: self.clone(),
+            id,
+            _concurrency: concurrency,
+        };
+        let over_quota = {
+            let mut d = self.daily();
+            let over = d.exhausted || d.used >= self.quota;
+            if !over {
+                d.used += 1;
+                metrics::gauge!("oppsync_marketo_quota_used").set(f64::from(d.used));
+            }
+            over
+        };
+        if over_quota {
+            drop(permit);
+            return Err(self.quota_error());
+        }
+        if waited {
+            let waited_for = started.elapsed();
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            self.wait_micros
+                .fetch_add(waited_for.as_micros() as u64, Ordering::Relaxed);
+            metrics::counter!("oppsync_marketo_limiter_waits_total").increment(1);
+            // Counters are integers in `metrics`; a gauge that only grows keeps the fractions.
+            metrics::gauge!("oppsync_marketo_limiter_wait_seconds_total").increment(waited_for.as_secs_f64());
+        }
+        Ok(permit)
+    }
+
+    /// Marketo answered 607: stop calling until the reset.
+    pub fn mark_exhausted(&self) {
+        self.daily().exhausted = true;
+    }
+
+    pub fn used_today(&self) -> u32 {
+        self.daily().used
+    }
+
+    pub fn quota(&self) -> u32 {
+        self.quota
+    }
+
+    pub fn quota_left(&self) -> u32 {
+        let d = self.daily();
+        if d.exhausted {
+            0
+        } else {
+            self.quota.saturating_sub(d.used)
+        }
+    }
+
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    pub fn wait_seconds(&self) -> f64 {
+        self.wait_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
