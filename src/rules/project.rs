@@ -1,0 +1,184 @@
+//! What Marketo should hold for one opportunity, given what oppsync knows (DESIGN.md §2).
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID, SyncConfig};
+use super::mapping::convert;
+use super::state::World;
+use crate::dynamics::AttributeValue;
+
+/// A read the projection needs before it can be made.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Lookup {
+    /// The contact's parent account or email is unknown: read the contact.
+    Contact(Uuid),
+    /// The connection role's name and category are unknown: read the role.
+    ConnectionRole(Uuid),
+    /// The opportunity was never seen in full (no Create, no post image, no read): read the row.
+    OpportunityRow(Uuid),
+}
+
+/// A Marketo company (`externalCompanyId` = Dynamics accountid).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CompanyRecord {
+    pub account_id: Uuid,
+    /// Display name when Dynamics sent one (it usually sends null).
+    pub name: Option<String>,
+}
+
+/// One Marketo opportunity role (key: opportunity, lead, role; the lead stands for the contact).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RoleKey {
+    pub contact_id: Uuid,
+    pub role: String,
+}
+
+/// What Marketo should hold for one opportunity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Projection {
+    pub opportunity_id: Uuid,
+    /// Marketo field values, including `externalOpportunityId` and `externalCompanyId` (null when
+    /// there is no company). None when the opportunity is deleted.
+    pub opportunity: Option<Map<String, Value>>,
+    pub company: Option<CompanyRecord>,
+    pub roles: BTreeSet<RoleKey>,
+}
+
+impl Projection {
+    /// The projection of a deleted opportunity: nothing.
+    pub fn deleted(opportunity_id: Uuid) -> Self {
+        Projection {
+            opportunity_id,
+            opportunity: None,
+            company: None,
+            roles: BTreeSet::new(),
+        }
+    }
+}
+
+/// What Marketo should hold for `opportunity_id`, given `world`. Err lists every lookup still
+/// needed (sorted, without duplicates); resolve them, put the results in the world, and call again.
+///
+/// Every role contact must be in the world and complete (parent account and email known): the
+/// customer rule needs the parent account, and lead matching the email.
+pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<Projection, Vec<Lookup>> {
+    let Some(state) = world.opportunities.get(&opportunity_id) else {
+        return Err(vec![Lookup::OpportunityRow(opportunity_id)]);
+    };
+    if state.is_deleted() {
+        return Ok(Projection::deleted(opportunity_id));
+    }
+    let mut lookups = BTreeSet::new();
+    if !state.seen_in_full {
+        lookups.insert(Lookup::OpportunityRow(opportunity_id));
+    }
+    let mut roles = BTreeSet::new();
+    let mut role_contacts = BTreeSet::new();
+
+    // Potential customer (DESIGN.md §2): an account is the company; a contact gets a role and
+    // its parent account (when that is an account) is the company.
+    let mut company = None;
+    if let Some(customer) = state.customer() {
+        match customer.logical_name.as_str() {
+            "account" => {
+                company = Some(CompanyRecord {
+                    account_id: customer.id,
+                    name: customer.name.clone(),
+                });
+            }
+            "contact" => {
+                roles.insert(RoleKey {
+                    contact_id: customer.id,
+                    role: cfg.customer_role.clone(),
+                });
+                role_contacts.insert(customer.id);
+                if let Some(contact) = world.contacts.get(&customer.id) {
+                    company = contact.parent_account.as_ref().map(|a| CompanyRecord {
+                        account_id: a.id,
+                        name: a.name.clone(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // Stakeholders: active connections to a contact whose role is in a stakeholder category.
+    // Both rows of a reciprocal pair give the same key, so the second is a no-op.
+    for connection in world.connections.values() {
+        if connection.opportunity_id != Some(opportunity_id) || !connection.links_contact() {
+            continue;
+        }
+        let (Some(contact_id), Some(role_id)) = (connection.contact_id, connection.role_id) else {
+            continue;
+        };
+        let Some(role) = world.roles.get(&role_id) else {
+            lookups.insert(Lookup::ConnectionRole(role_id));
+            continue;
+        };
+        if cfg.stakeholder_categories.contains(&role.category) {
+            roles.insert(RoleKey {
+                contact_id,
+                role: role.name.clone(),
+            });
+            role_contacts.insert(contact_id);
+        }
+    }
+    for contact in role_contacts {
+        if !world.contacts.get(&contact).is_some_and(|c| c.is_complete()) {
+            lookups.insert(Lookup::Contact(contact));
+        }
+    }
+    if !lookups.is_empty() {
+        return Err(lookups.into_iter().collect());
+    }
+
+    let mut fields = Map::new();
+    fields.insert(
+        EXTERNAL_OPPORTUNITY_ID.to_owned(),
+        Value::String(opportunity_id.to_string()),
+    );
+    fields.insert(
+        EXTERNAL_COMPANY_ID.to_owned(),
+        company
+            .as_ref()
+            .map_or(Value::Null, |c| Value::String(c.account_id.to_string())),
+    );
+    let customer_value = state.customer.as_ref().map(|c| {
+        c.value
+            .clone()
+            .map_or(AttributeValue::Null, AttributeValue::EntityReference)
+    });
+    for mapping in &cfg.fields {
+        let value = if mapping.dynamics == "customerid" {
+            customer_value.as_ref()
+        } else {
+            state.fields.get(&mapping.dynamics).map(|v| &v.value)
+        };
+        fields.insert(mapping.marketo.clone(), convert(mapping, value));
+    }
+    // statecode: 0 Open, 1 Won, 2 Lost (specs/dynamics.md §5).
+    let statecode = state.statecode();
+    if let Some(name) = cfg.derived.is_closed_field() {
+        fields.insert(
+            name.to_owned(),
+            statecode.map_or(Value::Null, |s| Value::Bool(s == 1 || s == 2)),
+        );
+    }
+    if let Some(name) = cfg.derived.is_won_field() {
+        fields.insert(
+            name.to_owned(),
+            statecode.map_or(Value::Null, |s| Value::Bool(s == 1)),
+        );
+    }
+    Ok(Projection {
+        opportunity_id,
+        opportunity: Some(fields),
+        company,
+        roles,
+    })
+}

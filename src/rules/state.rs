@@ -1,0 +1,673 @@
+//! What oppsync knows of Dynamics rows, and how one event is merged into it.
+//!
+//! Every piece of state is a set of last-writer-wins registers (one per attribute) keyed by the
+//! event's version (`modifiedon`, epoch ms), plus a delete tombstone. Merging is therefore
+//! commutative, associative and idempotent: async steps may deliver in any order and any number
+//! of times (DESIGN.md §3 "Order-safe", "Idempotent") and the result is the state of the newest
+//! change, per field. Equal versions are broken by comparing the values' JSON, so every order
+//! picks the same winner.
+//!
+//! Delete is final whatever its version: a Delete's version comes from `OperationCreatedOn`, a
+//! different clock than the `modifiedon` of updates, so it may look older than the last update;
+//! Dynamics never reuses a row id, so nothing can legitimately follow a delete.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::dynamics::{
+    AttributeValue, Attributes, DynamicsEvent, EntityKind, EntityRef, MessageKind, Version,
+};
+
+/// A value and the version of the change that set it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub version: Version,
+}
+
+impl<T: Serialize + PartialEq> Versioned<T> {
+    /// Whether `candidate` should replace `self`: newer wins; on a tie the larger JSON wins, so
+    /// that reorderings converge.
+    fn loses_to(&self, candidate: &Versioned<T>) -> bool {
+        match candidate.version.cmp(&self.version) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => {
+                candidate.value != self.value && tie_key(&candidate.value) > tie_key(&self.value)
+            }
+        }
+    }
+}
+
+fn tie_key<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Attributes by logical name, each with its own version.
+pub type VersionedAttributes = BTreeMap<String, Versioned<AttributeValue>>;
+
+/// Merges one register; true when it changed.
+fn merge_register<T: Serialize + PartialEq + Clone>(
+    slot: &mut Option<Versioned<T>>,
+    candidate: Versioned<T>,
+) -> bool {
+    match slot {
+        Some(current) if !current.loses_to(&candidate) => false,
+        _ => {
+            *slot = Some(candidate);
+            true
+        }
+    }
+}
+
+/// Merges `attributes` at `version` into `into`, keeping only `keep` names when given.
+fn merge_attributes<'a>(
+    into: &mut VersionedAttributes,
+    attributes: impl IntoIterator<Item = (&'a String, &'a AttributeValue)>,
+    version: Version,
+) -> bool {
+    let mut changed = false;
+    for (name, value) in attributes {
+        let mut slot = into.remove(name);
+        changed |= merge_register(
+            &mut slot,
+            Versioned {
+                value: value.clone(),
+                version,
+            },
+        );
+        if let Some(v) = slot {
+            into.insert(name.clone(), v);
+        }
+    }
+    changed
+}
+
+/// The `customerid` attribute.
+const CUSTOMER: &str = "customerid";
+
+/// One opportunity, as far as oppsync knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpportunityState {
+    pub id: Uuid,
+    /// Every attribute received except `customerid`, each with its version.
+    pub fields: VersionedAttributes,
+    /// Potential customer (`customerid`), versioned like a field; `value` None when cleared.
+    pub customer: Option<Versioned<Option<EntityRef>>>,
+    /// True once a full row was merged: a Create, a post image or a Web API read. Until then an
+    /// absent attribute means "not known" rather than "null", and the projection asks for a read.
+    /// A full row is recognised by carrying `name`, `customerid` and `statecode` together: all
+    /// three are set on every opportunity, and a partial Target rarely changes all three at once.
+    pub seen_in_full: bool,
+    /// Tombstone: version of the Delete. A deleted opportunity keeps no fields.
+    pub deleted_at: Option<Version>,
+}
+
+impl OpportunityState {
+    pub fn new(id: Uuid) -> Self {
+        OpportunityState {
+            id,
+            fields: BTreeMap::new(),
+            customer: None,
+            seen_in_full: false,
+            deleted_at: None,
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+
+    /// The current potential customer, if known and set.
+    pub fn customer(&self) -> Option<&EntityRef> {
+        self.customer.as_ref().and_then(|c| c.value.as_ref())
+    }
+
+    /// The newest version merged into this state.
+    pub fn version(&self) -> Option<Version> {
+        self.deleted_at.or_else(|| {
+            self.fields
+                .values()
+                .map(|v| v.version)
+                .chain(self.customer.as_ref().map(|c| c.version))
+                .max()
+        })
+    }
+
+    /// The statecode (0 Open, 1 Won, 2 Lost), when known.
+    pub fn statecode(&self) -> Option<i32> {
+        self.fields
+            .get("statecode")
+            .and_then(|v| v.value.as_option_value())
+    }
+
+    fn delete(&mut self, version: Version) -> bool {
+        let before = self.clone();
+        let at = self.deleted_at.map_or(version, |d| d.max(version));
+        *self = OpportunityState {
+            deleted_at: Some(at),
+            ..OpportunityState::new(self.id)
+        };
+        *self != before
+    }
+
+    fn merge_row(&mut self, message: MessageKind, attributes: &Attributes, version: Version) -> bool {
+        if self.is_deleted() {
+            return false;
+        }
+        let mut changed = merge_attributes(
+            &mut self.fields,
+            attributes.iter().filter(|(name, _)| name.as_str() != CUSTOMER),
+            version,
+        );
+        if let Some(customer) = attributes.get(CUSTOMER) {
+            changed |= merge_register(
+                &mut self.customer,
+                Versioned {
+                    value: customer.as_entity_ref().cloned(),
+                    version,
+                },
+            );
+        }
+        let full = message == MessageKind::Create
+            || ["name", CUSTOMER, "statecode"]
+                .iter()
+                .all(|a| attributes.contains_key(*a));
+        if full && !self.seen_in_full {
+            self.seen_in_full = true;
+            changed = true;
+        }
+        changed
+    }
+}
+
+/// The contact whose opportunity role and parent account the customer rule uses (DESIGN.md §2):
+/// Some when the opportunity's `customerid` is a contact. The store indexes opportunities by it.
+pub fn customer_contact(state: &OpportunityState) -> Option<Uuid> {
+    state
+        .customer()
+        .filter(|c| c.logical_name == "contact")
+        .map(|c| c.id)
+}
+
+/// Connection attributes the rules read (specs/dynamics.md §6.1); the rest is not stored.
+const CONNECTION_ATTRIBUTES: &[&str] = &[
+    "record1id",
+    "record2id",
+    "record1roleid",
+    "record2roleid",
+    "statecode",
+];
+
+/// One connection row (either of the forward/reciprocal pair), normalised to the opportunity
+/// and contact it links.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionState {
+    pub id: Uuid,
+    /// The attributes of [`CONNECTION_ATTRIBUTES`], each with its version.
+    pub attributes: VersionedAttributes,
+    /// The side that is an opportunity, whichever of record1/record2 it is.
+    pub opportunity_id: Option<Uuid>,
+    /// The other side, when it is a contact.
+    pub contact_id: Option<Uuid>,
+    /// The role on the contact's side (`record2roleid` when record2 is the contact,
+    /// `record1roleid` when record1 is).
+    pub role_id: Option<Uuid>,
+    /// statecode 0 (or not yet known); 1 is Inactive.
+    pub active: bool,
+    pub deleted_at: Option<Version>,
+    /// The newest version merged (the Delete's once deleted).
+    pub version: Version,
+}
+
+impl ConnectionState {
+    pub fn new(id: Uuid) -> Self {
+        ConnectionState {
+            id,
+            attributes: BTreeMap::new(),
+            opportunity_id: None,
+            contact_id: None,
+            role_id: None,
+            active: false,
+            deleted_at: None,
+            version: Version::MIN,
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+
+    fn reference(&self, name: &str) -> Option<&EntityRef> {
+        self.attributes.get(name).and_then(|v| v.value.as_entity_ref())
+    }
+
+    fn normalise(&mut self) {
+        let side = |n: &str| self.reference(n).map(|r| (r.logical_name.clone(), r.id));
+        let (one, two) = (side("record1id"), side("record2id"));
+        let opportunity_id = [&one, &two]
+            .into_iter()
+            .flatten()
+            .find(|(kind, _)| kind == "opportunity")
+            .map(|(_, id)| *id);
+        let contact_side = match (&one, &two) {
+            (Some((a, _)), Some((b, id))) if a == "opportunity" && b == "contact" => {
+                Some((*id, "record2roleid"))
+            }
+            (Some((a, id)), Some((b, _))) if a == "contact" && b == "opportunity" => {
+                Some((*id, "record1roleid"))
+            }
+            _ => None,
+        };
+        let role_id = contact_side.and_then(|(_, role)| self.reference(role).map(|r| r.id));
+        self.opportunity_id = opportunity_id;
+        self.contact_id = contact_side.map(|(id, _)| id);
+        self.role_id = role_id;
+        self.active = self
+            .attributes
+            .get("statecode")
+            .and_then(|v| v.value.as_option_value())
+            .is_none_or(|s| s == 0);
+    }
+
+    fn delete(&mut self, version: Version) -> bool {
+        let before = self.clone();
+        let at = self.deleted_at.map_or(version, |d| d.max(version));
+        *self = ConnectionState {
+            deleted_at: Some(at),
+            version: at,
+            ..ConnectionState::new(self.id)
+        };
+        *self != before
+    }
+
+    fn merge_row(&mut self, attributes: &Attributes, version: Version) -> bool {
+        if self.is_deleted() {
+            return false;
+        }
+        let before = self.clone();
+        merge_attributes(
+            &mut self.attributes,
+            attributes
+                .iter()
+                .filter(|(name, _)| CONNECTION_ATTRIBUTES.contains(&name.as_str())),
+            version,
+        );
+        self.version = self.version.max(version);
+        self.normalise();
+        *self != before
+    }
+
+    /// Whether this connection currently links an opportunity and a contact.
+    pub fn links_contact(&self) -> bool {
+        !self.is_deleted() && self.active && self.opportunity_id.is_some() && self.contact_id.is_some()
+    }
+}
+
+/// The opportunity a stored connection concerns (for the store's index).
+pub fn connection_opportunity(state: &ConnectionState) -> Option<Uuid> {
+    state.opportunity_id
+}
+
+/// Contact attributes the rules read (specs/dynamics.md §7.1).
+const CONTACT_ATTRIBUTES: &[&str] = &["parentcustomerid", "emailaddress1", "firstname", "lastname"];
+
+/// What oppsync knows of a contact: its parent account (the company of opportunities whose
+/// potential customer it is) and what lead matching needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContactState {
+    pub id: Uuid,
+    /// The attributes of [`CONTACT_ATTRIBUTES`], each with its version. An absent one is unknown.
+    pub attributes: VersionedAttributes,
+    /// `parentcustomerid`, only when it is an account.
+    pub parent_account: Option<EntityRef>,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    /// The newest version merged.
+    pub version: Version,
+}
+
+impl ContactState {
+    pub fn new(id: Uuid) -> Self {
+        ContactState {
+            id,
+            attributes: BTreeMap::new(),
+            parent_account: None,
+            email: None,
+            first_name: None,
+            last_name: None,
+            version: Version::MIN,
+        }
+    }
+
+    /// A contact from a full row (a Web API read converted to webhook logical names, with
+    /// `parentcustomerid` as an entity reference) at its `modifiedon`: attributes the row
+    /// lacks are null.
+    pub fn from_row(id: Uuid, row: &Attributes, version: Version) -> Self {
+        let mut contact = ContactState::new(id);
+        contact.merge_row(row, version, true);
+        contact
+    }
+
+    /// A contact from a Dataverse Web API `GET contacts(…)` body (specs/dynamics.md §7.2), read
+    /// with `Prefer: odata.include-annotations="*"` so the parent's table is known. Selected
+    /// columns that are null or missing are null; `modifiedon` is the version.
+    pub fn from_web_api(row: &serde_json::Value) -> Result<Self, ContactRowError> {
+        let text = |name: &str| row.get(name).and_then(serde_json::Value::as_str);
+        let id = text("contactid")
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or(ContactRowError::Missing("contactid"))?;
+        let modifiedon = text("modifiedon").ok_or(ContactRowError::Missing("modifiedon"))?;
+        let version = time::OffsetDateTime::parse(modifiedon, &time::format_description::well_known::Rfc3339)
+            .map_err(|_| ContactRowError::BadModifiedOn(modifiedon.to_owned()))?;
+        let version = Version::try_from(version.unix_timestamp_nanos() / 1_000_000)
+            .map_err(|_| ContactRowError::BadModifiedOn(modifiedon.to_owned()))?;
+        let mut attributes = Attributes::new();
+        for name in ["emailaddress1", "firstname", "lastname"] {
+            let value = text(name).map_or(AttributeValue::Null, |s| AttributeValue::String(s.to_owned()));
+            attributes.insert(name.to_owned(), value);
+        }
+        const PARENT: &str = "_parentcustomerid_value";
+        let parent = match text(PARENT) {
+            None => AttributeValue::Null,
+            Some(value) => {
+                let parent_id =
+                    Uuid::parse_str(value).map_err(|_| ContactRowError::BadParent(value.to_owned()))?;
+                // The table comes from the lookuplogicalname annotation, else from the
+                // navigation property (`parentcustomerid_account` / `parentcustomerid_contact`).
+                let table = text(&format!("{PARENT}@Microsoft.Dynamics.CRM.lookuplogicalname"))
+                    .map(str::to_owned)
+                    .or_else(|| {
+                        text(&format!(
+                            "{PARENT}@Microsoft.Dynamics.CRM.associatednavigationproperty"
+                        ))
+                        .and_then(|nav| nav.strip_prefix("parentcustomerid_"))
+                        .map(str::to_owned)
+                    })
+                    .ok_or(ContactRowError::ParentTableUnknown)?;
+                AttributeValue::EntityReference(EntityRef {
+                    logical_name: table,
+                    id: parent_id,
+                    name: text(&format!("{PARENT}@OData.Community.Display.V1.FormattedValue"))
+                        .map(str::to_owned),
+                })
+            }
+        };
+        attributes.insert("parentcustomerid".to_owned(), parent);
+        Ok(ContactState::from_row(id, &attributes, version))
+    }
+
+    /// True when the parent account and email are known (possibly as null), so the customer rule
+    /// and lead matching need no read.
+    pub fn is_complete(&self) -> bool {
+        ["parentcustomerid", "emailaddress1"]
+            .iter()
+            .all(|a| self.attributes.contains_key(*a))
+    }
+
+    /// Merges another view of the same contact (e.g. a fresh Web API read); newer fields win.
+    /// True when something changed.
+    pub fn merge(&mut self, other: &ContactState) -> bool {
+        let before = self.clone();
+        for (name, value) in &other.attributes {
+            let mut slot = self.attributes.remove(name);
+            merge_register(&mut slot, value.clone());
+            if let Some(v) = slot {
+                self.attributes.insert(name.clone(), v);
+            }
+        }
+        self.version = self.version.max(other.version);
+        self.derive();
+        *self != before
+    }
+
+    fn merge_row(&mut self, attributes: &Attributes, version: Version, full: bool) -> bool {
+        let before = self.clone();
+        let null = AttributeValue::Null;
+        let mut row: Vec<(&String, &AttributeValue)> = attributes
+            .iter()
+            .filter(|(name, _)| CONTACT_ATTRIBUTES.contains(&name.as_str()))
+            .collect();
+        let missing: Vec<String> = if full {
+            CONTACT_ATTRIBUTES
+                .iter()
+                .filter(|a| !attributes.contains_key(**a))
+                .map(|a| (*a).to_owned())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        row.extend(missing.iter().map(|name| (name, &null)));
+        merge_attributes(&mut self.attributes, row, version);
+        self.version = self.version.max(version);
+        self.derive();
+        *self != before
+    }
+
+    fn derive(&mut self) {
+        let text = |name: &str| {
+            self.attributes
+                .get(name)
+                .and_then(|v| v.value.as_str())
+                .map(str::to_owned)
+        };
+        self.parent_account = self
+            .attributes
+            .get("parentcustomerid")
+            .and_then(|v| v.value.as_entity_ref())
+            .filter(|r| r.logical_name == "account")
+            .cloned();
+        self.email = text("emailaddress1");
+        self.first_name = text("firstname");
+        self.last_name = text("lastname");
+    }
+}
+
+/// A Web API contact body that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContactRowError {
+    #[error("the contact row has no valid {0}")]
+    Missing(&'static str),
+    #[error("the contact row's modifiedon {0:?} is not an RFC 3339 timestamp")]
+    BadModifiedOn(String),
+    #[error("the contact row's _parentcustomerid_value {0:?} is not a Guid")]
+    BadParent(String),
+    #[error(
+        "the contact row names a parent but not its table; request it with Prefer: odata.include-annotations=\"*\""
+    )]
+    ParentTableUnknown,
+}
+
+/// A connection role (`connectionrole`), looked up once and cached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRoleInfo {
+    pub id: Uuid,
+    pub name: String,
+    pub category: i32,
+}
+
+/// The slice of known state the worker loads for one event.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct World {
+    pub opportunities: BTreeMap<Uuid, OpportunityState>,
+    pub connections: BTreeMap<Uuid, ConnectionState>,
+    pub contacts: BTreeMap<Uuid, ContactState>,
+    pub roles: BTreeMap<Uuid, ConnectionRoleInfo>,
+}
+
+impl World {
+    /// Merges a contact read from the Web API; returns the opportunities of this world whose
+    /// projection may change because of it (empty when nothing changed).
+    pub fn merge_contact(&mut self, contact: &ContactState) -> BTreeSet<Uuid> {
+        let changed = self
+            .contacts
+            .entry(contact.id)
+            .or_insert_with(|| ContactState::new(contact.id))
+            .merge(contact);
+        if changed {
+            self.opportunities_of_contact(contact.id)
+        } else {
+            BTreeSet::new()
+        }
+    }
+
+    /// Opportunities in this world that give `contact` a role: as potential customer or through
+    /// a connection.
+    fn opportunities_of_contact(&self, contact: Uuid) -> BTreeSet<Uuid> {
+        let as_customer = self
+            .opportunities
+            .values()
+            .filter(|o| customer_contact(o) == Some(contact))
+            .map(|o| o.id);
+        let as_stakeholder = self
+            .connections
+            .values()
+            .filter(|c| c.contact_id == Some(contact))
+            .filter_map(|c| c.opportunity_id);
+        as_customer.chain(as_stakeholder).collect()
+    }
+}
+
+/// What [`apply`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Applied {
+    /// Opportunities whose projection may have changed: project and plan these.
+    pub opportunities: BTreeSet<Uuid>,
+    /// Opportunity states that changed (to be stored).
+    pub opportunities_changed: BTreeSet<Uuid>,
+    /// Connection states that changed (to be stored).
+    pub connections_changed: BTreeSet<Uuid>,
+    /// Contact states that changed (to be stored).
+    pub contacts_changed: BTreeSet<Uuid>,
+}
+
+impl Applied {
+    pub fn is_empty(&self) -> bool {
+        *self == Applied::default()
+    }
+}
+
+/// The event came without its row (payload over 256 KB, specs/dynamics.md §0.5): read the row
+/// through the Web API, put it in `attributes`, clear `data_missing` and apply again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {} {id} arrived without its data (payload over 256 KB); read the row", entity.logical_name())]
+pub struct NeedsRow {
+    pub entity: EntityKind,
+    pub id: Uuid,
+}
+
+/// Merges one event into `world`: order-independent and idempotent (see the module comment).
+/// Attributes use webhook logical names (`customerid`, `parentcustomerid` as entity references).
+/// A contact Delete is not handled (DESIGN.md §2) and changes nothing.
+pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsRow> {
+    if event.data_missing && event.message != MessageKind::Delete {
+        return Err(NeedsRow {
+            entity: event.entity,
+            id: event.record_id,
+        });
+    }
+    let mut applied = Applied::default();
+    let id = event.record_id;
+    match event.entity {
+        EntityKind::Opportunity => {
+            let state = world
+                .opportunities
+                .entry(id)
+                .or_insert_with(|| OpportunityState::new(id));
+            let changed = match event.message {
+                MessageKind::Delete => state.delete(event.version),
+                message => state.merge_row(message, &event.attributes, event.version),
+            };
+            if changed {
+                applied.opportunities.insert(id);
+                applied.opportunities_changed.insert(id);
+            }
+        }
+        EntityKind::Connection => {
+            let state = world
+                .connections
+                .entry(id)
+                .or_insert_with(|| ConnectionState::new(id));
+            let before = state.opportunity_id;
+            let changed = match event.message {
+                MessageKind::Delete => state.delete(event.version),
+                _ => state.merge_row(&event.attributes, event.version),
+            };
+            if changed {
+                applied.connections_changed.insert(id);
+                applied
+                    .opportunities
+                    .extend(before.into_iter().chain(state.opportunity_id));
+                if event.message == MessageKind::Delete {
+                    applied.opportunities.extend(event_opportunity(event));
+                }
+            }
+        }
+        EntityKind::Contact => {
+            if event.message == MessageKind::Delete {
+                return Ok(applied);
+            }
+            let changed = world
+                .contacts
+                .entry(id)
+                .or_insert_with(|| ContactState::new(id))
+                .merge_row(
+                    &event.attributes,
+                    event.version,
+                    event.message == MessageKind::Create,
+                );
+            if changed {
+                applied.contacts_changed.insert(id);
+                applied.opportunities = world.opportunities_of_contact(id);
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// The opportunity an event concerns, so the worker can load its slice before [`apply`]: the
+/// record itself for an opportunity; for a connection the side that is an opportunity, from the
+/// attributes or else the pre image (a Delete carries the row there). None for a contact, or for
+/// a connection event that names neither side (a partial Update without images: look the
+/// connection up by id instead).
+pub fn event_opportunity(event: &DynamicsEvent) -> Option<Uuid> {
+    match event.entity {
+        EntityKind::Opportunity => Some(event.record_id),
+        EntityKind::Contact => None,
+        EntityKind::Connection => [&event.attributes, &event.pre_image]
+            .into_iter()
+            .flat_map(|a| [a.get("record1id"), a.get("record2id")])
+            .flatten()
+            .filter_map(AttributeValue::as_entity_ref)
+            .find(|r| r.logical_name == "opportunity")
+            .map(|r| r.id),
+    }
+}
+
+/// A synthetic event for a full row read through the Web API (after [`NeedsRow`], or a re-sync):
+/// `attributes` in webhook logical names (lookups as entity references, nulls explicit),
+/// `version` the row's `modifiedon`.
+pub fn full_row_event(
+    entity: EntityKind,
+    id: Uuid,
+    version: Version,
+    attributes: Attributes,
+) -> DynamicsEvent {
+    DynamicsEvent {
+        entity,
+        message: MessageKind::Update,
+        record_id: id,
+        version,
+        attributes,
+        pre_image: Attributes::new(),
+        data_missing: false,
+        correlation_id: None,
+        operation_id: None,
+        request_id: None,
+        depth: 1,
+    }
+}
