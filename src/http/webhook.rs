@@ -129,6 +129,7 @@ async fn intake(
         DecodeError::Malformed(why) => ApiError::Malformed(why),
         DecodeError::NotAContext(why) => ApiError::NotAContext(why),
         DecodeError::Unsupported { entity, message } => ApiError::UnhandledMessage { entity, message },
+        DecodeError::UnsupportedStage(stage) => ApiError::UnhandledStage(stage),
     })?;
     let event = &notification.event;
     span.record("correlation_id", event.correlation_id.as_deref().unwrap_or(""));
