@@ -712,3 +712,320 @@ fn write_json(out: &mut String, json: &serde_json::Value) {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::dynamics::wire::{DecodeError, decode_context, decode_notification};
+
+    const OPP: &str = "a1f3c6d2-8b4e-ef11-8409-000d3a5b1c2d";
+    const CONTACT: &str = "6d81597f-0f9f-e711-8122-000d3aa2331c";
+    const ACCOUNT: &str = "b2c3d4e5-f6a7-8901-bcde-f12345678901";
+    const VERSION: i64 = 1_736_942_400_000;
+
+    fn id(text: &str) -> Uuid {
+        Uuid::parse_str(text).unwrap()
+    }
+
+    fn dec(text: &str) -> Decimal {
+        Decimal::from_str_exact(text).unwrap()
+    }
+
+    fn every_value_type() -> Vec<(String, AttributeValue)> {
+        let party = Entity {
+            logical_name: "activityparty".into(),
+            id: Some(id(CONTACT)),
+            attributes: [("partyid".to_owned(), reference("contact", id(CONTACT)))].into(),
+            formatted_values: Default::default(),
+        };
+        vec![
+            (
+                "name".into(),
+                AttributeValue::String("Contoso \"big\" deal / Q1\nline two".into()),
+            ),
+            ("isprivate".into(), AttributeValue::Bool(true)),
+            ("closeprobability".into(), AttributeValue::Int(-60)),
+            (
+                "exchangerate".into(),
+                AttributeValue::Decimal(dec("1.0000000000")),
+            ),
+            ("new_count".into(), AttributeValue::Decimal(dec("5"))),
+            ("estimatedvalue".into(), AttributeValue::Money(dec("125000.00"))),
+            ("actualvalue".into(), AttributeValue::Money(dec("7"))),
+            ("salesstage".into(), AttributeValue::OptionSet(2)),
+            (
+                "new_interests".into(),
+                AttributeValue::OptionSetCollection(vec![257_760_001, 257_760_002]),
+            ),
+            ("new_regions".into(), AttributeValue::OptionSetCollection(vec![])),
+            (
+                "estimatedclosedate".into(),
+                AttributeValue::DateTime(datetime_from_ms(1_743_379_200_000)),
+            ),
+            (
+                "new_founded".into(),
+                AttributeValue::DateTime(datetime_from_ms(-2_208_988_800_123)),
+            ),
+            ("customerid".into(), reference("account", id(ACCOUNT))),
+            (
+                "parentcontactid".into(),
+                AttributeValue::EntityReference(EntityRef {
+                    logical_name: "contact".into(),
+                    id: id(CONTACT),
+                    name: Some("James Glynn".into()),
+                }),
+            ),
+            ("description".into(), AttributeValue::Null),
+            ("to".into(), AttributeValue::EntityCollection(vec![party])),
+            (
+                "new_blob".into(),
+                AttributeValue::Other(serde_json::json!({"a": [1, "x/y"]})),
+            ),
+        ]
+    }
+
+    #[test]
+    fn given_every_value_type_when_composed_and_decoded_then_values_round_trip() {
+        let builder = NotificationBuilder::opportunity_update(id(OPP), VERSION).attrs(every_value_type());
+        let e = decode_notification(builder.to_json().as_bytes(), false)
+            .unwrap()
+            .event;
+        for (name, value) in every_value_type() {
+            assert_eq!(e.attributes[&name], value, "{name}");
+        }
+        // Exact scale survives, not only the numeric value.
+        let AttributeValue::Money(amount) = &e.attributes["estimatedvalue"] else {
+            panic!()
+        };
+        assert_eq!(amount.to_string(), "125000.00");
+        assert_eq!(e.version, VERSION);
+        assert_eq!(e.record_id, id(OPP));
+        assert_eq!(e.attributes["opportunityid"], AttributeValue::String(OPP.into()));
+    }
+
+    #[test]
+    fn given_a_create_then_output_parameters_carry_the_id_and_the_primary_name_image_exists() {
+        let builder = NotificationBuilder::opportunity_create(id(OPP), VERSION)
+            .attr("name", AttributeValue::String("Contoso".into()))
+            .attr("customerid", reference("contact", id(CONTACT)));
+        let ctx = decode_context(builder.to_json().as_bytes()).unwrap();
+        assert_eq!(
+            ctx.output_parameters["id"],
+            crate::dynamics::wire::ParameterValue::Value(AttributeValue::String(OPP.into()))
+        );
+        let image = ctx.post_image("AsynchronousStepPrimaryName").unwrap();
+        assert_eq!(image.attributes["name"], AttributeValue::String("Contoso".into()));
+        let n = ctx.into_notification(false).unwrap();
+        assert_eq!(n.event.message, MessageKind::Create);
+        assert_eq!(
+            n.event.attributes["customerid"],
+            reference("contact", id(CONTACT))
+        );
+        assert_eq!(
+            n.event.attributes["createdon"],
+            AttributeValue::DateTime(datetime_from_ms(VERSION))
+        );
+    }
+
+    #[test]
+    fn given_images_and_ids_when_decoded_then_they_are_where_the_builder_put_them() {
+        let post: Attributes = [("name".to_owned(), AttributeValue::String("From image".into()))].into();
+        let pre: Attributes = [("stepname".to_owned(), AttributeValue::String("2-Develop".into()))].into();
+        let op = Uuid::from_u128(7);
+        let corr = Uuid::from_u128(8);
+        let builder = NotificationBuilder::opportunity_update(id(OPP), VERSION)
+            .post_image("PostImage", post)
+            .pre_image("PreImage", pre)
+            .operation_id(Some(op))
+            .correlation_id(corr)
+            .request_id(None)
+            .depth(3)
+            .with_parent_context();
+        let body = builder.to_json();
+        let ctx = decode_context(body.as_bytes()).unwrap();
+        assert_eq!(ctx.parent_context.as_ref().map(|p| p.stage), Some(30));
+        assert!(ctx.post_image("PostImage").is_some() && ctx.pre_image("PreImage").is_some());
+        let n = decode_notification(body.as_bytes(), false).unwrap();
+        assert_eq!(
+            n.event.attributes["name"],
+            AttributeValue::String("From image".into())
+        );
+        assert_eq!(
+            n.event.pre_image["stepname"],
+            AttributeValue::String("2-Develop".into())
+        );
+        assert_eq!(n.event.operation_id, Some(op.to_string()));
+        assert_eq!(n.event.correlation_id, Some(corr.to_string()));
+        assert_eq!(n.event.request_id, None);
+        assert_eq!(n.event.depth, 3);
+        assert!(n.dedupe_key.starts_with(&format!("op:{op}|")));
+        // Without an OperationId (synchronous step) the key falls back to the correlation.
+        let sync = builder.operation_id(None).mode(0);
+        let n = decode_notification(sync.to_json().as_bytes(), false).unwrap();
+        assert!(
+            n.dedupe_key.starts_with(&format!("corr:{corr}|")),
+            "{}",
+            n.dedupe_key
+        );
+    }
+
+    #[test]
+    fn given_deletes_then_target_is_a_reference_and_the_version_is_operation_created_on() {
+        let pre: Attributes = [("record1id".to_owned(), reference("opportunity", id(OPP)))].into();
+        for builder in [
+            NotificationBuilder::opportunity_delete(id(OPP), VERSION),
+            NotificationBuilder::connection_delete(id(CONTACT), VERSION).pre_image("PreImage", pre.clone()),
+        ] {
+            let body = builder.to_json();
+            assert!(body.contains("\"value\":{\"__type\":\"EntityReference:http:\\/\\/schemas"));
+            let e = decode_notification(body.as_bytes(), false).unwrap().event;
+            assert_eq!(e.message, MessageKind::Delete);
+            assert_eq!(e.record_id, builder.record_id());
+            assert_eq!(e.version, VERSION);
+            assert!(e.attributes.is_empty());
+            assert!(!e.data_missing);
+        }
+    }
+
+    #[test]
+    fn given_size_exceeded_then_payload_members_are_dropped_and_the_header_is_added() {
+        let builder = NotificationBuilder::contact_update(id(CONTACT), VERSION)
+            .attr("emailaddress1", AttributeValue::String("j@contoso.com".into()))
+            .with_parent_context()
+            .size_exceeded();
+        let body = builder.to_json();
+        for member in [
+            "InputParameters",
+            "PreEntityImages",
+            "PostEntityImages",
+            "ParentContext",
+        ] {
+            assert!(!body.contains(member), "{member} still present");
+        }
+        assert!(builder.headers().iter().any(|(k, _)| k == SIZE_EXCEEDED_HEADER));
+        let e = decode_notification(body.as_bytes(), true).unwrap().event;
+        assert!(e.data_missing);
+        assert_eq!(
+            (e.entity, e.record_id, e.version),
+            (EntityKind::Contact, id(CONTACT), VERSION)
+        );
+    }
+
+    #[test]
+    fn headers_name_the_entity_message_correlation_and_organization() {
+        let builder = NotificationBuilder::connection_create(id(OPP), VERSION)
+            .organization("unqorg", "org.crm4.dynamics.com");
+        let headers = builder.headers();
+        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(get("x-ms-dynamics-entity-name"), Some("connection"));
+        assert_eq!(get("x-ms-dynamics-request-name"), Some("Create"));
+        assert_eq!(get("x-ms-dynamics-organization"), Some("org.crm4.dynamics.com"));
+        let n = decode_notification(builder.to_json().as_bytes(), false).unwrap();
+        assert_eq!(
+            get("x-ms-correlation-request-id"),
+            n.event.correlation_id.as_deref()
+        );
+        assert_eq!(n.organization_name.as_deref(), Some("unqorg"));
+        assert_eq!(get(SIZE_EXCEEDED_HEADER), None);
+    }
+
+    #[test]
+    fn the_body_follows_dcjs_conventions() {
+        let body = NotificationBuilder::opportunity_update(id(OPP), VERSION)
+            .attr("description", AttributeValue::String("a\nb".into()))
+            .to_json();
+        // Top-level members in alphabetical (ordinal) order; no ParentContext, so names are unique.
+        let members = [
+            "BusinessUnitId",
+            "CorrelationId",
+            "Depth",
+            "InitiatingUserAzureActiveDirectoryObjectId",
+            "InitiatingUserId",
+            "InputParameters",
+            "IsExecutingOffline",
+            "IsInTransaction",
+            "IsOfflinePlayback",
+            "IsolationMode",
+            "MessageName",
+            "Mode",
+            "OperationCreatedOn",
+            "OperationId",
+            "OrganizationId",
+            "OrganizationName",
+            "OutputParameters",
+            "OwningExtension",
+            "ParentContext",
+            "PostEntityImages",
+            "PreEntityImages",
+            "PrimaryEntityId",
+            "PrimaryEntityName",
+            "RequestId",
+            "SecondaryEntityName",
+            "SharedVariables",
+            "Stage",
+            "UserAzureActiveDirectoryObjectId",
+            "UserId",
+        ];
+        let mut sorted = members;
+        sorted.sort_unstable();
+        assert_eq!(members, sorted);
+        let positions: Vec<usize> = members
+            .iter()
+            .map(|m| body.find(&format!("\"{m}\":")).unwrap_or_else(|| panic!("{m}")))
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        assert!(
+            body.contains("\"__type\":\"Entity:http:\\/\\/schemas.microsoft.com\\/xrm\\/2011\\/Contracts\"")
+        );
+        assert!(body.contains(&format!("\"modifiedon\",\"value\":\"\\/Date({VERSION})\\/\"")));
+        assert!(body.contains("\"a\\u000ab\""));
+        assert!(!body.contains("http://"));
+        // Images carry no __type.
+        let image_start = body.find("\"PostEntityImages\":").unwrap();
+        assert!(body[image_start..].starts_with(
+            "\"PostEntityImages\":[{\"key\":\"AsynchronousStepPrimaryName\",\"value\":{\"Attributes\""
+        ));
+    }
+
+    #[test]
+    fn the_same_builder_calls_give_the_same_body() {
+        let a = NotificationBuilder::contact_create(id(CONTACT), VERSION).to_json();
+        let b = NotificationBuilder::contact_create(id(CONTACT), VERSION).to_json();
+        let c = NotificationBuilder::contact_create(id(CONTACT), VERSION + 1).to_json();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn stakeholder_connections_decode_like_the_subgrid_fixture() {
+        let role = Uuid::from_u128(9);
+        let builder = NotificationBuilder::connection_create(Uuid::from_u128(1), VERSION).stakeholder(
+            id(OPP),
+            id(CONTACT),
+            role,
+        );
+        let e = decode_notification(builder.to_json().as_bytes(), false)
+            .unwrap()
+            .event;
+        assert_eq!(e.attributes["record1id"], reference("opportunity", id(OPP)));
+        assert_eq!(e.attributes["record2id"], reference("contact", id(CONTACT)));
+        assert_eq!(e.attributes["record2roleid"], reference("connectionrole", role));
+        assert_eq!(e.attributes["ismaster"], AttributeValue::Bool(true));
+    }
+
+    #[test]
+    fn unsupported_stage_and_message_are_reported_for_composed_bodies() {
+        let pre_op = NotificationBuilder::opportunity_update(id(OPP), VERSION).stage(20);
+        assert_eq!(
+            decode_notification(pre_op.to_json().as_bytes(), false),
+            Err(DecodeError::UnsupportedStage(20))
+        );
+        let contact_delete =
+            NotificationBuilder::new(EntityKind::Contact, MessageKind::Delete, id(CONTACT), VERSION);
+        assert!(matches!(
+            decode_notification(contact_delete.to_json().as_bytes(), false),
+            Err(DecodeError::Unsupported { .. })
+        ));
+    }
+}

@@ -510,10 +510,10 @@ fn convert_entity(object: WireObject<'_>, depth: usize) -> Result<Entity, Decode
     };
     let mut formatted_values = BTreeMap::new();
     for item in object.formatted_values.unwrap_or_default() {
-        if let Some(raw) = item.value {
-            if let Some(label) = scalar_string(raw, 1)? {
-                formatted_values.insert(item.key.into_owned(), label);
-            }
+        if let Some(raw) = item.value
+            && let Some(label) = scalar_string(raw, 1)?
+        {
+            formatted_values.insert(item.key.into_owned(), label);
         }
     }
     Ok(Entity {
@@ -674,10 +674,10 @@ fn iso_date(text: &str) -> Option<OffsetDateTime> {
 /// Integers become `Int`; anything else `Decimal`, exactly as written (`125000.00` keeps its
 /// scale).
 fn number_value(text: &str) -> Result<AttributeValue, DecodeError> {
-    if !text.contains(['.', 'e', 'E']) {
-        if let Ok(int) = text.parse::<i64>() {
-            return Ok(AttributeValue::Int(int));
-        }
+    if !text.contains(['.', 'e', 'E'])
+        && let Ok(int) = text.parse::<i64>()
+    {
+        return Ok(AttributeValue::Int(int));
     }
     exact_decimal(text).map(AttributeValue::Decimal)
 }
@@ -693,6 +693,7 @@ fn exact_decimal(text: &str) -> Result<Decimal, DecodeError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
