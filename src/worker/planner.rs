@@ -1,0 +1,481 @@
+//! Planning: a claimed notification → decoded event → rules over the stored state → new state,
+//! projections and Marketo writes, committed together with the notification's settlement in one
+//! transaction. Commits are compare-and-swap on row revisions, so concurrent workers (threads or
+//! replicas) touching one opportunity serialise: the loser reloads and re-applies. Because the
+//! rules' merge is order-independent, the result equals in-order application.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use uuid::Uuid;
+
+use super::{WorkerContext, backoff_ms};
+use crate::dynamics::webapi::{ContactRecord, WebApiError};
+use crate::dynamics::{AttributeValue, Attributes, DynamicsEvent, EntityKind, MessageKind, decode_notification};
+use crate::rules::{self, ConnectionRoleInfo, ContactState, Lookup, Projection, World};
+use crate::store::{
+    Commit, CommitError, InboxEntry, LoadedRows, PlannedWrite, RoleRow, RowKeys, RowWrite, Settlement, StoreError,
+    now_ms,
+};
+
+/// Why a notification could not be planned now.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("Dataverse Web API: {0}")]
+    Dataverse(#[from] WebApiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored state is unreadable: {0}")]
+    Corrupt(String),
+    #[error("the notification cannot be decoded: {0}")]
+    Undecodable(String),
+    #[error("the notification's lease was lost to another worker")]
+    LeaseLost,
+    #[error("lookups did not settle after several rounds: {0}")]
+    Unresolved(String),
+}
+
+impl PlanError {
+    /// Whether retrying later can help (everything but a body that never decodes).
+    fn is_permanent(&self) -> bool {
+        matches!(self, PlanError::Undecodable(_) | PlanError::Corrupt(_))
+    }
+}
+
+/// Processes one claimed notification to the end: committed, rescheduled or dead-lettered.
+pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
+    let span = tracing::info_span!(
+        "plan",
+        inbox_id = entry.id,
+        correlation_id = entry.correlation_id.as_deref().unwrap_or(""),
+        entity = %entry.entity,
+        message = %entry.message,
+        record_id = %entry.record_id,
+    );
+    let _guard = span.enter();
+    let started = now_ms();
+    match plan_and_commit(ctx, &entry).await {
+        Ok(writes) => {
+            metrics::counter!("oppsync_worker_notifications_total", "outcome" => "applied").increment(1);
+            metrics::histogram!("oppsync_worker_lag_seconds").record((now_ms() - entry.received_at) as f64 / 1000.0);
+            tracing::info!(writes, took_ms = now_ms() - started, "notification applied");
+        }
+        Err(PlanError::LeaseLost) => {
+            tracing::warn!("lease lost; another worker owns this notification now");
+        }
+        Err(e) => {
+            let attempts = u32::try_from(entry.attempts).unwrap_or(u32::MAX);
+            let settlement = if e.is_permanent() || attempts >= ctx.config.worker.max_attempts {
+                metrics::counter!("oppsync_worker_notifications_total", "outcome" => "dead").increment(1);
+                tracing::error!(error = %e, attempts, "notification dead-lettered");
+                Settlement::Dead { error: e.to_string() }
+            } else {
+                metrics::counter!("oppsync_worker_notifications_total", "outcome" => "retry").increment(1);
+                tracing::warn!(error = %e, attempts, "notification will be retried");
+                Settlement::Retry { at: now_ms() + backoff_ms(attempts, 1_000, 300_000), error: e.to_string() }
+            };
+            if let Err(e) = ctx.store.settle_notification(entry.id, &ctx.owner, &settlement).await {
+                // The lease expires and the notification is claimed again: nothing is lost.
+                tracing::error!(error = %e, "could not settle notification");
+            }
+        }
+    }
+}
+
+async fn plan_and_commit(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usize, PlanError> {
+    let body = entry.body.as_deref().unwrap_or_default();
+    let notification =
+        decode_notification(body.as_bytes(), entry.data_missing).map_err(|e| PlanError::Undecodable(e.to_string()))?;
+    let mut event = notification.event;
+    if event.data_missing && event.message != MessageKind::Delete {
+        match read_row(ctx, &event).await? {
+            Some(full) => event = full,
+            None => {
+                // The row is gone from Dynamics already; its Delete notification will follow.
+                tracing::info!("row no longer exists in Dynamics; nothing to apply");
+                let commit = Commit { settle: Some((entry.id, ctx.owner.clone())), ..Commit::default() };
+                return commit_once(ctx, &commit).await.map(|_| 0);
+            }
+        }
+    }
+    // Compare-and-swap loop: a conflict means another worker changed a row we read.
+    for _ in 0..8 {
+        let mut step = PlanStep::load(ctx, &event).await?;
+        step.apply_and_project(ctx, &event).await?;
+        let (commit, writes) = step.into_commit(Some((entry.id, ctx.owner.clone())))?;
+        match ctx.store.commit(&commit).await {
+            Ok(()) => {
+                if writes > 0 {
+                    ctx.pusher_wakeup.notify_one();
+                }
+                return Ok(writes);
+            }
+            Err(CommitError::Conflict) => {
+                metrics::counter!("oppsync_worker_commit_conflicts_total").increment(1);
+                continue;
+            }
+            Err(CommitError::LeaseLost) => return Err(PlanError::LeaseLost),
+            Err(CommitError::Store(e)) => return Err(e.into()),
+        }
+    }
+    Err(PlanError::Unresolved("too many concurrent changes to the same rows".into()))
+}
+
+async fn commit_once(ctx: &WorkerContext, commit: &Commit) -> Result<(), PlanError> {
+    match ctx.store.commit(commit).await {
+        Ok(()) => Ok(()),
+        Err(CommitError::LeaseLost) => Err(PlanError::LeaseLost),
+        Err(CommitError::Conflict) => Err(PlanError::Unresolved("conflict".into())),
+        Err(CommitError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// Re-sync of one opportunity (admin): reads the row and its customer through the Web API and
+/// plans as if a full-row notification had arrived.
+pub async fn resync_opportunity(ctx: &WorkerContext, id: Uuid) -> Result<Option<usize>, PlanError> {
+    let columns = ctx.config.sync.opportunity_attributes();
+    let Some(row) = ctx.dataverse.opportunity(id, &columns).await? else {
+        return Ok(None);
+    };
+    let event = rules::full_row_event(EntityKind::Opportunity, id, row.modified_on, row.attributes);
+    for _ in 0..8 {
+        let mut step = PlanStep::load(ctx, &event).await?;
+        step.apply_and_project(ctx, &event).await?;
+        let (commit, writes) = step.into_commit(None)?;
+        match ctx.store.commit(&commit).await {
+            Ok(()) => {
+                ctx.pusher_wakeup.notify_one();
+                return Ok(Some(writes));
+            }
+            Err(CommitError::Conflict) => continue,
+            Err(CommitError::LeaseLost) => return Err(PlanError::LeaseLost),
+            Err(CommitError::Store(e)) => return Err(e.into()),
+        }
+    }
+    Err(PlanError::Unresolved("too many concurrent changes to the same rows".into()))
+}
+
+/// A full row read for a notification that arrived without its data (payload over 256 KB).
+async fn read_row(ctx: &WorkerContext, event: &DynamicsEvent) -> Result<Option<DynamicsEvent>, PlanError> {
+    let id = event.record_id;
+    Ok(match event.entity {
+        EntityKind::Opportunity => {
+            let columns = ctx.config.sync.opportunity_attributes();
+            ctx.dataverse
+                .opportunity(id, &columns)
+                .await?
+                .map(|r| rules::full_row_event(EntityKind::Opportunity, id, r.modified_on, r.attributes))
+        }
+        EntityKind::Connection => ctx
+            .dataverse
+            .connection(id)
+            .await?
+            .map(|r| rules::full_row_event(EntityKind::Connection, id, r.modified_on, r.attributes)),
+        EntityKind::Contact => ctx
+            .dataverse
+            .contact(id)
+            .await?
+            .map(|c| rules::full_row_event(EntityKind::Contact, id, c.modified_on, contact_attributes(&c))),
+    })
+}
+
+/// A Web API contact in webhook vocabulary, nulls explicit (a full row).
+pub fn contact_attributes(c: &ContactRecord) -> Attributes {
+    let text = |v: &Option<String>| v.clone().map(AttributeValue::String).unwrap_or(AttributeValue::Null);
+    let mut a = Attributes::new();
+    a.insert(
+        "parentcustomerid".into(),
+        c.parent.clone().map(AttributeValue::EntityReference).unwrap_or(AttributeValue::Null),
+    );
+    a.insert("emailaddress1".into(), text(&c.email));
+    a.insert("firstname".into(), text(&c.first_name));
+    a.insert("lastname".into(), text(&c.last_name));
+    a
+}
+
+/// The rows loaded for one event, the world built from them, and what changed.
+struct PlanStep {
+    world: World,
+    revisions: Revisions,
+    projections: BTreeMap<Uuid, Option<Projection>>,
+    changed_opportunities: BTreeSet<Uuid>,
+    changed_connections: BTreeSet<Uuid>,
+    changed_contacts: BTreeSet<Uuid>,
+    new_roles: Vec<ConnectionRoleInfo>,
+    planned: BTreeMap<Uuid, Projection>,
+}
+
+#[derive(Default)]
+struct Revisions {
+    opportunities: BTreeMap<Uuid, i64>,
+    connections: BTreeMap<Uuid, i64>,
+    contacts: BTreeMap<Uuid, i64>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, PlanError> {
+    serde_json::from_str(text).map_err(|e| PlanError::Corrupt(e.to_string()))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String, PlanError> {
+    serde_json::to_string(value).map_err(|e| PlanError::Corrupt(e.to_string()))
+}
+
+impl PlanStep {
+    /// Loads what the event touches: its opportunity with every connection, for a contact the
+    /// opportunities it is the customer of, and the contacts and roles those reference.
+    async fn load(ctx: &WorkerContext, event: &DynamicsEvent) -> Result<PlanStep, PlanError> {
+        let mut keys = RowKeys::default();
+        if let Some(opp) = rules::event_opportunity(event) {
+            keys.opportunity_ids.push(opp);
+            keys.connections_of_opportunities.push(opp);
+        }
+        match event.entity {
+            EntityKind::Connection => keys.connection_ids.push(event.record_id),
+            EntityKind::Contact => {
+                keys.contact_ids.push(event.record_id);
+                keys.opportunities_with_customer.push(event.record_id);
+            }
+            EntityKind::Opportunity => {}
+        }
+        let mut rows = ctx.store.load_rows(&keys).await?;
+        let mut step = PlanStep {
+            world: World::default(),
+            revisions: Revisions::default(),
+            projections: BTreeMap::new(),
+            changed_opportunities: BTreeSet::new(),
+            changed_connections: BTreeSet::new(),
+            changed_contacts: BTreeSet::new(),
+            new_roles: Vec::new(),
+            planned: BTreeMap::new(),
+        };
+        step.absorb(&rows)?;
+        // Second round: the opportunities of loaded connections (a partial connection Update
+        // names neither side) and of contacts, with their connections; then every contact and
+        // role those reference.
+        let mut more = RowKeys::default();
+        let known: BTreeSet<Uuid> = step.world.opportunities.keys().copied().collect();
+        let mut opportunities: BTreeSet<Uuid> = step.world.opportunities.keys().copied().collect();
+        opportunities.extend(step.world.connections.values().filter_map(rules::connection_opportunity));
+        for opp in &opportunities {
+            if !known.contains(opp) {
+                more.opportunity_ids.push(*opp);
+            }
+            if !keys.connections_of_opportunities.contains(opp) {
+                more.connections_of_opportunities.push(*opp);
+            }
+        }
+        if !more.opportunity_ids.is_empty() || !more.connections_of_opportunities.is_empty() {
+            rows = ctx.store.load_rows(&more).await?;
+            step.absorb(&rows)?;
+        }
+        let mut refs = RowKeys::default();
+        for o in step.world.opportunities.values() {
+            if let Some(c) = rules::customer_contact(o) {
+                refs.contact_ids.push(c);
+            }
+        }
+        for c in step.world.connections.values() {
+            refs.contact_ids.extend(c.contact_id);
+            refs.role_ids.extend(c.role_id);
+        }
+        refs.contact_ids.retain(|c| !step.world.contacts.contains_key(c));
+        refs.contact_ids.sort();
+        refs.contact_ids.dedup();
+        refs.role_ids.sort();
+        refs.role_ids.dedup();
+        rows = ctx.store.load_rows(&refs).await?;
+        step.absorb(&rows)?;
+        Ok(step)
+    }
+
+    fn absorb(&mut self, rows: &LoadedRows) -> Result<(), PlanError> {
+        for r in &rows.opportunities {
+            if self.world.opportunities.contains_key(&r.id) {
+                continue;
+            }
+            self.world.opportunities.insert(r.id, parse(&r.state)?);
+            self.revisions.opportunities.insert(r.id, r.revision);
+            let projection = r.projection.as_deref().map(parse::<Projection>).transpose()?;
+            self.projections.insert(r.id, projection);
+        }
+        for r in &rows.connections {
+            if self.world.connections.contains_key(&r.id) {
+                continue;
+            }
+            self.world.connections.insert(r.id, parse(&r.state)?);
+            self.revisions.connections.insert(r.id, r.revision);
+        }
+        for r in &rows.contacts {
+            if self.world.contacts.contains_key(&r.id) {
+                continue;
+            }
+            self.world.contacts.insert(r.id, parse(&r.state)?);
+            self.revisions.contacts.insert(r.id, r.revision);
+        }
+        for r in &rows.roles {
+            self.world
+                .roles
+                .insert(r.id, ConnectionRoleInfo { id: r.id, name: r.name.clone(), category: r.category });
+        }
+        Ok(())
+    }
+
+    /// Applies the event, resolves every lookup the projections need, and projects each
+    /// opportunity whose projection may have changed.
+    async fn apply_and_project(&mut self, ctx: &WorkerContext, event: &DynamicsEvent) -> Result<(), PlanError> {
+        let applied = rules::apply(&mut self.world, event).map_err(|e| PlanError::Unresolved(e.to_string()))?;
+        self.changed_opportunities.extend(&applied.opportunities_changed);
+        self.changed_connections.extend(&applied.connections_changed);
+        self.changed_contacts.extend(&applied.contacts_changed);
+        let mut pending: BTreeSet<Uuid> = applied.opportunities.clone();
+        // An opportunity that was never planned (e.g. its earlier plan was blocked) is planned now.
+        for (id, projection) in &self.projections {
+            if projection.is_none() && self.world.opportunities.contains_key(id) {
+                pending.insert(*id);
+            }
+        }
+        for round in 0..4 {
+            let mut lookups: BTreeSet<Lookup> = BTreeSet::new();
+            let mut done = Vec::new();
+            for id in &pending {
+                if !self.world.opportunities.contains_key(id) {
+                    // A connection to an opportunity oppsync has never seen: plan it from a read.
+                    lookups.insert(Lookup::OpportunityRow(*id));
+                    continue;
+                }
+                match rules::project(*id, &self.world, &ctx.config.sync) {
+                    Ok(p) => {
+                        self.planned.insert(*id, p);
+                        done.push(*id);
+                    }
+                    Err(needed) => lookups.extend(needed),
+                }
+            }
+            for id in done {
+                pending.remove(&id);
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if round == 3 {
+                break;
+            }
+            for lookup in lookups {
+                let more = self.resolve(ctx, &lookup).await?;
+                pending.extend(more);
+            }
+        }
+        Err(PlanError::Unresolved(format!("{} opportunity projection(s) still need lookups", pending.len())))
+    }
+
+    /// Performs one lookup through the Web API and merges its result; returns opportunities to
+    /// (re)project.
+    async fn resolve(&mut self, ctx: &WorkerContext, lookup: &Lookup) -> Result<BTreeSet<Uuid>, PlanError> {
+        match lookup {
+            Lookup::Contact(id) => {
+                let contact = match ctx.dataverse.contact(*id).await? {
+                    Some(c) => ContactState::from_row(*id, &contact_attributes(&c), c.modified_on),
+                    // Deleted in Dynamics: no parent account, no email (a full, empty row).
+                    None => ContactState::from_row(*id, &Attributes::new(), crate::dynamics::Version::MIN),
+                };
+                let affected = self.world.merge_contact(&contact);
+                self.changed_contacts.insert(*id);
+                Ok(affected)
+            }
+            Lookup::ConnectionRole(id) => {
+                let info = match ctx.dataverse.connection_role(*id).await? {
+                    Some(r) => ConnectionRoleInfo { id: *id, name: r.name, category: r.category },
+                    // A role that no longer exists cannot make a stakeholder.
+                    None => ConnectionRoleInfo { id: *id, name: String::new(), category: -1 },
+                };
+                self.world.roles.insert(*id, info.clone());
+                self.new_roles.push(info);
+                Ok(self
+                    .world
+                    .connections
+                    .values()
+                    .filter(|c| c.role_id == Some(*id))
+                    .filter_map(rules::connection_opportunity)
+                    .collect())
+            }
+            Lookup::OpportunityRow(id) => {
+                let columns = ctx.config.sync.opportunity_attributes();
+                match ctx.dataverse.opportunity(*id, &columns).await? {
+                    Some(row) => {
+                        let event = rules::full_row_event(EntityKind::Opportunity, *id, row.modified_on, row.attributes);
+                        let applied =
+                            rules::apply(&mut self.world, &event).map_err(|e| PlanError::Unresolved(e.to_string()))?;
+                        self.changed_opportunities.extend(&applied.opportunities_changed);
+                        let mut affected = applied.opportunities;
+                        affected.insert(*id);
+                        Ok(affected)
+                    }
+                    None => {
+                        // Gone from Dynamics: its Delete notification will follow. Record a
+                        // tombstone-free empty plan so nothing is pushed for it now.
+                        tracing::info!(opportunity_id = %id, "opportunity no longer exists in Dynamics");
+                        self.planned.insert(*id, Projection::deleted(*id));
+                        Ok(BTreeSet::new())
+                    }
+                }
+            }
+        }
+    }
+
+    fn into_commit(self, settle: Option<(i64, String)>) -> Result<(Commit, usize), PlanError> {
+        let mut commit = Commit { settle, ..Commit::default() };
+        let mut writes = 0;
+        let mut opportunities: BTreeSet<Uuid> = self.changed_opportunities.clone();
+        for (id, projection) in &self.planned {
+            let old = self.projections.get(id).and_then(Option::as_ref);
+            if old != Some(projection) {
+                opportunities.insert(*id);
+            }
+            for w in rules::plan(old, projection) {
+                commit.writes.push(PlannedWrite {
+                    key: w.key(),
+                    opportunity_id: Some(*id),
+                    phase: i64::from(w.phase()),
+                    payload: json(&w)?,
+                });
+                writes += 1;
+            }
+        }
+        for id in opportunities {
+            let Some(state) = self.world.opportunities.get(&id) else { continue };
+            let projection = match self.planned.get(&id) {
+                Some(p) => Some(json(p)?),
+                None => self.projections.get(&id).and_then(Option::as_ref).map(json).transpose()?,
+            };
+            commit.opportunities.push(RowWrite {
+                id,
+                expected_revision: self.revisions.opportunities.get(&id).copied(),
+                state: json(state)?,
+                projection,
+                index: rules::customer_contact(state),
+            });
+        }
+        for id in &self.changed_connections {
+            let Some(state) = self.world.connections.get(id) else { continue };
+            commit.connections.push(RowWrite {
+                id: *id,
+                expected_revision: self.revisions.connections.get(id).copied(),
+                state: json(state)?,
+                projection: None,
+                index: rules::connection_opportunity(state),
+            });
+        }
+        for id in &self.changed_contacts {
+            let Some(state) = self.world.contacts.get(id) else { continue };
+            commit.contacts.push(RowWrite {
+                id: *id,
+                expected_revision: self.revisions.contacts.get(id).copied(),
+                state: json(state)?,
+                projection: None,
+                index: None,
+            });
+        }
+        commit.roles =
+            self.new_roles.iter().map(|r| RoleRow { id: r.id, name: r.name.clone(), category: r.category }).collect();
+        Ok((commit, writes))
+    }
+}
