@@ -317,7 +317,7 @@ impl SyncConfig {
     }
 
     /// The label for `value` of an `optionset_label` mapping, tolerant of spaces in keys.
-    pub(crate) fn label<'a>(mapping: &'a FieldMapping, value: i32) -> Option<&'a str> {
+    pub(crate) fn label(mapping: &FieldMapping, value: i32) -> Option<&str> {
         mapping
             .labels
             .iter()

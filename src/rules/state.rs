@@ -62,7 +62,7 @@ fn merge_register<T: Serialize + PartialEq + Clone>(
     }
 }
 
-/// Merges `attributes` at `version` into `into`, keeping only `keep` names when given.
+/// Merges `attributes` at `version` into `into`; true when any register changed.
 fn merge_attributes<'a>(
     into: &mut VersionedAttributes,
     attributes: impl IntoIterator<Item = (&'a String, &'a AttributeValue)>,

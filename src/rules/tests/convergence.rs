@@ -28,7 +28,7 @@ enum Change {
         opp: u128,
         step: i64,
     },
-    CustomerChange {
+    NewCustomer {
         opp: u128,
         customer: Customer,
     },
@@ -98,7 +98,7 @@ fn change() -> impl Strategy<Value = Change> {
         2 => (opp.clone(), 0..5i64).prop_map(|(opp, amount)| Change::MappedUpdate { opp, amount }),
         1 => opp.clone().prop_map(|opp| Change::DescriptionCleared { opp }),
         1 => (opp.clone(), 0..3i64).prop_map(|(opp, step)| Change::UnmappedUpdate { opp, step }),
-        2 => (opp.clone(), customer()).prop_map(|(opp, customer)| Change::CustomerChange { opp, customer }),
+        2 => (opp.clone(), customer()).prop_map(|(opp, customer)| Change::NewCustomer { opp, customer }),
         1 => (opp.clone(), 0..3i32).prop_map(|(opp, statecode)| Change::Close { opp, statecode }),
         1 => opp.clone().prop_map(|opp| Change::OpportunityDelete { opp }),
         4 => (conn.clone(), opp.clone(), 1..=CONTACTS, 0..3u8, any::<bool>())
@@ -132,7 +132,7 @@ fn to_event(change: &Change, version: Version) -> DynamicsEvent {
         Change::UnmappedUpdate { opp, step } => {
             opp_update(opp, version, &[("stepname", AttributeValue::Int(step))])
         }
-        Change::CustomerChange { opp, customer } => {
+        Change::NewCustomer { opp, customer } => {
             opp_update(opp, version, &[("customerid", customer.value())])
         }
         Change::Close { opp, statecode } => opp_update(opp, version, &[("statecode", option(statecode))]),
@@ -168,14 +168,14 @@ fn to_event(change: &Change, version: Version) -> DynamicsEvent {
 
 /// A history (strictly increasing versions) and a delivery: a shuffle of it with repetitions.
 fn history_and_delivery() -> impl Strategy<Value = (Vec<DynamicsEvent>, Vec<DynamicsEvent>)> {
-    prop::collection::vec(change(), 0..24).prop_flat_map(|changes| {
+    prop::collection::vec(change(), 0..40).prop_flat_map(|changes| {
         let history: Vec<DynamicsEvent> = changes
             .iter()
             .enumerate()
             .map(|(i, c)| to_event(c, 100 + 10 * i as Version))
             .collect();
         let n = history.len().max(1);
-        let repeats = prop::collection::vec(0..n, 0..8);
+        let repeats = prop::collection::vec(0..n, 0..12);
         (Just(history), repeats).prop_flat_map(|(history, repeats)| {
             let mut delivery = history.clone();
             delivery.extend(repeats.iter().filter_map(|i| history.get(*i).cloned()));
@@ -238,7 +238,7 @@ fn marketo_from_scratch(h: &Harness) -> MarketoModel {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     #[test]
     fn any_order_and_repetition_converges_to_the_in_order_world_and_marketo((history, delivery) in history_and_delivery()) {
