@@ -1,0 +1,371 @@
+//! Pushing: pending Marketo writes (already coalesced per Marketo record by the store) go out in
+//! dependency order — companies, leads, opportunities, roles, role deletes, opportunity deletes —
+//! as few, full batches as the client can make, and each write settles: done, retry later, or a
+//! dead letter with Marketo's code and message.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::{WorkerContext, backoff_ms};
+use crate::marketo::{MarketoError, RecordResult, RoleRecord};
+use crate::rules::{ContactState, LeadMatch, MarketoWrite, MissingLead};
+use crate::store::{RowKeys, StoreError, StoredWrite, WriteOutcome, WriteStatus, now_ms};
+
+/// Most writes one cycle looks at.
+const CYCLE_LIMIT: i64 = 10_000;
+
+/// Control key: pushing paused (`"true"`), shared by every replica through the store.
+pub const PAUSED: &str = "paused";
+
+/// One push cycle. Returns how many writes settled (0: nothing ready or everything held).
+pub async fn push_cycle(ctx: &WorkerContext) -> Result<usize, StoreError> {
+    let ready = ctx.store.ready_writes(now_ms(), CYCLE_LIMIT).await?;
+    if ready.is_empty() {
+        return Ok(0);
+    }
+    let mut by_phase: BTreeMap<i64, Vec<(StoredWrite, MarketoWrite)>> = BTreeMap::new();
+    let mut settled = Vec::new();
+    for stored in ready {
+        match serde_json::from_value::<MarketoWrite>(stored.payload.clone()) {
+            Ok(w) => by_phase.entry(stored.phase).or_default().push((stored, w)),
+            Err(e) => settled.push((stored.key, stored.revision, dead(format!("unreadable write: {e}")))),
+        }
+    }
+    ctx.store.settle_writes(&settled).await?;
+    let mut count = settled.len();
+    for (_, writes) in by_phase {
+        let outcomes = push_phase(ctx, writes).await?;
+        count += outcomes.len();
+        ctx.store.settle_writes(&outcomes).await?;
+    }
+    Ok(count)
+}
+
+type Settled = Vec<(String, i64, WriteOutcome)>;
+
+fn dead(error: String) -> WriteOutcome {
+    WriteOutcome::Dead { error }
+}
+
+async fn push_phase(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)>) -> Result<Settled, StoreError> {
+    let Some((_, first)) = writes.first() else { return Ok(Vec::new()) };
+    match first {
+        MarketoWrite::UpsertCompany { .. } => {
+            let records = writes
+                .iter()
+                .map(|(_, w)| match w {
+                    MarketoWrite::UpsertCompany { account_id, name } => {
+                        let mut r = Map::new();
+                        r.insert("externalCompanyId".into(), Value::String(account_id.to_string()));
+                        if let Some(name) = name {
+                            r.insert("company".into(), Value::String(name.clone()));
+                        }
+                        r
+                    }
+                    _ => Map::new(),
+                })
+                .collect();
+            let result = ctx.marketo.sync_companies(records).await;
+            Ok(settle_call(ctx, &writes, result))
+        }
+        MarketoWrite::EnsureLead { .. } => ensure_leads(ctx, writes).await,
+        MarketoWrite::UpsertOpportunity { .. } => {
+            let records = writes
+                .iter()
+                .map(|(_, w)| match w {
+                    MarketoWrite::UpsertOpportunity { fields, .. } => fields.clone(),
+                    _ => Map::new(),
+                })
+                .collect();
+            let result = ctx.marketo.sync_opportunities(records).await;
+            Ok(settle_call(ctx, &writes, result))
+        }
+        MarketoWrite::UpsertRole { .. } | MarketoWrite::DeleteRole { .. } => push_roles(ctx, writes).await,
+        MarketoWrite::DeleteOpportunity { .. } => {
+            let ids: Vec<String> = writes
+                .iter()
+                .map(|(_, w)| match w {
+                    MarketoWrite::DeleteOpportunity { opportunity_id } => opportunity_id.to_string(),
+                    _ => String::new(),
+                })
+                .collect();
+            let result = ctx.marketo.delete_opportunities(&ids).await;
+            Ok(settle_call(ctx, &writes, result))
+        }
+    }
+}
+
+/// Settles every write of one client call from its per-record results or its error.
+fn settle_call(
+    ctx: &WorkerContext,
+    writes: &[(StoredWrite, MarketoWrite)],
+    result: Result<Vec<RecordResult>, MarketoError>,
+) -> Settled {
+    match result {
+        Ok(results) => {
+            ctx.lifecycle.set_marketo_problem(None);
+            writes
+                .iter()
+                .zip(results)
+                .map(|((s, _), r)| {
+                    let outcome = match r {
+                        RecordResult::Done { .. } => WriteOutcome::Done,
+                        RecordResult::Failed { code, message } => dead(format!("Marketo {code}: {message}")),
+                    };
+                    (s.key.clone(), s.revision, outcome)
+                })
+                .collect()
+        }
+        Err(e) => writes.iter().map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e))).collect(),
+    }
+}
+
+/// What a failed call means for one write.
+fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> WriteOutcome {
+    let attempts = u32::try_from(write.attempts).unwrap_or(u32::MAX) + 1;
+    match e {
+        MarketoError::Retryable { .. } if attempts >= ctx.config.worker.max_attempts => {
+            dead(format!("gave up after {attempts} attempts: {e}"))
+        }
+        MarketoError::Retryable { .. } => WriteOutcome::Retry {
+            at: now_ms() + backoff_ms(attempts, 2_000, 600_000),
+            error: e.to_string(),
+            count_attempt: true,
+        },
+        // Waiting for the daily reset is not a failure of the write.
+        MarketoError::QuotaExhausted { .. } => {
+            WriteOutcome::Retry { at: now_ms() + 15 * 60_000, error: e.to_string(), count_attempt: false }
+        }
+        MarketoError::Configuration { .. } => {
+            tracing::error!(error = %e, "Marketo configuration problem: pushing stops until it is fixed");
+            ctx.lifecycle.set_marketo_problem(Some(e.to_string()));
+            WriteOutcome::Retry { at: now_ms() + 60_000, error: e.to_string(), count_attempt: false }
+        }
+        MarketoError::Rejected { .. } => dead(e.to_string()),
+    }
+}
+
+/// Finds (or creates) the Marketo lead of each contact that needs a role.
+async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)>) -> Result<Settled, StoreError> {
+    let contact_of = |w: &MarketoWrite| match w {
+        MarketoWrite::EnsureLead { contact_id } => Some(*contact_id),
+        _ => None,
+    };
+    let contacts: Vec<Uuid> = writes.iter().filter_map(|(_, w)| contact_of(w)).collect();
+    let known = ctx.store.lead_ids(&contacts).await?;
+    let unknown: Vec<Uuid> = contacts.iter().filter(|c| !known.contains_key(c)).copied().collect();
+    let rows = ctx.store.load_rows(&RowKeys { contact_ids: unknown.clone(), ..RowKeys::default() }).await?;
+    let mut states: HashMap<Uuid, ContactState> = HashMap::new();
+    for r in rows.contacts {
+        if let Ok(state) = serde_json::from_str::<ContactState>(&r.state) {
+            states.insert(r.id, state);
+        }
+    }
+    let sync = &ctx.config.sync;
+    // The value each contact is matched by.
+    let match_value = |c: &Uuid| -> Option<String> {
+        match sync.lead_match {
+            LeadMatch::Email => states.get(c).and_then(|s| s.email.clone()).map(|e| e.to_lowercase()),
+            LeadMatch::Field => Some(c.to_string()),
+        }
+    };
+    let (filter_type, lookup_field) = match sync.lead_match {
+        LeadMatch::Email => ("email".to_owned(), "email".to_owned()),
+        LeadMatch::Field => {
+            let f = sync.lead_match_field.clone().unwrap_or_default();
+            (f.clone(), f)
+        }
+    };
+    let mut outcome: HashMap<Uuid, WriteOutcome> = HashMap::new();
+    let mut found: Vec<(Uuid, i64)> = Vec::new();
+    let values: Vec<String> = unknown.iter().filter_map(&match_value).collect();
+    let mut lead_by_value: HashMap<String, i64> = HashMap::new();
+    if !values.is_empty() {
+        match ctx.marketo.find_leads(&filter_type, &values, &["id", filter_type.as_str()]).await {
+            Ok(leads) => {
+                for lead in leads {
+                    if let Some(v) = lead.fields.get(&filter_type).and_then(Value::as_str) {
+                        // Several leads may match one email; the lowest id is the oldest.
+                        let e = lead_by_value.entry(v.to_lowercase()).or_insert(lead.id);
+                        *e = (*e).min(lead.id);
+                    }
+                }
+            }
+            Err(e) => {
+                return Ok(writes.iter().map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e))).collect());
+            }
+        }
+    }
+    let mut to_create: Vec<Uuid> = Vec::new();
+    for c in &unknown {
+        match match_value(c) {
+            None => {
+                outcome.insert(
+                    *c,
+                    dead(format!(
+                        "contact {c} has no email address, and Marketo leads are matched by email (sync.lead_match)"
+                    )),
+                );
+            }
+            Some(v) => match lead_by_value.get(&v) {
+                Some(id) => found.push((*c, *id)),
+                None if sync.missing_lead == MissingLead::Create => to_create.push(*c),
+                None => {
+                    outcome.insert(
+                        *c,
+                        dead(format!("no Marketo lead matches contact {c} and sync.missing_lead = dead_letter")),
+                    );
+                }
+            },
+        }
+    }
+    if !to_create.is_empty() {
+        let records: Vec<Map<String, Value>> = to_create
+            .iter()
+            .map(|c| {
+                let s = states.get(c);
+                let mut r = Map::new();
+                if let Some(email) = s.and_then(|s| s.email.clone()) {
+                    r.insert("email".into(), Value::String(email));
+                }
+                if let Some(first) = s.and_then(|s| s.first_name.clone()) {
+                    r.insert("firstName".into(), Value::String(first));
+                }
+                if let Some(last) = s.and_then(|s| s.last_name.clone()) {
+                    r.insert("lastName".into(), Value::String(last));
+                }
+                if let Some(field) = &sync.lead_match_field {
+                    r.insert(field.clone(), Value::String(c.to_string()));
+                }
+                r
+            })
+            .collect();
+        match ctx.marketo.sync_leads(records, &lookup_field).await {
+            Ok(results) => {
+                for (c, r) in to_create.iter().zip(results) {
+                    match r {
+                        RecordResult::Done { id: Some(id), .. } => match id.parse::<i64>() {
+                            Ok(id) => found.push((*c, id)),
+                            Err(_) => {
+                                outcome.insert(*c, dead(format!("Marketo returned a non-numeric lead id {id:?}")));
+                            }
+                        },
+                        RecordResult::Done { id: None, .. } => {
+                            outcome.insert(*c, dead("Marketo created the lead but returned no id".into()));
+                        }
+                        RecordResult::Failed { code, message } => {
+                            outcome.insert(*c, dead(format!("Marketo {code}: {message}")));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for (s, w) in &writes {
+                    if let Some(c) = contact_of(w)
+                        && to_create.contains(&c)
+                    {
+                        outcome.insert(c, failed_call(ctx, s, &e));
+                    }
+                }
+            }
+        }
+    }
+    ctx.store.save_lead_ids(&found).await?;
+    for (c, _) in &found {
+        outcome.insert(*c, WriteOutcome::Done);
+    }
+    for c in known.keys() {
+        outcome.insert(*c, WriteOutcome::Done);
+    }
+    Ok(writes
+        .iter()
+        .map(|(s, w)| {
+            let o = contact_of(w)
+                .and_then(|c| outcome.get(&c).cloned())
+                .unwrap_or_else(|| dead("lead not resolved".into()));
+            (s.key.clone(), s.revision, o)
+        })
+        .collect())
+}
+
+/// Role upserts wait for their opportunity and lead; role deletes need the lead id (a role whose
+/// contact never got a lead was never created, so its delete is already done).
+async fn push_roles(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)>) -> Result<Settled, StoreError> {
+    let mut contacts = Vec::new();
+    let mut dependency_keys = Vec::new();
+    for (_, w) in &writes {
+        if let MarketoWrite::UpsertRole { opportunity_id, contact_id, .. }
+        | MarketoWrite::DeleteRole { opportunity_id, contact_id, .. } = w
+        {
+            contacts.push(*contact_id);
+            dependency_keys.push(format!("opportunity:{opportunity_id}"));
+            dependency_keys.push(format!("lead:{contact_id}"));
+        }
+    }
+    let leads = ctx.store.lead_ids(&contacts).await?;
+    let statuses = ctx.store.write_statuses(&dependency_keys).await?;
+    let mut settled = Vec::new();
+    let mut upserts: Vec<(&(StoredWrite, MarketoWrite), RoleRecord)> = Vec::new();
+    let mut deletes: Vec<(&(StoredWrite, MarketoWrite), RoleRecord)> = Vec::new();
+    for item in &writes {
+        let (s, w) = item;
+        match w {
+            MarketoWrite::UpsertRole { opportunity_id, contact_id, role } => {
+                let opp_key = format!("opportunity:{opportunity_id}");
+                let lead_key = format!("lead:{contact_id}");
+                match (statuses.get(&opp_key), statuses.get(&lead_key), leads.get(contact_id)) {
+                    (Some(WriteStatus::Dead), _, _) => settled.push((
+                        s.key.clone(),
+                        s.revision,
+                        dead(format!("its opportunity could not be written to Marketo ({opp_key} is a dead letter)")),
+                    )),
+                    (_, Some(WriteStatus::Dead), _) => settled.push((
+                        s.key.clone(),
+                        s.revision,
+                        dead(format!("the contact has no Marketo lead ({lead_key} is a dead letter)")),
+                    )),
+                    // Marketo refuses a role whose opportunity or lead does not exist yet.
+                    (Some(WriteStatus::Pending), _, _) | (_, Some(WriteStatus::Pending), _) => {}
+                    (_, _, None) => {} // the lead is still being resolved
+                    (_, _, Some(lead)) => upserts.push((
+                        item,
+                        RoleRecord {
+                            external_opportunity_id: opportunity_id.to_string(),
+                            lead_id: *lead,
+                            role: role.clone(),
+                            is_primary: *role == ctx.config.sync.customer_role,
+                        },
+                    )),
+                }
+            }
+            MarketoWrite::DeleteRole { opportunity_id, contact_id, role } => match leads.get(contact_id) {
+                None => settled.push((s.key.clone(), s.revision, WriteOutcome::Done)),
+                Some(lead) => deletes.push((
+                    item,
+                    RoleRecord {
+                        external_opportunity_id: opportunity_id.to_string(),
+                        lead_id: *lead,
+                        role: role.clone(),
+                        is_primary: false,
+                    },
+                )),
+            },
+            _ => {}
+        }
+    }
+    if !upserts.is_empty() {
+        let records: Vec<RoleRecord> = upserts.iter().map(|(_, r)| r.clone()).collect();
+        let items: Vec<(StoredWrite, MarketoWrite)> = upserts.iter().map(|(i, _)| (*i).clone()).collect();
+        let result = ctx.marketo.sync_roles(&records).await;
+        settled.extend(settle_call(ctx, &items, result));
+    }
+    if !deletes.is_empty() {
+        let records: Vec<RoleRecord> = deletes.iter().map(|(_, r)| r.clone()).collect();
+        let items: Vec<(StoredWrite, MarketoWrite)> = deletes.iter().map(|(i, _)| (*i).clone()).collect();
+        let result = ctx.marketo.delete_roles(&records).await;
+        settled.extend(settle_call(ctx, &items, result));
+    }
+    Ok(settled)
+}
