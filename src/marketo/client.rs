@@ -503,12 +503,18 @@ impl MarketoClient {
         loop {
             // Fresh from the cache each attempt: a backoff may outlast the token.
             let token = match replaced.take() {
-                Some(t) => t,
-                None => self.inner.tokens.get().await?,
+                Some(t) => Ok(t),
+                None => self.inner.tokens.get().await,
             };
-            let exchange = {
-                let _permit = self.inner.limiter.acquire().await?;
-                self.exchange(endpoint, payload, &token).await
+            // Identity trouble (network, 5xx) is retried like the call itself.
+            let (token, exchange) = match token {
+                Ok(token) => {
+                    let _permit = self.inner.limiter.acquire().await?;
+                    let exchange = self.exchange(endpoint, payload, &token).await;
+                    (Some(token), exchange)
+                }
+                Err(e) if e.is_retryable() => (None, Exchange::Failed(e)),
+                Err(e) => return Err(e),
             };
             let failure = match exchange {
                 Exchange::Envelope(envelope) if envelope.success => {
@@ -528,11 +534,13 @@ impl MarketoClient {
                         "marketo call refused"
                     );
                     match classify(&code) {
-                        CodeClass::Token if !refreshed => {
+                        CodeClass::Token if !refreshed && token.is_some() => {
                             // Retry once with a *new* token (§1.4; I5, I6).
                             refreshed = true;
                             count_call(endpoint, &code);
-                            replaced = Some(self.inner.tokens.replace(&token).await?);
+                            if let Some(rejected) = &token {
+                                replaced = Some(self.inner.tokens.replace(rejected).await?);
+                            }
                             continue;
                         }
                         CodeClass::Token | CodeClass::Retry => MarketoError::Retryable { code, message },

@@ -65,7 +65,12 @@ impl Drop for Permit {
 }
 
 fn cst_day() -> i64 {
-    crate::sim::marketo::cst_day(time::OffsetDateTime::now_utc())
+    cst_day_of(time::OffsetDateTime::now_utc())
+}
+
+/// Marketo's quota day: a fixed UTC−6 offset (see the module comment).
+pub(crate) fn cst_day_of(now: time::OffsetDateTime) -> i64 {
+    (now.unix_timestamp() - 6 * 3600).div_euclid(86_400)
 }
 
 impl Limiter {

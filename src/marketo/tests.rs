@@ -175,7 +175,14 @@ async fn a_token_expiring_amid_concurrent_calls_is_refreshed_once() {
         "several calls saw the expiry: {}",
         sim.error_count("602")
     );
-    assert_eq!(sim.token_issued_count(), 2, "exactly one refresh");
+    assert_eq!(sim.token_issued_count(), 2, "exactly one new token");
+    // Identity would hand every racer the same new token; count the identity calls too.
+    assert_eq!(
+        client.usage().token_refreshes,
+        2,
+        "exactly one refresh (after the first fetch)"
+    );
+    assert_eq!(sim.call_count("/identity/oauth/token"), 2);
     assert_eq!(sim.opportunities().len(), 13);
 }
 

@@ -602,12 +602,6 @@ fn now_text() -> String {
     time::OffsetDateTime::now_utc().format(&fmt).unwrap_or_default()
 }
 
-/// Marketo's day starts at 00:00 CST; modelled as a fixed UTC−6 offset (daylight saving not
-/// followed, spec §13 leaves it open).
-pub(crate) fn cst_day(now: time::OffsetDateTime) -> i64 {
-    (now.unix_timestamp() - 6 * 3600).div_euclid(86_400)
-}
-
 fn text_of(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
@@ -826,7 +820,7 @@ impl SimState {
             rate_log: VecDeque::new(),
             inflight: 0,
             max_inflight_seen: 0,
-            quota_day: cst_day(time::OffsetDateTime::now_utc()),
+            quota_day: crate::marketo::cst_day_of(time::OffsetDateTime::now_utc()),
             quota_used: 0,
             faults: VecDeque::new(),
             record_errors: HashMap::new(),
@@ -907,7 +901,7 @@ impl SimState {
     }
 
     fn roll_day(&mut self) {
-        let today = cst_day(time::OffsetDateTime::now_utc());
+        let today = crate::marketo::cst_day_of(time::OffsetDateTime::now_utc());
         if today != self.quota_day {
             self.quota_day = today;
             self.quota_used = 0;
