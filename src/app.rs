@@ -12,18 +12,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::{AppContext, AppState, Lifecycle};
+use crate::dynamics::webapi::DataverseClient;
+use crate::marketo::MarketoClient;
 use crate::store::{GroupCommitter, Store};
+use crate::worker::WorkerContext;
 
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     /// Apply pending migrations instead of refusing to start on an old schema.
     pub migrate: bool,
+    /// Run only the HTTP intake, no worker (tests of intake alone).
+    pub intake_only: bool,
 }
 
 /// A running service.
 pub struct RunningApp {
     pub addr: SocketAddr,
     pub state: AppState,
+    /// The worker's shared context (None with `intake_only`).
+    pub worker: Option<Arc<WorkerContext>>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     /// Intake committers. Not awaited on stop: every 2xx was answered after its commit, and
@@ -93,6 +100,17 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
+    let worker = if options.intake_only {
+        None
+    } else {
+        let marketo = MarketoClient::new(&config.marketo).context("configuring the Marketo client")?;
+        let dataverse = DataverseClient::new(&config.dataverse).context("configuring the Dataverse client")?;
+        let ctx = Arc::new(WorkerContext::new(config.clone(), store.clone(), marketo, dataverse, lifecycle.clone()));
+        let mut worker_tasks = crate::worker::start(ctx.clone(), shutdown.clone()).await;
+        tasks.spawn(async move { while worker_tasks.join_next().await.is_some() {} });
+        Some(ctx)
+    };
+
     let router = crate::http::router(state.clone());
     let server_shutdown = shutdown.clone();
     let server_lifecycle = lifecycle.clone();
@@ -109,6 +127,7 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
     Ok(RunningApp {
         addr,
         state,
+        worker,
         shutdown,
         tasks,
         _committers: committer_tasks,

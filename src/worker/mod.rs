@@ -1,1 +1,151 @@
-//! worker
+//! The worker: claims notifications from the inbox and plans them (`planner`), and pushes the
+//! resulting Marketo writes (`pusher`). Intake never waits for either; a Dataverse or Marketo
+//! outage delays work and never drops it.
+
+pub mod planner;
+pub mod pusher;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::RngExt;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dynamics::webapi::DataverseClient;
+use crate::http::Lifecycle;
+use crate::marketo::MarketoClient;
+use crate::store::{Store, now_ms};
+
+/// What the worker tasks share.
+pub struct WorkerContext {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub marketo: MarketoClient,
+    pub dataverse: DataverseClient,
+    pub lifecycle: Arc<Lifecycle>,
+    /// This process's lease owner name (host, pid and a random part).
+    pub owner: String,
+    /// Poked when a plan committed new writes, so the pusher need not wait for its poll.
+    pub pusher_wakeup: Notify,
+}
+
+impl WorkerContext {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        marketo: MarketoClient,
+        dataverse: DataverseClient,
+        lifecycle: Arc<Lifecycle>,
+    ) -> WorkerContext {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "oppsync".into());
+        let owner = format!("{host}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        WorkerContext { config, store, marketo, dataverse, lifecycle, owner, pusher_wakeup: Notify::new() }
+    }
+
+    /// Pushing is paused by configuration at start or by an operator (shared by replicas).
+    pub async fn is_paused(&self) -> bool {
+        matches!(self.store.control(pusher::PAUSED).await, Ok(Some(v)) if v == "true")
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay up to `base * 2^attempts`, capped.
+pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
+    let ceiling = base_ms.saturating_mul(1_i64 << attempts.min(20)).min(max_ms).max(base_ms);
+    rand::rng().random_range(base_ms / 2..=ceiling)
+}
+
+/// Starts the planner and the pusher; they stop when `shutdown` is cancelled.
+pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> JoinSet<()> {
+    if ctx.config.worker.paused
+        && let Err(e) = ctx.store.set_control(pusher::PAUSED, "true").await
+    {
+        tracing::error!(error = %e, "could not record the paused state");
+    }
+    let mut tasks = JoinSet::new();
+    tasks.spawn(plan_loop(ctx.clone(), shutdown.clone()));
+    tasks.spawn(push_loop(ctx, shutdown));
+    tasks
+}
+
+async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
+    let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
+    let lease_ms = i64::try_from(ctx.config.worker.lease_secs).unwrap_or(300) * 1000;
+    while !shutdown.is_cancelled() {
+        let claimed = match ctx
+            .store
+            .claim_notifications(&ctx.owner, now_ms(), lease_ms, i64::from(ctx.config.worker.claim_batch))
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not claim notifications; retrying");
+                sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            sleep_or_cancel(&shutdown, poll).await;
+            continue;
+        }
+        let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
+        // Renew the batch's leases while it is being worked on, well before they expire, so a
+        // slow Dataverse read never lets another worker take a notification mid-plan.
+        let renewer = {
+            let ctx = ctx.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(100_000))).await;
+                    if let Err(e) = ctx.store.renew_leases(&ctx.owner, &ids, now_ms() + lease_ms).await {
+                        tracing::warn!(error = %e, "lease renewal failed");
+                    }
+                }
+            })
+        };
+        futures::stream::iter(claimed)
+            .for_each_concurrent(4, |entry| {
+                let ctx = ctx.clone();
+                async move { planner::process(&ctx, entry).await }
+            })
+            .await;
+        renewer.abort();
+    }
+    if let Err(e) = ctx.store.release_leases(&ctx.owner).await {
+        tracing::warn!(error = %e, "could not release leases at shutdown");
+    }
+}
+
+async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
+    let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
+    while !shutdown.is_cancelled() {
+        if ctx.is_paused().await {
+            sleep_or_cancel(&shutdown, poll.max(Duration::from_millis(500))).await;
+            continue;
+        }
+        match pusher::push_cycle(&ctx).await {
+            Ok(0) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = ctx.pusher_wakeup.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "push cycle failed; retrying");
+                sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
