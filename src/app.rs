@@ -11,8 +11,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::http::{AppContext, AppState, Lifecycle};
 use crate::dynamics::webapi::DataverseClient;
+use crate::http::{AppContext, AppState, Lifecycle};
 use crate::marketo::MarketoClient;
 use crate::store::{GroupCommitter, Store};
 use crate::worker::WorkerContext;
@@ -104,8 +104,15 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
         None
     } else {
         let marketo = MarketoClient::new(&config.marketo).context("configuring the Marketo client")?;
-        let dataverse = DataverseClient::new(&config.dataverse).context("configuring the Dataverse client")?;
-        let ctx = Arc::new(WorkerContext::new(config.clone(), store.clone(), marketo, dataverse, lifecycle.clone()));
+        let dataverse =
+            DataverseClient::new(&config.dataverse).context("configuring the Dataverse client")?;
+        let ctx = Arc::new(WorkerContext::new(
+            config.clone(),
+            store.clone(),
+            marketo,
+            dataverse,
+            lifecycle.clone(),
+        ));
         let mut worker_tasks = crate::worker::start(ctx.clone(), shutdown.clone()).await;
         tasks.spawn(async move { while worker_tasks.join_next().await.is_some() {} });
         Some(ctx)

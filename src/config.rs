@@ -279,6 +279,10 @@ pub struct WorkerConfig {
     pub poll_interval_ms: u64,
     /// Notifications planned per claim.
     pub claim_batch: u32,
+    /// First retry delay of a failed notification or Marketo write (doubling, with jitter).
+    pub retry_base_ms: i64,
+    /// Longest retry delay.
+    pub retry_max_ms: i64,
 }
 
 impl Default for WorkerConfig {
@@ -289,6 +293,8 @@ impl Default for WorkerConfig {
             max_attempts: 12,
             poll_interval_ms: 200,
             claim_batch: 64,
+            retry_base_ms: 2_000,
+            retry_max_ms: 600_000,
         }
     }
 }
@@ -461,6 +467,9 @@ impl Config {
         }
         if self.worker.max_attempts == 0 {
             p.push("worker.max_attempts: must be at least 1".into());
+        }
+        if self.worker.retry_base_ms < 1 || self.worker.retry_max_ms < self.worker.retry_base_ms {
+            p.push("worker.retry_base_ms / retry_max_ms: need 1 <= retry_base_ms <= retry_max_ms".into());
         }
         if self.worker.claim_batch == 0 {
             p.push("worker.claim_batch: must be at least 1".into());

@@ -88,8 +88,14 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let mut app =
-                oppsync::app::start(config, oppsync::app::StartOptions { migrate: *migrate }).await?;
+            let mut app = oppsync::app::start(
+                config,
+                oppsync::app::StartOptions {
+                    migrate: *migrate,
+                    ..Default::default()
+                },
+            )
+            .await?;
             let token = app.shutdown_token();
             tokio::spawn(async move {
                 wait_for_signal().await;

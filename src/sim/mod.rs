@@ -2,4 +2,6 @@
 //! Production never talks to them.
 
 pub mod dataverse;
+pub mod env;
 pub mod marketo;
+pub mod org;

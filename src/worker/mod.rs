@@ -43,7 +43,15 @@ impl WorkerContext {
     ) -> WorkerContext {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "oppsync".into());
         let owner = format!("{host}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
-        WorkerContext { config, store, marketo, dataverse, lifecycle, owner, pusher_wakeup: Notify::new() }
+        WorkerContext {
+            config,
+            store,
+            marketo,
+            dataverse,
+            lifecycle,
+            owner,
+            pusher_wakeup: Notify::new(),
+        }
     }
 
     /// Pushing is paused by configuration at start or by an operator (shared by replicas).
@@ -54,7 +62,10 @@ impl WorkerContext {
 
 /// Exponential backoff with full jitter: a random delay up to `base * 2^attempts`, capped.
 pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
-    let ceiling = base_ms.saturating_mul(1_i64 << attempts.min(20)).min(max_ms).max(base_ms);
+    let ceiling = base_ms
+        .saturating_mul(1_i64 << attempts.min(20))
+        .min(max_ms)
+        .max(base_ms);
     rand::rng().random_range(base_ms / 2..=ceiling)
 }
 
@@ -77,7 +88,12 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let claimed = match ctx
             .store
-            .claim_notifications(&ctx.owner, now_ms(), lease_ms, i64::from(ctx.config.worker.claim_batch))
+            .claim_notifications(
+                &ctx.owner,
+                now_ms(),
+                lease_ms,
+                i64::from(ctx.config.worker.claim_batch),
+            )
             .await
         {
             Ok(c) => c,
@@ -99,8 +115,15 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
             let ids = ids.clone();
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(100_000))).await;
-                    if let Err(e) = ctx.store.renew_leases(&ctx.owner, &ids, now_ms() + lease_ms).await {
+                    tokio::time::sleep(Duration::from_millis(
+                        u64::try_from(lease_ms / 3).unwrap_or(100_000),
+                    ))
+                    .await;
+                    if let Err(e) = ctx
+                        .store
+                        .renew_leases(&ctx.owner, &ids, now_ms() + lease_ms)
+                        .await
+                    {
                         tracing::warn!(error = %e, "lease renewal failed");
                     }
                 }

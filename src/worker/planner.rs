@@ -10,11 +10,13 @@ use uuid::Uuid;
 
 use super::{WorkerContext, backoff_ms};
 use crate::dynamics::webapi::{ContactRecord, WebApiError};
-use crate::dynamics::{AttributeValue, Attributes, DynamicsEvent, EntityKind, MessageKind, decode_notification};
+use crate::dynamics::{
+    AttributeValue, Attributes, DynamicsEvent, EntityKind, MessageKind, decode_notification,
+};
 use crate::rules::{self, ConnectionRoleInfo, ContactState, Lookup, Projection, World};
 use crate::store::{
-    Commit, CommitError, InboxEntry, LoadedRows, PlannedWrite, RoleRow, RowKeys, RowWrite, Settlement, StoreError,
-    now_ms,
+    Commit, CommitError, InboxEntry, LoadedRows, PlannedWrite, RoleRow, RowKeys, RowWrite, Settlement,
+    StoreError, now_ms,
 };
 
 /// Why a notification could not be planned now.
@@ -56,7 +58,8 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
     match plan_and_commit(ctx, &entry).await {
         Ok(writes) => {
             metrics::counter!("oppsync_worker_notifications_total", "outcome" => "applied").increment(1);
-            metrics::histogram!("oppsync_worker_lag_seconds").record((now_ms() - entry.received_at) as f64 / 1000.0);
+            metrics::histogram!("oppsync_worker_lag_seconds")
+                .record((now_ms() - entry.received_at) as f64 / 1000.0);
             tracing::info!(writes, took_ms = now_ms() - started, "notification applied");
         }
         Err(PlanError::LeaseLost) => {
@@ -71,9 +74,21 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
             } else {
                 metrics::counter!("oppsync_worker_notifications_total", "outcome" => "retry").increment(1);
                 tracing::warn!(error = %e, attempts, "notification will be retried");
-                Settlement::Retry { at: now_ms() + backoff_ms(attempts, 1_000, 300_000), error: e.to_string() }
+                Settlement::Retry {
+                    at: now_ms()
+                        + backoff_ms(
+                            attempts,
+                            ctx.config.worker.retry_base_ms,
+                            ctx.config.worker.retry_max_ms,
+                        ),
+                    error: e.to_string(),
+                }
             };
-            if let Err(e) = ctx.store.settle_notification(entry.id, &ctx.owner, &settlement).await {
+            if let Err(e) = ctx
+                .store
+                .settle_notification(entry.id, &ctx.owner, &settlement)
+                .await
+            {
                 // The lease expires and the notification is claimed again: nothing is lost.
                 tracing::error!(error = %e, "could not settle notification");
             }
@@ -83,8 +98,8 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
 
 async fn plan_and_commit(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usize, PlanError> {
     let body = entry.body.as_deref().unwrap_or_default();
-    let notification =
-        decode_notification(body.as_bytes(), entry.data_missing).map_err(|e| PlanError::Undecodable(e.to_string()))?;
+    let notification = decode_notification(body.as_bytes(), entry.data_missing)
+        .map_err(|e| PlanError::Undecodable(e.to_string()))?;
     let mut event = notification.event;
     if event.data_missing && event.message != MessageKind::Delete {
         match read_row(ctx, &event).await? {
@@ -92,7 +107,10 @@ async fn plan_and_commit(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usiz
             None => {
                 // The row is gone from Dynamics already; its Delete notification will follow.
                 tracing::info!("row no longer exists in Dynamics; nothing to apply");
-                let commit = Commit { settle: Some((entry.id, ctx.owner.clone())), ..Commit::default() };
+                let commit = Commit {
+                    settle: Some((entry.id, ctx.owner.clone())),
+                    ..Commit::default()
+                };
                 return commit_once(ctx, &commit).await.map(|_| 0);
             }
         }
@@ -117,7 +135,9 @@ async fn plan_and_commit(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usiz
             Err(CommitError::Store(e)) => return Err(e.into()),
         }
     }
-    Err(PlanError::Unresolved("too many concurrent changes to the same rows".into()))
+    Err(PlanError::Unresolved(
+        "too many concurrent changes to the same rows".into(),
+    ))
 }
 
 async fn commit_once(ctx: &WorkerContext, commit: &Commit) -> Result<(), PlanError> {
@@ -151,7 +171,9 @@ pub async fn resync_opportunity(ctx: &WorkerContext, id: Uuid) -> Result<Option<
             Err(CommitError::Store(e)) => return Err(e.into()),
         }
     }
-    Err(PlanError::Unresolved("too many concurrent changes to the same rows".into()))
+    Err(PlanError::Unresolved(
+        "too many concurrent changes to the same rows".into(),
+    ))
 }
 
 /// A full row read for a notification that arrived without its data (payload over 256 KB).
@@ -170,21 +192,28 @@ async fn read_row(ctx: &WorkerContext, event: &DynamicsEvent) -> Result<Option<D
             .connection(id)
             .await?
             .map(|r| rules::full_row_event(EntityKind::Connection, id, r.modified_on, r.attributes)),
-        EntityKind::Contact => ctx
-            .dataverse
-            .contact(id)
-            .await?
-            .map(|c| rules::full_row_event(EntityKind::Contact, id, c.modified_on, contact_attributes(&c))),
+        EntityKind::Contact => {
+            ctx.dataverse.contact(id).await?.map(|c| {
+                rules::full_row_event(EntityKind::Contact, id, c.modified_on, contact_attributes(&c))
+            })
+        }
     })
 }
 
 /// A Web API contact in webhook vocabulary, nulls explicit (a full row).
 pub fn contact_attributes(c: &ContactRecord) -> Attributes {
-    let text = |v: &Option<String>| v.clone().map(AttributeValue::String).unwrap_or(AttributeValue::Null);
+    let text = |v: &Option<String>| {
+        v.clone()
+            .map(AttributeValue::String)
+            .unwrap_or(AttributeValue::Null)
+    };
     let mut a = Attributes::new();
     a.insert(
         "parentcustomerid".into(),
-        c.parent.clone().map(AttributeValue::EntityReference).unwrap_or(AttributeValue::Null),
+        c.parent
+            .clone()
+            .map(AttributeValue::EntityReference)
+            .unwrap_or(AttributeValue::Null),
     );
     a.insert("emailaddress1".into(), text(&c.email));
     a.insert("firstname".into(), text(&c.first_name));
@@ -254,7 +283,12 @@ impl PlanStep {
         let mut more = RowKeys::default();
         let known: BTreeSet<Uuid> = step.world.opportunities.keys().copied().collect();
         let mut opportunities: BTreeSet<Uuid> = step.world.opportunities.keys().copied().collect();
-        opportunities.extend(step.world.connections.values().filter_map(rules::connection_opportunity));
+        opportunities.extend(
+            step.world
+                .connections
+                .values()
+                .filter_map(rules::connection_opportunity),
+        );
         for opp in &opportunities {
             if !known.contains(opp) {
                 more.opportunity_ids.push(*opp);
@@ -312,17 +346,27 @@ impl PlanStep {
             self.revisions.contacts.insert(r.id, r.revision);
         }
         for r in &rows.roles {
-            self.world
-                .roles
-                .insert(r.id, ConnectionRoleInfo { id: r.id, name: r.name.clone(), category: r.category });
+            self.world.roles.insert(
+                r.id,
+                ConnectionRoleInfo {
+                    id: r.id,
+                    name: r.name.clone(),
+                    category: r.category,
+                },
+            );
         }
         Ok(())
     }
 
     /// Applies the event, resolves every lookup the projections need, and projects each
     /// opportunity whose projection may have changed.
-    async fn apply_and_project(&mut self, ctx: &WorkerContext, event: &DynamicsEvent) -> Result<(), PlanError> {
-        let applied = rules::apply(&mut self.world, event).map_err(|e| PlanError::Unresolved(e.to_string()))?;
+    async fn apply_and_project(
+        &mut self,
+        ctx: &WorkerContext,
+        event: &DynamicsEvent,
+    ) -> Result<(), PlanError> {
+        let applied =
+            rules::apply(&mut self.world, event).map_err(|e| PlanError::Unresolved(e.to_string()))?;
         self.changed_opportunities.extend(&applied.opportunities_changed);
         self.changed_connections.extend(&applied.connections_changed);
         self.changed_contacts.extend(&applied.contacts_changed);
@@ -364,7 +408,10 @@ impl PlanStep {
                 pending.extend(more);
             }
         }
-        Err(PlanError::Unresolved(format!("{} opportunity projection(s) still need lookups", pending.len())))
+        Err(PlanError::Unresolved(format!(
+            "{} opportunity projection(s) still need lookups",
+            pending.len()
+        )))
     }
 
     /// Performs one lookup through the Web API and merges its result; returns opportunities to
@@ -372,6 +419,20 @@ impl PlanStep {
     async fn resolve(&mut self, ctx: &WorkerContext, lookup: &Lookup) -> Result<BTreeSet<Uuid>, PlanError> {
         match lookup {
             Lookup::Contact(id) => {
+                // Known to the store but not loaded (e.g. the customer just changed to it).
+                if !self.world.contacts.contains_key(id) {
+                    let rows = ctx
+                        .store
+                        .load_rows(&RowKeys {
+                            contact_ids: vec![*id],
+                            ..RowKeys::default()
+                        })
+                        .await?;
+                    self.absorb(&rows)?;
+                    if self.world.contacts.get(id).is_some_and(ContactState::is_complete) {
+                        return Ok(self.opportunities_of(*id));
+                    }
+                }
                 let contact = match ctx.dataverse.contact(*id).await? {
                     Some(c) => ContactState::from_row(*id, &contact_attributes(&c), c.modified_on),
                     // Deleted in Dynamics: no parent account, no email (a full, empty row).
@@ -382,54 +443,119 @@ impl PlanStep {
                 Ok(affected)
             }
             Lookup::ConnectionRole(id) => {
-                let info = match ctx.dataverse.connection_role(*id).await? {
-                    Some(r) => ConnectionRoleInfo { id: *id, name: r.name, category: r.category },
-                    // A role that no longer exists cannot make a stakeholder.
-                    None => ConnectionRoleInfo { id: *id, name: String::new(), category: -1 },
+                let rows = ctx
+                    .store
+                    .load_rows(&RowKeys {
+                        role_ids: vec![*id],
+                        ..RowKeys::default()
+                    })
+                    .await?;
+                self.absorb(&rows)?;
+                let info = match self.world.roles.get(id).cloned() {
+                    Some(known) => known,
+                    None => self.read_role(ctx, *id).await?,
                 };
-                self.world.roles.insert(*id, info.clone());
-                self.new_roles.push(info);
                 Ok(self
                     .world
                     .connections
                     .values()
-                    .filter(|c| c.role_id == Some(*id))
+                    .filter(|c| c.role_id == Some(info.id))
                     .filter_map(rules::connection_opportunity)
                     .collect())
             }
             Lookup::OpportunityRow(id) => {
-                let columns = ctx.config.sync.opportunity_attributes();
-                match ctx.dataverse.opportunity(*id, &columns).await? {
-                    Some(row) => {
-                        let event = rules::full_row_event(EntityKind::Opportunity, *id, row.modified_on, row.attributes);
-                        let applied =
-                            rules::apply(&mut self.world, &event).map_err(|e| PlanError::Unresolved(e.to_string()))?;
-                        self.changed_opportunities.extend(&applied.opportunities_changed);
-                        let mut affected = applied.opportunities;
-                        affected.insert(*id);
-                        Ok(affected)
-                    }
-                    None => {
-                        // Gone from Dynamics: its Delete notification will follow. Record a
-                        // tombstone-free empty plan so nothing is pushed for it now.
-                        tracing::info!(opportunity_id = %id, "opportunity no longer exists in Dynamics");
-                        self.planned.insert(*id, Projection::deleted(*id));
-                        Ok(BTreeSet::new())
+                if !self.world.opportunities.contains_key(id) {
+                    let keys = RowKeys {
+                        opportunity_ids: vec![*id],
+                        connections_of_opportunities: vec![*id],
+                        ..RowKeys::default()
+                    };
+                    let rows = ctx.store.load_rows(&keys).await?;
+                    self.absorb(&rows)?;
+                    if self
+                        .world
+                        .opportunities
+                        .get(id)
+                        .is_some_and(|o| o.seen_in_full || o.is_deleted())
+                    {
+                        return Ok(BTreeSet::from([*id]));
                     }
                 }
+                self.read_opportunity(ctx, *id).await
+            }
+        }
+    }
+
+    fn opportunities_of(&self, contact: Uuid) -> BTreeSet<Uuid> {
+        let as_customer = self
+            .world
+            .opportunities
+            .values()
+            .filter(|o| rules::customer_contact(o) == Some(contact))
+            .map(|o| o.id);
+        let as_stakeholder = self
+            .world
+            .connections
+            .values()
+            .filter(|c| c.contact_id == Some(contact))
+            .filter_map(rules::connection_opportunity);
+        as_customer.chain(as_stakeholder).collect()
+    }
+
+    async fn read_role(&mut self, ctx: &WorkerContext, id: Uuid) -> Result<ConnectionRoleInfo, PlanError> {
+        let info = match ctx.dataverse.connection_role(id).await? {
+            Some(r) => ConnectionRoleInfo {
+                id,
+                name: r.name,
+                category: r.category,
+            },
+            // A role that no longer exists cannot make a stakeholder.
+            None => ConnectionRoleInfo {
+                id,
+                name: String::new(),
+                category: -1,
+            },
+        };
+        self.world.roles.insert(id, info.clone());
+        self.new_roles.push(info.clone());
+        Ok(info)
+    }
+
+    async fn read_opportunity(&mut self, ctx: &WorkerContext, id: Uuid) -> Result<BTreeSet<Uuid>, PlanError> {
+        let columns = ctx.config.sync.opportunity_attributes();
+        match ctx.dataverse.opportunity(id, &columns).await? {
+            Some(row) => {
+                let event =
+                    rules::full_row_event(EntityKind::Opportunity, id, row.modified_on, row.attributes);
+                let applied = rules::apply(&mut self.world, &event)
+                    .map_err(|e| PlanError::Unresolved(e.to_string()))?;
+                self.changed_opportunities.extend(&applied.opportunities_changed);
+                let mut affected = applied.opportunities;
+                affected.insert(id);
+                Ok(affected)
+            }
+            None => {
+                // Gone from Dynamics: its Delete notification will follow; push nothing now.
+                tracing::info!(opportunity_id = %id, "opportunity no longer exists in Dynamics");
+                self.planned.insert(id, Projection::deleted(id));
+                Ok(BTreeSet::new())
             }
         }
     }
 
     fn into_commit(self, settle: Option<(i64, String)>) -> Result<(Commit, usize), PlanError> {
-        let mut commit = Commit { settle, ..Commit::default() };
+        let mut commit = Commit {
+            settle,
+            ..Commit::default()
+        };
         let mut writes = 0;
         let mut opportunities: BTreeSet<Uuid> = self.changed_opportunities.clone();
         for (id, projection) in &self.planned {
             let old = self.projections.get(id).and_then(Option::as_ref);
-            if old != Some(projection) {
-                opportunities.insert(*id);
-            }
+            // Every opportunity re-projected is written back, changed or not: its revision then
+            // serialises all events that touch it. Without that, two deletes of the connection
+            // pair, planned at once, would each still see the other row active (write skew).
+            opportunities.insert(*id);
             for w in rules::plan(old, projection) {
                 commit.writes.push(PlannedWrite {
                     key: w.key(),
@@ -441,10 +567,17 @@ impl PlanStep {
             }
         }
         for id in opportunities {
-            let Some(state) = self.world.opportunities.get(&id) else { continue };
+            let Some(state) = self.world.opportunities.get(&id) else {
+                continue;
+            };
             let projection = match self.planned.get(&id) {
                 Some(p) => Some(json(p)?),
-                None => self.projections.get(&id).and_then(Option::as_ref).map(json).transpose()?,
+                None => self
+                    .projections
+                    .get(&id)
+                    .and_then(Option::as_ref)
+                    .map(json)
+                    .transpose()?,
             };
             commit.opportunities.push(RowWrite {
                 id,
@@ -455,7 +588,9 @@ impl PlanStep {
             });
         }
         for id in &self.changed_connections {
-            let Some(state) = self.world.connections.get(id) else { continue };
+            let Some(state) = self.world.connections.get(id) else {
+                continue;
+            };
             commit.connections.push(RowWrite {
                 id: *id,
                 expected_revision: self.revisions.connections.get(id).copied(),
@@ -465,7 +600,9 @@ impl PlanStep {
             });
         }
         for id in &self.changed_contacts {
-            let Some(state) = self.world.contacts.get(id) else { continue };
+            let Some(state) = self.world.contacts.get(id) else {
+                continue;
+            };
             commit.contacts.push(RowWrite {
                 id: *id,
                 expected_revision: self.revisions.contacts.get(id).copied(),
@@ -474,8 +611,15 @@ impl PlanStep {
                 index: None,
             });
         }
-        commit.roles =
-            self.new_roles.iter().map(|r| RoleRow { id: r.id, name: r.name.clone(), category: r.category }).collect();
+        commit.roles = self
+            .new_roles
+            .iter()
+            .map(|r| RoleRow {
+                id: r.id,
+                name: r.name.clone(),
+                category: r.category,
+            })
+            .collect();
         Ok((commit, writes))
     }
 }

@@ -30,7 +30,11 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<usize, StoreError> {
     for stored in ready {
         match serde_json::from_value::<MarketoWrite>(stored.payload.clone()) {
             Ok(w) => by_phase.entry(stored.phase).or_default().push((stored, w)),
-            Err(e) => settled.push((stored.key, stored.revision, dead(format!("unreadable write: {e}")))),
+            Err(e) => settled.push((
+                stored.key,
+                stored.revision,
+                dead(format!("unreadable write: {e}")),
+            )),
         }
     }
     ctx.store.settle_writes(&settled).await?;
@@ -49,8 +53,13 @@ fn dead(error: String) -> WriteOutcome {
     WriteOutcome::Dead { error }
 }
 
-async fn push_phase(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)>) -> Result<Settled, StoreError> {
-    let Some((_, first)) = writes.first() else { return Ok(Vec::new()) };
+async fn push_phase(
+    ctx: &WorkerContext,
+    writes: Vec<(StoredWrite, MarketoWrite)>,
+) -> Result<Settled, StoreError> {
+    let Some((_, first)) = writes.first() else {
+        return Ok(Vec::new());
+    };
     match first {
         MarketoWrite::UpsertCompany { .. } => {
             let records = writes
@@ -118,7 +127,10 @@ fn settle_call(
                 })
                 .collect()
         }
-        Err(e) => writes.iter().map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e))).collect(),
+        Err(e) => writes
+            .iter()
+            .map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e)))
+            .collect(),
     }
 }
 
@@ -130,33 +142,57 @@ fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> Wr
             dead(format!("gave up after {attempts} attempts: {e}"))
         }
         MarketoError::Retryable { .. } => WriteOutcome::Retry {
-            at: now_ms() + backoff_ms(attempts, 2_000, 600_000),
+            at: now_ms()
+                + backoff_ms(
+                    attempts,
+                    ctx.config.worker.retry_base_ms,
+                    ctx.config.worker.retry_max_ms,
+                ),
             error: e.to_string(),
             count_attempt: true,
         },
         // Waiting for the daily reset is not a failure of the write.
-        MarketoError::QuotaExhausted { .. } => {
-            WriteOutcome::Retry { at: now_ms() + 15 * 60_000, error: e.to_string(), count_attempt: false }
-        }
+        MarketoError::QuotaExhausted { .. } => WriteOutcome::Retry {
+            at: now_ms() + 15 * 60_000,
+            error: e.to_string(),
+            count_attempt: false,
+        },
         MarketoError::Configuration { .. } => {
             tracing::error!(error = %e, "Marketo configuration problem: pushing stops until it is fixed");
             ctx.lifecycle.set_marketo_problem(Some(e.to_string()));
-            WriteOutcome::Retry { at: now_ms() + 60_000, error: e.to_string(), count_attempt: false }
+            WriteOutcome::Retry {
+                at: now_ms() + 60_000,
+                error: e.to_string(),
+                count_attempt: false,
+            }
         }
         MarketoError::Rejected { .. } => dead(e.to_string()),
     }
 }
 
 /// Finds (or creates) the Marketo lead of each contact that needs a role.
-async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)>) -> Result<Settled, StoreError> {
+async fn ensure_leads(
+    ctx: &WorkerContext,
+    writes: Vec<(StoredWrite, MarketoWrite)>,
+) -> Result<Settled, StoreError> {
     let contact_of = |w: &MarketoWrite| match w {
         MarketoWrite::EnsureLead { contact_id } => Some(*contact_id),
         _ => None,
     };
     let contacts: Vec<Uuid> = writes.iter().filter_map(|(_, w)| contact_of(w)).collect();
     let known = ctx.store.lead_ids(&contacts).await?;
-    let unknown: Vec<Uuid> = contacts.iter().filter(|c| !known.contains_key(c)).copied().collect();
-    let rows = ctx.store.load_rows(&RowKeys { contact_ids: unknown.clone(), ..RowKeys::default() }).await?;
+    let unknown: Vec<Uuid> = contacts
+        .iter()
+        .filter(|c| !known.contains_key(c))
+        .copied()
+        .collect();
+    let rows = ctx
+        .store
+        .load_rows(&RowKeys {
+            contact_ids: unknown.clone(),
+            ..RowKeys::default()
+        })
+        .await?;
     let mut states: HashMap<Uuid, ContactState> = HashMap::new();
     for r in rows.contacts {
         if let Ok(state) = serde_json::from_str::<ContactState>(&r.state) {
@@ -167,7 +203,10 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrit
     // The value each contact is matched by.
     let match_value = |c: &Uuid| -> Option<String> {
         match sync.lead_match {
-            LeadMatch::Email => states.get(c).and_then(|s| s.email.clone()).map(|e| e.to_lowercase()),
+            LeadMatch::Email => states
+                .get(c)
+                .and_then(|s| s.email.clone())
+                .map(|e| e.to_lowercase()),
             LeadMatch::Field => Some(c.to_string()),
         }
     };
@@ -183,7 +222,11 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrit
     let values: Vec<String> = unknown.iter().filter_map(&match_value).collect();
     let mut lead_by_value: HashMap<String, i64> = HashMap::new();
     if !values.is_empty() {
-        match ctx.marketo.find_leads(&filter_type, &values, &["id", filter_type.as_str()]).await {
+        match ctx
+            .marketo
+            .find_leads(&filter_type, &values, &["id", filter_type.as_str()])
+            .await
+        {
             Ok(leads) => {
                 for lead in leads {
                     if let Some(v) = lead.fields.get(&filter_type).and_then(Value::as_str) {
@@ -194,7 +237,10 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrit
                 }
             }
             Err(e) => {
-                return Ok(writes.iter().map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e))).collect());
+                return Ok(writes
+                    .iter()
+                    .map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e)))
+                    .collect());
             }
         }
     }
@@ -215,7 +261,9 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrit
                 None => {
                     outcome.insert(
                         *c,
-                        dead(format!("no Marketo lead matches contact {c} and sync.missing_lead = dead_letter")),
+                        dead(format!(
+                            "no Marketo lead matches contact {c} and sync.missing_lead = dead_letter"
+                        )),
                     );
                 }
             },
@@ -249,7 +297,10 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrit
                         RecordResult::Done { id: Some(id), .. } => match id.parse::<i64>() {
                             Ok(id) => found.push((*c, id)),
                             Err(_) => {
-                                outcome.insert(*c, dead(format!("Marketo returned a non-numeric lead id {id:?}")));
+                                outcome.insert(
+                                    *c,
+                                    dead(format!("Marketo returned a non-numeric lead id {id:?}")),
+                                );
                             }
                         },
                         RecordResult::Done { id: None, .. } => {
@@ -292,12 +343,23 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrit
 
 /// Role upserts wait for their opportunity and lead; role deletes need the lead id (a role whose
 /// contact never got a lead was never created, so its delete is already done).
-async fn push_roles(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)>) -> Result<Settled, StoreError> {
+async fn push_roles(
+    ctx: &WorkerContext,
+    writes: Vec<(StoredWrite, MarketoWrite)>,
+) -> Result<Settled, StoreError> {
     let mut contacts = Vec::new();
     let mut dependency_keys = Vec::new();
     for (_, w) in &writes {
-        if let MarketoWrite::UpsertRole { opportunity_id, contact_id, .. }
-        | MarketoWrite::DeleteRole { opportunity_id, contact_id, .. } = w
+        if let MarketoWrite::UpsertRole {
+            opportunity_id,
+            contact_id,
+            ..
+        }
+        | MarketoWrite::DeleteRole {
+            opportunity_id,
+            contact_id,
+            ..
+        } = w
         {
             contacts.push(*contact_id);
             dependency_keys.push(format!("opportunity:{opportunity_id}"));
@@ -312,19 +374,31 @@ async fn push_roles(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)
     for item in &writes {
         let (s, w) = item;
         match w {
-            MarketoWrite::UpsertRole { opportunity_id, contact_id, role } => {
+            MarketoWrite::UpsertRole {
+                opportunity_id,
+                contact_id,
+                role,
+            } => {
                 let opp_key = format!("opportunity:{opportunity_id}");
                 let lead_key = format!("lead:{contact_id}");
-                match (statuses.get(&opp_key), statuses.get(&lead_key), leads.get(contact_id)) {
+                match (
+                    statuses.get(&opp_key),
+                    statuses.get(&lead_key),
+                    leads.get(contact_id),
+                ) {
                     (Some(WriteStatus::Dead), _, _) => settled.push((
                         s.key.clone(),
                         s.revision,
-                        dead(format!("its opportunity could not be written to Marketo ({opp_key} is a dead letter)")),
+                        dead(format!(
+                            "its opportunity could not be written to Marketo ({opp_key} is a dead letter)"
+                        )),
                     )),
                     (_, Some(WriteStatus::Dead), _) => settled.push((
                         s.key.clone(),
                         s.revision,
-                        dead(format!("the contact has no Marketo lead ({lead_key} is a dead letter)")),
+                        dead(format!(
+                            "the contact has no Marketo lead ({lead_key} is a dead letter)"
+                        )),
                     )),
                     // Marketo refuses a role whose opportunity or lead does not exist yet.
                     (Some(WriteStatus::Pending), _, _) | (_, Some(WriteStatus::Pending), _) => {}
@@ -340,7 +414,11 @@ async fn push_roles(ctx: &WorkerContext, writes: Vec<(StoredWrite, MarketoWrite)
                     )),
                 }
             }
-            MarketoWrite::DeleteRole { opportunity_id, contact_id, role } => match leads.get(contact_id) {
+            MarketoWrite::DeleteRole {
+                opportunity_id,
+                contact_id,
+                role,
+            } => match leads.get(contact_id) {
                 None => settled.push((s.key.clone(), s.revision, WriteOutcome::Done)),
                 Some(lead) => deletes.push((
                     item,

@@ -4,4 +4,5 @@
 
 mod support;
 
+mod rules_e2e;
 mod store_pg;

@@ -2,4 +2,5 @@
 
 #![allow(dead_code)]
 
+pub mod app;
 pub mod pg;
