@@ -11,6 +11,8 @@ use oppsync::store::now_ms;
 
 pub const KEY: &str = "test-webhook-key-0001";
 
+pub type ConfigTweak = Box<dyn FnOnce(&mut Config)>;
+
 pub struct TestEnv {
     pub app: RunningApp,
     pub sims: Simulators,
@@ -25,7 +27,7 @@ pub struct EnvOptions {
     pub marketo: Option<MarketoSimConfig>,
     pub postgres: bool,
     pub intake_only: bool,
-    pub tweak: Option<Box<dyn FnOnce(&mut Config)>>,
+    pub tweak: Option<ConfigTweak>,
 }
 
 impl TestEnv {
