@@ -39,18 +39,22 @@ pub async fn healthz() -> Json<Health> {
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let mut checks = std::collections::BTreeMap::new();
     let mut ready = true;
-    let store =
-        match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ensure_schema()).await {
-            Ok(Ok(())) => "ok".to_owned(),
-            Ok(Err(e)) => {
-                ready = false;
-                e.to_string()
-            }
-            Err(_) => {
-                ready = false;
-                "the store did not answer within 2 s".to_owned()
-            }
-        };
+    let store = match tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        state.store.ensure_schema().await?;
+        state.store.ping().await
+    })
+    .await
+    {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => {
+            ready = false;
+            e.to_string()
+        }
+        Err(_) => {
+            ready = false;
+            "the store did not answer within 2 s".to_owned()
+        }
+    };
     checks.insert("store", store);
     if state.lifecycle.is_draining() {
         ready = false;

@@ -136,8 +136,9 @@ macro_rules! sql_store {
                 Ok(if missing == 0 { SchemaState::UpToDate } else { SchemaState::Behind(missing) })
             }
 
+            /// Reachable and the inbox readable (what intake needs).
             pub async fn ping(&self) -> Result<(), StoreError> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                sqlx::query("SELECT id FROM inbox LIMIT 1").fetch_optional(&self.pool).await?;
                 Ok(())
             }
 

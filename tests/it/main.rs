@@ -4,5 +4,7 @@
 
 mod support;
 
+mod durability;
+mod intake;
 mod rules_e2e;
 mod store_pg;
