@@ -6,7 +6,7 @@ use oppsync::config::{Secret, WebhookAuth};
 use oppsync::dynamics::AttributeValue;
 use oppsync::dynamics::compose::NotificationBuilder;
 use oppsync::store::NotificationStatus;
-use rand::{Rng, RngExt, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -370,7 +370,6 @@ async fn probes_answer() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let _ = Duration::from_secs(0);
     env.stop().await;
 }
 
