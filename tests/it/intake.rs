@@ -1,6 +1,5 @@
 //! Webhook intake over real HTTP: every answer Dynamics can get, and durability.
 
-use std::time::Duration;
 
 use oppsync::config::{Secret, WebhookAuth};
 use oppsync::dynamics::AttributeValue;
