@@ -40,7 +40,7 @@ struct ConnectionPair {
 /// would send them.
 pub struct DynamicsOrg {
     clock: Version,
-    dataverse: Option<DataverseSimHandle>,
+    dataverse: Vec<DataverseSimHandle>,
     opportunities: BTreeMap<Uuid, Attributes>,
     contacts: BTreeMap<Uuid, Attributes>,
     connections: Vec<ConnectionPair>,
@@ -53,11 +53,16 @@ impl DynamicsOrg {
     pub fn new(start_ms: Version, dataverse: Option<DataverseSimHandle>) -> DynamicsOrg {
         DynamicsOrg {
             clock: start_ms,
-            dataverse,
+            dataverse: dataverse.into_iter().collect(),
             opportunities: BTreeMap::new(),
             contacts: BTreeMap::new(),
             connections: Vec::new(),
         }
+    }
+
+    /// Also keeps the rows in another Dataverse simulator (two services fed the same history).
+    pub fn mirror_to(&mut self, dataverse: DataverseSimHandle) {
+        self.dataverse.push(dataverse);
     }
 
     fn tick(&mut self) -> Version {
@@ -176,7 +181,7 @@ impl DynamicsOrg {
     pub fn delete_opportunity(&mut self, id: Uuid) -> Vec<NotificationBuilder> {
         let v = self.tick();
         let pre = self.opportunities.remove(&id).unwrap_or_default();
-        if let Some(dv) = &self.dataverse {
+        for dv in &self.dataverse {
             dv.remove_opportunity(id);
         }
         let mut out = Vec::new();
@@ -229,7 +234,7 @@ impl DynamicsOrg {
                 .post_image(IMAGE, master_attrs),
         ];
         self.clock = v + 1;
-        if let Some(dv) = &self.dataverse {
+        for dv in &self.dataverse {
             for (id, r1, r2, r1role, r2role) in [
                 (
                     master,
@@ -347,7 +352,7 @@ impl DynamicsOrg {
     }
 
     fn connection_deletes(&self, pair: &ConnectionPair, v: Version) -> Vec<NotificationBuilder> {
-        if let Some(dv) = &self.dataverse {
+        for dv in &self.dataverse {
             dv.remove_connection(pair.master);
             dv.remove_connection(pair.reciprocal);
         }
@@ -372,10 +377,9 @@ impl DynamicsOrg {
     }
 
     fn mirror_contact(&self, id: Uuid, v: Version) {
-        let Some(dv) = &self.dataverse else { return };
         let Some(row) = self.contacts.get(&id) else { return };
         let text = |k: &str| row.get(k).and_then(AttributeValue::as_str).map(str::to_owned);
-        dv.put_contact(ContactFixture {
+        let fixture = ContactFixture {
             id,
             first_name: text("firstname"),
             last_name: text("lastname"),
@@ -386,12 +390,17 @@ impl DynamicsOrg {
                 .and_then(AttributeValue::as_entity_ref)
                 .cloned(),
             modified_on: datetime_from_ms(v),
-        });
+        };
+        for dv in &self.dataverse {
+            dv.put_contact(fixture.clone());
+        }
     }
 
     fn mirror_opportunity(&self, id: Uuid) {
-        if let (Some(dv), Some(row)) = (&self.dataverse, self.opportunities.get(&id)) {
-            dv.put_opportunity(id, row.clone());
+        if let Some(row) = self.opportunities.get(&id) {
+            for dv in &self.dataverse {
+                dv.put_opportunity(id, row.clone());
+            }
         }
     }
 }

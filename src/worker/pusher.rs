@@ -160,8 +160,9 @@ fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> Wr
         MarketoError::Configuration { .. } => {
             tracing::error!(error = %e, "Marketo configuration problem: pushing stops until it is fixed");
             ctx.lifecycle.set_marketo_problem(Some(e.to_string()));
+            // Probe again within a minute: someone may be fixing the instance right now.
             WriteOutcome::Retry {
-                at: now_ms() + 60_000,
+                at: now_ms() + ctx.config.worker.retry_max_ms.min(60_000),
                 error: e.to_string(),
                 count_attempt: false,
             }

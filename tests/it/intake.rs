@@ -1,6 +1,5 @@
 //! Webhook intake over real HTTP: every answer Dynamics can get, and durability.
 
-
 use oppsync::config::{Secret, WebhookAuth};
 use oppsync::dynamics::AttributeValue;
 use oppsync::dynamics::compose::NotificationBuilder;
