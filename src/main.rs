@@ -47,11 +47,23 @@ enum Command {
     },
     /// Print the OpenAPI document (YAML).
     Openapi,
+    /// Run the real service against the built-in Marketo and Dataverse simulators, replay a
+    /// scripted Dynamics history, and print what Marketo ends up holding.
+    Demo,
+    /// Run the Marketo and Dataverse simulators alone, for trying `serve` by hand.
+    Sim {
+        /// Marketo simulator address.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        marketo: std::net::SocketAddr,
+        /// Dataverse simulator address.
+        #[arg(long, default_value = "127.0.0.1:8091")]
+        dataverse: std::net::SocketAddr,
+    },
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -71,7 +83,12 @@ fn load(cli: &Cli, purpose: Purpose) -> Result<Config, ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own report; its service logs only what goes wrong.
+    let default_filter = match cli.command {
+        Command::Demo => "warn",
+        _ => "info,sqlx=warn,tower_http=warn",
+    };
+    init_logging(cli.log_format, default_filter);
     match run(&cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -126,6 +143,34 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--online needs the Marketo client, which this build does not have yet");
             }
             eprintln!("configuration is valid");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            let report = oppsync::demo::run(|line| println!("{line}")).await?;
+            println!("{}", report.text);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sim { marketo, dataverse } => {
+            let cfg = oppsync::sim::marketo::MarketoSimConfig { addr: *marketo, ..Default::default() };
+            let m = oppsync::sim::marketo::MarketoSim::start(cfg).await?;
+            let d = oppsync::sim::dataverse::DataverseSim::start_on(*dataverse).await?;
+            let dv = d.config();
+            println!("Marketo simulator:   {}   (state: {}/_sim/state)", m.base_url(), m.base_url());
+            println!("Dataverse simulator: {}", d.url());
+            println!("\nPoint `oppsync serve` at them with:");
+            println!("  export OPPSYNC__MARKETO__BASE_URL={}", m.base_url());
+            println!("  export OPPSYNC__MARKETO__CLIENT_ID={}", m.client_id());
+            println!("  export OPPSYNC__MARKETO__CLIENT_SECRET={}", m.client_secret());
+            println!("  export OPPSYNC__DATAVERSE__URL={}", d.url());
+            println!("  export OPPSYNC__DATAVERSE__TOKEN_URL={}", d.token_url());
+            println!("  export OPPSYNC__DATAVERSE__CLIENT_ID={}", dv.client_id.unwrap_or_default());
+            println!(
+                "  export OPPSYNC__DATAVERSE__CLIENT_SECRET={}",
+                dv.client_secret.map(|s| s.expose().to_owned()).unwrap_or_default()
+            );
+            println!("  export OPPSYNC__WEBHOOK__KEYS=local-webhook-key");
+            println!("\nThese are simulators with well-known test credentials; press Ctrl-C to stop.");
+            wait_for_signal().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Openapi => {

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{WorkerContext, backoff_ms};
@@ -53,9 +54,8 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
         message = %entry.message,
         record_id = %entry.record_id,
     );
-    let _guard = span.enter();
     let started = now_ms();
-    match plan_and_commit(ctx, &entry).await {
+    match plan_and_commit(ctx, &entry).instrument(span.clone()).await {
         Ok(writes) => {
             metrics::counter!("oppsync_worker_notifications_total", "outcome" => "applied").increment(1);
             metrics::histogram!("oppsync_worker_lag_seconds")
@@ -63,17 +63,17 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
             tracing::info!(writes, took_ms = now_ms() - started, "notification applied");
         }
         Err(PlanError::LeaseLost) => {
-            tracing::warn!("lease lost; another worker owns this notification now");
+            tracing::warn!(parent: &span, "lease lost; another worker owns this notification now");
         }
         Err(e) => {
             let attempts = u32::try_from(entry.attempts).unwrap_or(u32::MAX);
             let settlement = if e.is_permanent() || attempts >= ctx.config.worker.max_attempts {
                 metrics::counter!("oppsync_worker_notifications_total", "outcome" => "dead").increment(1);
-                tracing::error!(error = %e, attempts, "notification dead-lettered");
+                tracing::error!(parent: &span, error = %e, attempts, "notification dead-lettered");
                 Settlement::Dead { error: e.to_string() }
             } else {
                 metrics::counter!("oppsync_worker_notifications_total", "outcome" => "retry").increment(1);
-                tracing::warn!(error = %e, attempts, "notification will be retried");
+                tracing::warn!(parent: &span, error = %e, attempts, "notification will be retried");
                 Settlement::Retry {
                     at: now_ms()
                         + backoff_ms(

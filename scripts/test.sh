@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: what the README's second quick-start command and CI run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-postgres.sh
+cargo test --locked
+for check in scripts/check-*.sh; do
+  [ -e "$check" ] || continue
+  echo "== $check"
+  "$check"
+done
