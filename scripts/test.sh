@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: what the README's second quick-start command and CI run.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(cd "$(dirname "$0")/.." && pwd -P)"
 
 scripts/ensure-postgres.sh
 cargo test --locked

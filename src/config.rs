@@ -188,6 +188,9 @@ pub struct MarketoConfig {
     pub retry_max_delay_ms: u64,
     /// Multiplies the client timeouts (which sit a little above each endpoint's server timeout).
     pub timeout_scale: f64,
+    /// A batch smaller than `batch_size` waits until its oldest write is this old, so bursts of
+    /// changes go out as few full calls (Marketo's advice: batch by age and size).
+    pub batch_linger_ms: u64,
 }
 
 impl Default for MarketoConfig {
@@ -206,6 +209,7 @@ impl Default for MarketoConfig {
             retry_base_delay_ms: 500,
             retry_max_delay_ms: 30_000,
             timeout_scale: 1.0,
+            batch_linger_ms: 1_000,
         }
     }
 }

@@ -45,14 +45,31 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
     let (tom, n2) = org.create_contact("Tom", "Avery", "tom@contoso.com", Some(contoso));
     let (maria, n3) = org.create_contact("Maria", "Campbell", "maria@fabrikam.com", Some(fabrikam));
     let (priya, n4) = org.create_contact("Priya", "Shah", "priya@freelance.example", None);
-    steps.push(Step { caption: "four contacts created", notifications: vec![n1, n2, n3, n4] });
+    steps.push(Step {
+        caption: "four contacts created",
+        notifications: vec![n1, n2, n3, n4],
+    });
 
-    let (renewal, n) =
-        org.create_opportunity("Contoso - 500 seats renewal", Customer::Contact(james), Decimal::new(125_000, 0), 60);
-    steps.push(Step { caption: "opportunity with a contact as potential customer", notifications: vec![n] });
-    let (pilot, n) =
-        org.create_opportunity("Fabrikam - pilot", Customer::Account(fabrikam.0), Decimal::new(18_000, 0), 30);
-    steps.push(Step { caption: "opportunity with an account as potential customer", notifications: vec![n] });
+    let (renewal, n) = org.create_opportunity(
+        "Contoso - 500 seats renewal",
+        Customer::Contact(james),
+        Decimal::new(125_000, 0),
+        60,
+    );
+    steps.push(Step {
+        caption: "opportunity with a contact as potential customer",
+        notifications: vec![n],
+    });
+    let (pilot, n) = org.create_opportunity(
+        "Fabrikam - pilot",
+        Customer::Account(fabrikam.0),
+        Decimal::new(18_000, 0),
+        30,
+    );
+    steps.push(Step {
+        caption: "opportunity with an account as potential customer",
+        notifications: vec![n],
+    });
     steps.push(Step {
         caption: "stakeholder added from the opportunity (master, reciprocal, back-fill)",
         notifications: org.add_stakeholder(pilot, maria, ROLE_STAKEHOLDER),
@@ -62,10 +79,16 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
         notifications: org.add_stakeholder_from_contact(renewal, tom, ROLE_DECISION_MAKER),
     });
     let mut older = Attributes::new();
-    older.insert("estimatedvalue".into(), AttributeValue::Money(Decimal::new(130_000, 0)));
+    older.insert(
+        "estimatedvalue".into(),
+        AttributeValue::Money(Decimal::new(130_000, 0)),
+    );
     let older = org.update_opportunity(renewal, older);
     let mut newer = Attributes::new();
-    newer.insert("estimatedvalue".into(), AttributeValue::Money(Decimal::new(142_500, 0)));
+    newer.insert(
+        "estimatedvalue".into(),
+        AttributeValue::Money(Decimal::new(142_500, 0)),
+    );
     newer.insert("closeprobability".into(), AttributeValue::Int(80));
     let newer = org.update_opportunity(renewal, newer);
     steps.push(Step {
@@ -76,26 +99,61 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
         caption: "potential customer changed from an account to a contact without account",
         notifications: vec![org.change_customer(pilot, Customer::Contact(priya))],
     });
-    steps.push(Step { caption: "stakeholder removed", notifications: org.remove_stakeholder(renewal, tom) });
-    let (doomed, n) = org.create_opportunity("Northwind - lost cause", Customer::Contact(priya), Decimal::new(5_000, 0), 5);
+    steps.push(Step {
+        caption: "stakeholder removed",
+        notifications: org.remove_stakeholder(renewal, tom),
+    });
+    let (doomed, n) = org.create_opportunity(
+        "Northwind - lost cause",
+        Customer::Contact(priya),
+        Decimal::new(5_000, 0),
+        5,
+    );
     let mut deleted = vec![n];
     deleted.extend(org.delete_opportunity(doomed));
-    steps.push(Step { caption: "opportunity created, then deleted", notifications: deleted });
-    steps.push(Step { caption: "the renewal is won", notifications: vec![org.win(renewal)] });
-    let names = vec![(renewal, "Contoso - 500 seats renewal"), (pilot, "Fabrikam - pilot"), (doomed, "Northwind - lost cause")];
+    steps.push(Step {
+        caption: "opportunity created, then deleted",
+        notifications: deleted,
+    });
+    steps.push(Step {
+        caption: "the renewal is won",
+        notifications: vec![org.win(renewal)],
+    });
+    let names = vec![
+        (renewal, "Contoso - 500 seats renewal"),
+        (pilot, "Fabrikam - pilot"),
+        (doomed, "Northwind - lost cause"),
+    ];
     (steps, names)
 }
 
 /// Runs the demo; `echo` receives progress lines as they happen.
 pub async fn run(mut echo: impl FnMut(&str)) -> anyhow::Result<DemoReport> {
     let dir = tempfile::tempdir().context("creating a temporary directory for the demo store")?;
-    let sims = Simulators::start(MarketoSimConfig::default()).await.context("starting the simulators")?;
+    let sims = Simulators::start(MarketoSimConfig::default())
+        .await
+        .context("starting the simulators")?;
     let store_url = format!("sqlite://{}", dir.path().join("oppsync-demo.db").display());
     let mut config = sims.service_config(&store_url, DEMO_KEY);
     Simulators::make_quick(&mut config);
-    let app = start(config, StartOptions { migrate: true, intake_only: false }).await?;
-    echo(&format!("oppsync is listening on {} (SQLite store {})", app.url(), store_url));
-    echo(&format!("Marketo simulator at {}, Dataverse simulator at {}", sims.marketo.base_url(), sims.dataverse.url()));
+    let app = start(
+        config,
+        StartOptions {
+            migrate: true,
+            intake_only: false,
+        },
+    )
+    .await?;
+    echo(&format!(
+        "oppsync is listening on {} (SQLite store {})",
+        app.url(),
+        store_url
+    ));
+    echo(&format!(
+        "Marketo simulator at {}, Dataverse simulator at {}",
+        sims.marketo.base_url(),
+        sims.dataverse.url()
+    ));
     echo("");
 
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
@@ -105,7 +163,9 @@ pub async fn run(mut echo: impl FnMut(&str)) -> anyhow::Result<DemoReport> {
     for step in &steps {
         let mut answers = Vec::new();
         for n in &step.notifications {
-            let mut req = http.post(format!("{}/webhooks/dynamics?code={DEMO_KEY}", app.url())).body(n.to_json());
+            let mut req = http
+                .post(format!("{}/webhooks/dynamics?code={DEMO_KEY}", app.url()))
+                .body(n.to_json());
             for (k, v) in n.headers() {
                 req = req.header(k, v);
             }
@@ -125,12 +185,21 @@ pub async fn run(mut echo: impl FnMut(&str)) -> anyhow::Result<DemoReport> {
             break;
         }
         if started.elapsed() > Duration::from_secs(60) {
-            bail!("the queue did not drain within 60 s: {:?}", app.state.store.stats(now_ms()).await?);
+            bail!(
+                "the queue did not drain within 60 s: {:?}",
+                app.state.store.stats(now_ms()).await?
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stats = app.state.store.stats(now_ms()).await?;
-    let text = render(&sims, &names, posted, started.elapsed(), stats.inbox_dead + stats.writes_dead);
+    let text = render(
+        &sims,
+        &names,
+        posted,
+        started.elapsed(),
+        stats.inbox_dead + stats.writes_dead,
+    );
     let report = DemoReport {
         opportunities: sims.marketo.opportunities().len(),
         roles: sims.marketo.roles().len(),
@@ -153,7 +222,11 @@ fn render(
     let companies = m.companies();
     let leads = m.leads();
     let name_of = |ext: &str| {
-        names.iter().find(|(id, _)| id.to_string() == ext).map(|(_, n)| (*n).to_owned()).unwrap_or_else(|| ext.to_owned())
+        names
+            .iter()
+            .find(|(id, _)| id.to_string() == ext)
+            .map(|(_, n)| (*n).to_owned())
+            .unwrap_or_else(|| ext.to_owned())
     };
     let text = |v: Option<&Value>| match v {
         Some(Value::String(s)) => s.clone(),
@@ -161,9 +234,17 @@ fn render(
         Some(other) => other.to_string(),
     };
     let mut out = String::new();
-    let _ = writeln!(out, "\n{posted} notifications posted; queue drained in {:.1} s; dead letters: {dead}\n", drained_in.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "\n{posted} notifications posted; queue drained in {:.1} s; dead letters: {dead}\n",
+        drained_in.as_secs_f64()
+    );
     let _ = writeln!(out, "Marketo opportunities");
-    let _ = writeln!(out, "  {:<30} {:<6} {:>10} {:>5} {:<8} {:<14}", "name", "stage", "amount", "prob", "closed/won", "company");
+    let _ = writeln!(
+        out,
+        "  {:<30} {:<6} {:>10} {:>5} {:<8} {:<14}",
+        "name", "stage", "amount", "prob", "closed/won", "company"
+    );
     for (ext, o) in m.opportunities() {
         let company = match o.get("externalCompanyId") {
             Some(Value::String(id)) => match companies.get(id).and_then(|c| c.get("company")) {
@@ -193,8 +274,15 @@ fn render(
     let _ = writeln!(out, "\nMarketo calls (calls / records)");
     let mut by_path: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for call in m.calls() {
-        let records = call.body.get("input").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
-        let e = by_path.entry(format!("{} {}", call.method, call.path)).or_default();
+        let records = call
+            .body
+            .get("input")
+            .and_then(Value::as_array)
+            .map(Vec::len)
+            .unwrap_or(0);
+        let e = by_path
+            .entry(format!("{} {}", call.method, call.path))
+            .or_default();
         e.0 += 1;
         e.1 += records;
     }

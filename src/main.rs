@@ -151,11 +151,18 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim { marketo, dataverse } => {
-            let cfg = oppsync::sim::marketo::MarketoSimConfig { addr: *marketo, ..Default::default() };
+            let cfg = oppsync::sim::marketo::MarketoSimConfig {
+                addr: *marketo,
+                ..Default::default()
+            };
             let m = oppsync::sim::marketo::MarketoSim::start(cfg).await?;
             let d = oppsync::sim::dataverse::DataverseSim::start_on(*dataverse).await?;
             let dv = d.config();
-            println!("Marketo simulator:   {}   (state: {}/_sim/state)", m.base_url(), m.base_url());
+            println!(
+                "Marketo simulator:   {}   (state: {}/_sim/state)",
+                m.base_url(),
+                m.base_url()
+            );
             println!("Dataverse simulator: {}", d.url());
             println!("\nPoint `oppsync serve` at them with:");
             println!("  export OPPSYNC__MARKETO__BASE_URL={}", m.base_url());
@@ -163,10 +170,15 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             println!("  export OPPSYNC__MARKETO__CLIENT_SECRET={}", m.client_secret());
             println!("  export OPPSYNC__DATAVERSE__URL={}", d.url());
             println!("  export OPPSYNC__DATAVERSE__TOKEN_URL={}", d.token_url());
-            println!("  export OPPSYNC__DATAVERSE__CLIENT_ID={}", dv.client_id.unwrap_or_default());
+            println!(
+                "  export OPPSYNC__DATAVERSE__CLIENT_ID={}",
+                dv.client_id.unwrap_or_default()
+            );
             println!(
                 "  export OPPSYNC__DATAVERSE__CLIENT_SECRET={}",
-                dv.client_secret.map(|s| s.expose().to_owned()).unwrap_or_default()
+                dv.client_secret
+                    .map(|s| s.expose().to_owned())
+                    .unwrap_or_default()
             );
             println!("  export OPPSYNC__WEBHOOK__KEYS=local-webhook-key");
             println!("\nThese are simulators with well-known test credentials; press Ctrl-C to stop.");

@@ -62,6 +62,16 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     } else {
         checks.insert("lifecycle", "ok".to_owned());
     }
+    // Informational: which replica pushes to Marketo (never affects readiness).
+    checks.insert(
+        "pusher",
+        if state.lifecycle.is_pushing() {
+            "leader"
+        } else {
+            "standby"
+        }
+        .to_owned(),
+    );
     match state.lifecycle.marketo_problem() {
         Some(problem) => {
             ready = false;

@@ -28,6 +28,7 @@ use problem::ApiError;
 #[derive(Debug, Default)]
 pub struct Lifecycle {
     draining: AtomicBool,
+    pushing: AtomicBool,
     marketo_problem: RwLock<Option<String>>,
 }
 
@@ -38,6 +39,15 @@ impl Lifecycle {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether this replica currently holds the push lease.
+    pub fn set_pushing(&self, pushing: bool) {
+        self.pushing.store(pushing, Ordering::SeqCst);
+    }
+
+    pub fn is_pushing(&self) -> bool {
+        self.pushing.load(Ordering::SeqCst)
     }
 
     /// A Marketo configuration error (e.g. 1018 native CRM sync enabled) stops pushing and

@@ -51,6 +51,7 @@ impl Simulators {
         config.marketo.retry_base_delay_ms = 20;
         config.marketo.retry_max_delay_ms = 400;
         config.marketo.timeout_scale = 0.05;
+        config.marketo.batch_linger_ms = 0;
         config.worker.retry_base_ms = 50;
         config.worker.retry_max_ms = 500;
         config.dataverse.max_rate_limit_wait_secs = 10;

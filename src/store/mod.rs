@@ -298,6 +298,29 @@ pub enum SchemaState {
     Ahead,
 }
 
+/// The right to push to Marketo. One replica at a time holds it, so the per-instance Marketo
+/// limits hold for the whole deployment without a distributed rate limiter.
+pub enum PushLease {
+    /// SQLite: one process owns the file.
+    Local,
+    /// PostgreSQL: a session advisory lock on a dedicated connection. When the process dies its
+    /// connection closes and PostgreSQL releases the lock, so another replica takes over.
+    Postgres(sqlx::PgConnection),
+}
+
+/// Advisory lock key for the pusher ("oppsync" in ASCII).
+const PUSH_LOCK_KEY: i64 = 0x006f_7070_7379_6e63;
+
+impl PushLease {
+    /// Whether the lease still holds (the lock's connection is alive).
+    pub async fn is_held(&mut self) -> bool {
+        match self {
+            PushLease::Local => true,
+            PushLease::Postgres(conn) => sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok(),
+        }
+    }
+}
+
 /// The store, on one of its backends.
 #[derive(Clone)]
 pub enum Store {
@@ -353,6 +376,23 @@ impl Store {
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Tries to become the pushing replica; None when another replica is.
+    pub async fn try_push_lease(&self) -> Result<Option<PushLease>, StoreError> {
+        use sqlx::Connection;
+        match self {
+            Store::Sqlite(_) => Ok(Some(PushLease::Local)),
+            Store::Postgres(s) => {
+                let options = s.pool().connect_options();
+                let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(PUSH_LOCK_KEY)
+                    .fetch_one(&mut conn)
+                    .await?;
+                Ok(got.then_some(PushLease::Postgres(conn)))
+            }
+        }
     }
 
     pub async fn schema_state(&self) -> Result<SchemaState, StoreError> {

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::dynamics::webapi::DataverseClient;
 use crate::http::Lifecycle;
 use crate::marketo::MarketoClient;
-use crate::store::{Store, now_ms};
+use crate::store::{PushLease, Store, now_ms};
 
 /// What the worker tasks share.
 pub struct WorkerContext {
@@ -144,7 +144,39 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
 
 async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
     let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
+    let mut lease: Option<PushLease> = None;
     while !shutdown.is_cancelled() {
+        // Only the lease holder pushes; the others retry every second and take over when the
+        // holder's connection (and with it the advisory lock) goes away.
+        let held = match lease.as_mut() {
+            Some(l) => l.is_held().await,
+            None => false,
+        };
+        if !held {
+            if lease.take().is_some() {
+                tracing::warn!("lost the push lease");
+            }
+            match ctx.store.try_push_lease().await {
+                Ok(Some(l)) => {
+                    tracing::info!(owner = %ctx.owner, "this replica now pushes to Marketo");
+                    if matches!(l, PushLease::Postgres(_)) {
+                        // A replica that just died may have made calls in the current rate
+                        // window; let them age out before the first call of ours.
+                        let window = Duration::from_secs_f64(ctx.config.marketo.window_secs.max(0.0));
+                        sleep_or_cancel(&shutdown, window).await;
+                    }
+                    lease = Some(l);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "could not try the push lease"),
+            }
+        }
+        ctx.lifecycle.set_pushing(lease.is_some());
+        metrics::gauge!("oppsync_pusher_leader").set(if lease.is_some() { 1.0 } else { 0.0 });
+        if lease.is_none() {
+            sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
+            continue;
+        }
         if ctx.is_paused().await {
             sleep_or_cancel(&shutdown, poll.max(Duration::from_millis(500))).await;
             continue;
@@ -164,6 +196,7 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
             }
         }
     }
+    ctx.lifecycle.set_pushing(false);
 }
 
 async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {

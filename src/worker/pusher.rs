@@ -39,7 +39,15 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<usize, StoreError> {
     }
     ctx.store.settle_writes(&settled).await?;
     let mut count = settled.len();
+    let linger = i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX);
+    let now = now_ms();
     for (_, writes) in by_phase {
+        // A partial batch waits to fill up (at most batch_linger_ms); later phases wait with it, so the
+        // dependency order (companies, leads, opportunities, roles, deletes) holds.
+        let oldest = writes.iter().map(|(s, _)| s.updated_at).min().unwrap_or(now);
+        if writes.len() < ctx.config.marketo.batch_size && now - oldest < linger {
+            break;
+        }
         let outcomes = push_phase(ctx, writes).await?;
         count += outcomes.len();
         ctx.store.settle_writes(&outcomes).await?;

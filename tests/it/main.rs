@@ -4,8 +4,10 @@
 
 mod support;
 
+mod demo;
 mod durability;
 mod intake;
 mod pipeline;
+mod replicas;
 mod rules_e2e;
 mod store_pg;

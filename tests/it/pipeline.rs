@@ -2,14 +2,12 @@
 //! duplicated, Marketo and Dataverse faults, and a SIGKILL in the middle of a run. In every case
 //! Marketo must end up exactly as in-order, trouble-free delivery leaves it.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use oppsync::dynamics::compose::NotificationBuilder;
-use oppsync::dynamics::{AttributeValue, Attributes};
-use oppsync::sim::dataverse::{ROLE_BUSINESS_PARTNER, ROLE_DECISION_MAKER, ROLE_STAKEHOLDER};
+
 use oppsync::sim::env::{Simulators, eventually};
-use oppsync::sim::marketo::{Fault, MarketoSimHandle};
+use oppsync::sim::marketo::Fault;
 use oppsync::sim::org::{Customer, DynamicsOrg};
 use oppsync::store::{Store, WriteStatus, now_ms};
 use rand::rngs::StdRng;
@@ -21,152 +19,7 @@ use uuid::Uuid;
 
 use crate::support::app::{KEY, TestEnv};
 use crate::support::process::{ServeProcess, free_port, serve_env};
-
-/// What Marketo holds, in comparable form: opportunities, roles by lead email, and whether the
-/// companies the opportunities point at exist. (A company's display name is best effort: oppsync
-/// learns it only when Dynamics sends one, so which name arrives first depends on the order.)
-#[derive(Debug, PartialEq)]
-struct MarketoView {
-    opportunities: BTreeMap<String, BTreeMap<String, Value>>,
-    roles: BTreeSet<(String, String, String)>,
-    companies: BTreeMap<String, bool>,
-}
-
-fn view(m: &MarketoSimHandle) -> MarketoView {
-    let leads = m.leads();
-    let companies_all = m.companies();
-    let mut opportunities = BTreeMap::new();
-    let mut companies = BTreeMap::new();
-    for (id, fields) in m.opportunities() {
-        // Marketo's own bookkeeping differs between instances.
-        let kept: BTreeMap<String, Value> = fields
-            .into_iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "marketoGUID" | "createdAt" | "updatedAt" | "seq"))
-            .collect();
-        if let Some(company) = kept.get("externalCompanyId").and_then(Value::as_str) {
-            companies.insert(company.to_owned(), companies_all.contains_key(company));
-        }
-        opportunities.insert(id, kept);
-    }
-    let roles = m
-        .roles()
-        .into_iter()
-        .map(|(opp, lead, role)| {
-            let email = leads
-                .get(&lead)
-                .and_then(|l| l.get("email"))
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_owned();
-            (opp, email, role)
-        })
-        .collect();
-    MarketoView {
-        opportunities,
-        roles,
-        companies,
-    }
-}
-
-/// A random but plausible history of changes in one Dynamics org.
-fn history(seed: u64, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = Vec::new();
-    let accounts: Vec<(Uuid, String)> = (0..3).map(|i| (Uuid::new_v4(), format!("Account {i}"))).collect();
-    let mut contacts = Vec::new();
-    for i in 0..5 {
-        let parent = if rng.random_bool(0.6) {
-            let (id, name) = &accounts[rng.random_range(0..accounts.len())];
-            Some((*id, name.as_str()))
-        } else {
-            None
-        };
-        let (c, n) = org.create_contact(
-            &format!("C{i}"),
-            "Person",
-            &format!("c{i}-{seed}@example.com"),
-            parent,
-        );
-        contacts.push(c);
-        out.push(n);
-    }
-    let mut opportunities = Vec::new();
-    for i in 0..4 {
-        let customer = if rng.random_bool(0.5) {
-            Customer::Contact(contacts[rng.random_range(0..contacts.len())])
-        } else {
-            Customer::Account(accounts[rng.random_range(0..accounts.len())].0)
-        };
-        let (o, n) = org.create_opportunity(
-            &format!("Deal {i}"),
-            customer,
-            Decimal::new(rng.random_range(1..1000) * 100, 0),
-            10,
-        );
-        opportunities.push(o);
-        out.push(n);
-    }
-    let mut stakeholders: BTreeSet<(Uuid, Uuid)> = BTreeSet::new();
-    let mut deleted = false;
-    for _ in 0..30 {
-        let opp = opportunities[rng.random_range(0..opportunities.len())];
-        let contact = contacts[rng.random_range(0..contacts.len())];
-        match rng.random_range(0..10) {
-            0 | 1 => {
-                let mut changes = Attributes::new();
-                changes.insert(
-                    "estimatedvalue".into(),
-                    AttributeValue::Money(Decimal::new(rng.random_range(1..1000) * 100, 0)),
-                );
-                changes.insert(
-                    "closeprobability".into(),
-                    AttributeValue::Int(rng.random_range(0..100)),
-                );
-                out.push(org.update_opportunity(opp, changes));
-            }
-            2 => {
-                let customer = if rng.random_bool(0.5) {
-                    Customer::Contact(contact)
-                } else {
-                    Customer::Account(accounts[rng.random_range(0..accounts.len())].0)
-                };
-                out.push(org.change_customer(opp, customer));
-            }
-            3 | 4 if !stakeholders.contains(&(opp, contact)) => {
-                let role =
-                    [ROLE_STAKEHOLDER, ROLE_DECISION_MAKER, ROLE_BUSINESS_PARTNER][rng.random_range(0..3)];
-                stakeholders.insert((opp, contact));
-                out.extend(if rng.random_bool(0.5) {
-                    org.add_stakeholder(opp, contact, role)
-                } else {
-                    org.add_stakeholder_from_contact(opp, contact, role)
-                });
-            }
-            5 if stakeholders.remove(&(opp, contact)) => out.extend(org.remove_stakeholder(opp, contact)),
-            6 if stakeholders.contains(&(opp, contact)) => {
-                out.extend(org.deactivate_stakeholder(opp, contact))
-            }
-            7 => {
-                let parent = if rng.random_bool(0.7) {
-                    let (id, name) = &accounts[rng.random_range(0..accounts.len())];
-                    Some((*id, name.as_str()))
-                } else {
-                    None
-                };
-                out.push(org.set_contact_parent(contact, parent));
-            }
-            8 => out.push(org.win(opp)),
-            9 if !deleted && rng.random_bool(0.3) => {
-                deleted = true;
-                stakeholders.retain(|(o, _)| *o != opp);
-                out.extend(org.delete_opportunity(opp));
-                opportunities.retain(|o| *o != opp);
-            }
-            _ => {}
-        }
-    }
-    out
-}
+use crate::support::scenario::{history, view};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shuffled_duplicated_and_replayed_histories_end_as_in_order_delivery() {

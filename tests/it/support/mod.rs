@@ -5,3 +5,4 @@
 pub mod app;
 pub mod pg;
 pub mod process;
+pub mod scenario;

@@ -1,0 +1,304 @@
+//! Intake benchmark: concurrent webhook posts against the real intake (decode, secret check,
+//! group commit with fsync) next to a bare axum handler that only parses the JSON, in one run,
+//! on the same machine, with the same load generator. Prints throughput, p50/p99/p99.9 and the
+//! ratio. `cargo bench --bench intake` (add `-- --quick` for a short run).
+//!
+//! Backends: SQLite always; PostgreSQL too when it answers at OPPSYNC_TEST_PG_URL (default
+//! postgres://postgres@127.0.0.1:5432/test).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::routing::post;
+use oppsync::app::{StartOptions, start};
+use oppsync::config::{Config, Secret};
+use oppsync::dynamics::AttributeValue;
+use oppsync::dynamics::compose::{NotificationBuilder, reference};
+use uuid::Uuid;
+
+const KEY: &str = "bench-webhook-key";
+
+struct Run {
+    label: String,
+    accepted: usize,
+    seconds: f64,
+    latencies_us: Vec<u64>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.accepted as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+/// A realistic body (~4 KB, like the spec's opportunity Update with images) whose record id is
+/// a marker: every request substitutes a fresh id, so every notification is new to the store.
+fn template() -> (String, Vec<(String, String)>, Uuid) {
+    let marker = Uuid::new_v4();
+    let mut image = oppsync::dynamics::Attributes::new();
+    image.insert(
+        "name".into(),
+        AttributeValue::String("Contoso - 500 seats renewal".into()),
+    );
+    image.insert("customerid".into(), reference("account", Uuid::new_v4()));
+    image.insert("statecode".into(), AttributeValue::OptionSet(0));
+    image.insert(
+        "estimatedvalue".into(),
+        AttributeValue::Money(rust_decimal::Decimal::new(125_000_00, 2)),
+    );
+    image.insert(
+        "description".into(),
+        AttributeValue::String("Renewal incl. 50 extra seats.\nDecision in Q1.".into()),
+    );
+    let n = NotificationBuilder::opportunity_update(marker, 1_750_000_000_000)
+        .attr(
+            "estimatedvalue",
+            AttributeValue::Money(rust_decimal::Decimal::new(125_000_00, 2)),
+        )
+        .attr("closeprobability", AttributeValue::Int(60))
+        .post_image("PostImage", image)
+        .with_parent_context();
+    (n.to_json(), n.headers(), marker)
+}
+
+/// `connections` clients post for `duration` (cycling through distinct bodies from `offset`).
+async fn load(
+    label: &str,
+    url: String,
+    connections: usize,
+    duration: Duration,
+    template: Arc<(String, Vec<(String, String)>, Uuid)>,
+) -> Run {
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let url = url.clone();
+        let template = template.clone();
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap_or_default();
+            let mut latencies = Vec::new();
+            let mut accepted = 0;
+            while Instant::now() < deadline {
+                let (body, headers, marker) = template.as_ref();
+                let body = body.replace(&marker.to_string(), &Uuid::new_v4().to_string());
+                let mut req = http.post(&url).body(body);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                let t = Instant::now();
+                match req.send().await {
+                    Ok(r) if r.status() == StatusCode::ACCEPTED || r.status() == StatusCode::OK => {
+                        let _ = r.bytes().await;
+                        latencies.push(t.elapsed().as_micros() as u64);
+                        accepted += 1;
+                    }
+                    Ok(r) => {
+                        let _ = r.bytes().await;
+                    }
+                    Err(_) => {}
+                }
+            }
+            (accepted, latencies)
+        }));
+    }
+    let mut run = Run {
+        label: label.to_owned(),
+        accepted: 0,
+        seconds: 0.0,
+        latencies_us: Vec::new(),
+    };
+    for t in tasks {
+        if let Ok((a, l)) = t.await {
+            run.accepted += a;
+            run.latencies_us.extend(l);
+        }
+    }
+    run.seconds = started.elapsed().as_secs_f64();
+    run.latencies_us.sort_unstable();
+    run
+}
+
+async fn bare_server() -> SocketAddr {
+    async fn parse_only(body: Bytes) -> StatusCode {
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(_) => StatusCode::ACCEPTED,
+            Err(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+    let app = Router::new().route("/webhooks/dynamics", post(parse_only));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn intake_config(store_url: &str) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.store.url = Secret::new(store_url);
+    c.webhook.keys = vec![Secret::new(KEY)];
+    c
+}
+
+async fn postgres_url() -> Option<String> {
+    use sqlx::Connection;
+    let admin = std::env::var("OPPSYNC_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let mut conn = sqlx::postgres::PgConnection::connect(&admin).await.ok()?;
+    let name = format!("oppsync_bench_{}", Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .ok()?;
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned())?;
+    Some(format!("{base}/{name}"))
+}
+
+fn print(runs: &[Run], baseline: &Run) {
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "ratio"
+    );
+    for r in runs {
+        println!(
+            "{:<34} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7.0}%",
+            r.label,
+            r.rate(),
+            r.percentile(0.50),
+            r.percentile(0.99),
+            r.percentile(0.999),
+            100.0 * r.rate() / baseline.rate()
+        );
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let duration = Duration::from_secs(if quick { 3 } else { 8 });
+    let levels: &[usize] = if quick { &[64] } else { &[16, 64, 256] };
+    let template = Arc::new(template());
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+
+    let bare = bare_server().await;
+    let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let sqlite = start(
+        intake_config(&sqlite_url),
+        StartOptions {
+            migrate: true,
+            intake_only: true,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("start: {e}"));
+    let pg_url = postgres_url().await;
+    let pg = match &pg_url {
+        Some(url) => Some(
+            start(
+                intake_config(url),
+                StartOptions {
+                    migrate: true,
+                    intake_only: true,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("start on PostgreSQL: {e}")),
+        ),
+        None => {
+            println!("(PostgreSQL not reachable: its row is skipped)");
+            None
+        }
+    };
+    let body_size = template.0.len();
+    println!(
+        "intake benchmark: {} s per target, bodies ~{} bytes, {} cores",
+        duration.as_secs(),
+        body_size,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    for &connections in levels {
+        // Warm up each target briefly, then measure them back to back.
+        let url = |addr: SocketAddr| format!("http://{addr}/webhooks/dynamics?code={KEY}");
+        let _ = load(
+            "warmup",
+            url(bare),
+            connections,
+            Duration::from_millis(500),
+            template.clone(),
+        )
+        .await;
+        let baseline = load(
+            "bare axum (parse JSON only)",
+            url(bare),
+            connections,
+            duration,
+            template.clone(),
+        )
+        .await;
+        let mut runs = vec![];
+        let _ = load(
+            "warmup",
+            url(sqlite.addr),
+            connections,
+            Duration::from_millis(500),
+            template.clone(),
+        )
+        .await;
+        runs.push(
+            load(
+                "oppsync intake, SQLite (fsync)",
+                url(sqlite.addr),
+                connections,
+                duration,
+                template.clone(),
+            )
+            .await,
+        );
+        if let Some(pg) = &pg {
+            let _ = load(
+                "warmup",
+                url(pg.addr),
+                connections,
+                Duration::from_millis(500),
+                template.clone(),
+            )
+            .await;
+            runs.push(
+                load(
+                    "oppsync intake, PostgreSQL",
+                    url(pg.addr),
+                    connections,
+                    duration,
+                    template.clone(),
+                )
+                .await,
+            );
+        }
+        println!("\n{connections} concurrent connections");
+        let mut all = vec![baseline];
+        all.extend(runs);
+        print(&all, &all[0]);
+    }
+    sqlite.stop().await;
+    if let Some(pg) = pg {
+        pg.stop().await;
+    }
+}

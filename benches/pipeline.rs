@@ -1,0 +1,289 @@
+//! Pipeline benchmark: N opportunity changes over many opportunities with stakeholders, through
+//! the whole service (HTTP intake, store, planner, pusher, Marketo client) against the Marketo
+//! simulator with Marketo's real rate (100 calls / 20 s = 5 calls/s, 10 concurrent) scaled in
+//! time: 5 calls per 1 s window. Prints records per call, calls against the minimum possible,
+//! and records per second against the ceiling the rate limit allows.
+//!
+//! `cargo bench --bench pipeline` (add `-- --quick` for a smaller run).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use oppsync::app::{StartOptions, start};
+use oppsync::dynamics::compose::NotificationBuilder;
+use oppsync::dynamics::{AttributeValue, Attributes};
+use oppsync::sim::dataverse::{ROLE_DECISION_MAKER, ROLE_STAKEHOLDER};
+use oppsync::sim::env::Simulators;
+use oppsync::sim::marketo::MarketoSimConfig;
+use oppsync::sim::org::{Customer, DynamicsOrg};
+use oppsync::store::now_ms;
+use rust_decimal::Decimal;
+use serde_json::Value;
+use uuid::Uuid;
+
+const CALLS_PER_WINDOW: u32 = 5;
+const WINDOW: Duration = Duration::from_secs(1);
+const BATCH: usize = 300;
+const KEY: &str = "bench-webhook-key";
+
+/// A history: contacts under accounts, opportunities (half with a contact customer), two
+/// stakeholders each (three notifications per stakeholder, as Dynamics sends them), updates.
+fn workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
+    let mut out = Vec::new();
+    let accounts: Vec<(Uuid, String)> = (0..opportunities / 10)
+        .map(|i| (Uuid::new_v4(), format!("Account {i}")))
+        .collect();
+    let mut contacts = Vec::new();
+    for i in 0..opportunities / 2 {
+        let (id, name) = &accounts[i % accounts.len()];
+        let (c, n) = org.create_contact(
+            "Bench",
+            &format!("Person{i}"),
+            &format!("p{i}@bench.example"),
+            Some((*id, name.as_str())),
+        );
+        contacts.push(c);
+        out.push(n);
+    }
+    let mut opps = Vec::new();
+    for i in 0..opportunities {
+        let customer = if i % 2 == 0 {
+            Customer::Contact(contacts[i % contacts.len()])
+        } else {
+            Customer::Account(accounts[i % accounts.len()].0)
+        };
+        let (o, n) = org.create_opportunity(
+            &format!("Deal {i}"),
+            customer,
+            Decimal::new(1000 + i as i64, 0),
+            20,
+        );
+        opps.push(o);
+        out.push(n);
+    }
+    for (i, o) in opps.iter().enumerate() {
+        out.extend(org.add_stakeholder(*o, contacts[(i * 7 + 1) % contacts.len()], ROLE_STAKEHOLDER));
+        out.extend(org.add_stakeholder_from_contact(
+            *o,
+            contacts[(i * 13 + 3) % contacts.len()],
+            ROLE_DECISION_MAKER,
+        ));
+    }
+    for (i, o) in opps.iter().enumerate() {
+        let mut changes = Attributes::new();
+        changes.insert(
+            "closeprobability".into(),
+            AttributeValue::Int(40 + (i % 50) as i64),
+        );
+        out.push(org.update_opportunity(*o, changes));
+    }
+    out
+}
+
+struct Measured {
+    label: &'static str,
+    records: usize,
+    calls: usize,
+    minimum_calls: usize,
+    seconds: f64,
+}
+
+/// Fewest calls that could carry the records Marketo received (each endpoint's records in full
+/// batches), plus the lead lookups and lead creations.
+fn measure(label: &'static str, sims: &Simulators, seconds: f64, since: usize) -> Measured {
+    let mut per_endpoint: BTreeMap<String, usize> = BTreeMap::new();
+    let calls = sims.marketo.calls();
+    let mut rest_calls = 0;
+    for c in calls.iter().skip(since) {
+        if c.path.starts_with("/identity") {
+            continue;
+        }
+        rest_calls += 1;
+        let records = match c.body.get("input").and_then(Value::as_array) {
+            Some(a) => a.len(),
+            // Lead lookups are form posts (_method=GET): count the values looked up.
+            None => c
+                .body
+                .as_str()
+                .map(|b| b.matches("%40").count())
+                .unwrap_or(1)
+                .max(1),
+        };
+        let key = if c.query.contains("_method=GET") {
+            format!("{} (lookup)", c.path)
+        } else {
+            c.path.clone()
+        };
+        *per_endpoint.entry(key).or_default() += records;
+    }
+    let records: usize = per_endpoint.values().sum();
+    let minimum_calls = per_endpoint.values().map(|n| n.div_ceil(BATCH)).sum();
+    Measured {
+        label,
+        records,
+        calls: rest_calls,
+        minimum_calls,
+        seconds,
+    }
+}
+
+/// Time the rate limit needs for `calls` calls: the first window's worth at once, then
+/// CALLS_PER_WINDOW per window.
+fn rate_bound_seconds(calls: usize) -> f64 {
+    let windows = calls.div_ceil(CALLS_PER_WINDOW as usize).saturating_sub(1);
+    windows as f64 * WINDOW.as_secs_f64()
+}
+
+fn report(m: &Measured) {
+    let ideal = rate_bound_seconds(m.minimum_calls);
+    let ceiling = if ideal > 0.0 {
+        m.records as f64 / ideal
+    } else {
+        f64::INFINITY
+    };
+    let achieved = m.records as f64 / m.seconds;
+    println!("{}", m.label);
+    println!("  records written to Marketo        {:>8}", m.records);
+    println!(
+        "  calls used / minimum possible     {:>8} / {} = {:.2}x",
+        m.calls,
+        m.minimum_calls,
+        m.calls as f64 / m.minimum_calls as f64
+    );
+    println!(
+        "  records per call                  {:>8.1}",
+        m.records as f64 / m.calls as f64
+    );
+    println!(
+        "  time                              {:>8.2} s (rate limit alone needs {:.2} s)",
+        m.seconds, ideal
+    );
+    println!(
+        "  records/s achieved / ceiling      {:>8.0} / {:.0} = {:.0}%",
+        achieved,
+        ceiling,
+        100.0 * achieved / ceiling
+    );
+}
+
+async fn post_all(url: &str, notifications: &[NotificationBuilder]) {
+    let http = reqwest::Client::new();
+    let chunks: Vec<Vec<(String, Vec<(String, String)>)>> = notifications
+        .chunks(notifications.len().div_ceil(16))
+        .map(|c| c.iter().map(|n| (n.to_json(), n.headers())).collect())
+        .collect();
+    let mut tasks = Vec::new();
+    for chunk in chunks {
+        let http = http.clone();
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for (body, headers) in chunk {
+                let mut req = http.post(&url).body(body);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    other => panic!("intake refused a notification: {other:?}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measured {
+    let sims = Simulators::start(MarketoSimConfig {
+        calls_per_window: CALLS_PER_WINDOW,
+        window: WINDOW,
+        max_concurrent: 10,
+        ..MarketoSimConfig::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("simulators: {e}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let mut config = sims.service_config(&format!("sqlite://{}", dir.path().join("p.db").display()), KEY);
+    config.worker.paused = backlog;
+    let app = start(
+        config,
+        StartOptions {
+            migrate: true,
+            intake_only: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("start: {e}"));
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
+    let notifications = workload(opportunities, &mut org);
+    let url = format!("{}/webhooks/dynamics?code={KEY}", app.url());
+    let started = Instant::now();
+    post_all(&url, &notifications).await;
+    let posted = started.elapsed().as_secs_f64();
+    let store = app.state.store.clone();
+    let mut since = 0;
+    let mut clock = started;
+    if backlog {
+        while store.stats(now_ms()).await.map(|s| s.inbox_pending).unwrap_or(1) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "  ({} notifications posted in {:.1} s and planned in {:.1} s; pushing resumes now)",
+            notifications.len(),
+            posted,
+            started.elapsed().as_secs_f64()
+        );
+        since = sims.marketo.calls().len();
+        clock = Instant::now();
+        let _ = store.set_control("paused", "false").await;
+    } else {
+        println!(
+            "  ({} notifications posted in {:.1} s while the pipeline runs)",
+            notifications.len(),
+            posted
+        );
+    }
+    while !store.is_idle().await.unwrap_or(false) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = clock.elapsed().as_secs_f64();
+    let stats = store.stats(now_ms()).await.unwrap_or_default();
+    if stats.writes_dead + stats.inbox_dead > 0 {
+        println!("  WARNING: dead letters {stats:?}");
+    }
+    println!(
+        "  Marketo holds {} opportunities and {} roles; 606 answers: {}, 615 answers: {}",
+        sims.marketo.opportunities().len(),
+        sims.marketo.roles().len(),
+        sims.marketo.count_606(),
+        sims.marketo.count_615()
+    );
+    let m = measure(label, &sims, seconds, since);
+    app.stop().await;
+    m
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let opportunities = if quick { 400 } else { 2_000 };
+    println!(
+        "pipeline benchmark: {opportunities} opportunities, rate {CALLS_PER_WINDOW} calls per {} s window (Marketo's 5 calls/s), batch {BATCH}",
+        WINDOW.as_secs_f64()
+    );
+    let live = run(
+        "live: posted while the pipeline runs (end to end)",
+        opportunities,
+        false,
+    )
+    .await;
+    report(&live);
+    let backlog = run(
+        "backlog: everything planned first, then drained",
+        opportunities,
+        true,
+    )
+    .await;
+    report(&backlog);
+}
