@@ -6,5 +6,6 @@ mod support;
 
 mod durability;
 mod intake;
+mod register_cli;
 mod rules_e2e;
 mod store_pg;
