@@ -6,6 +6,7 @@ mod support;
 
 mod durability;
 mod intake;
+mod operations_doc;
 mod register_cli;
 mod rules_e2e;
 mod store_pg;
