@@ -74,7 +74,10 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     assert!(dry.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("service endpoint oppsync"), "{stdout}");
     assert!(stdout.contains("would create"), "{stdout}");
-    assert!(stdout.contains("17 of 17 objects would change (dry run)"), "{stdout}");
+    assert!(
+        stdout.contains("17 of 17 objects would change (dry run)"),
+        "{stdout}"
+    );
     assert_eq!(dv.write_count(), 0);
     assert!(dv.rows("serviceendpoints").is_empty());
     assert_no_secret(&dry, &secrets);
@@ -118,7 +121,13 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
 async fn register_with_another_endpoint_name_and_a_rotated_key() {
     let (sims, mut env) = sims(MarketoSimConfig::default()).await;
     let dv = &sims.dataverse;
-    let args = ["register", "--webhook-url", HOOK, "--endpoint-name", "oppsync-test"];
+    let args = [
+        "register",
+        "--webhook-url",
+        HOOK,
+        "--endpoint-name",
+        "oppsync-test",
+    ];
     let out = oppsync(&args, &env).await;
     assert!(out.status.success(), "{:?}", text(&out));
     assert_eq!(dv.rows("serviceendpoints")[0]["name"], "oppsync-test");
