@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use url::Url;
@@ -324,7 +324,10 @@ impl Config {
     }
 
     fn load_from(path: Option<&Path>, env: Env, purpose: Purpose) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        // No `Serialized::defaults(Config::default())` base: `Secret` serialises as
+        // `[redacted]`, which would replace the default `store.url`. Every section is
+        // `#[serde(default)]`, so missing keys take their defaults anyway.
+        let mut figment = Figment::new();
         if let Some(path) = path {
             if !path.exists() {
                 return Err(ConfigError {
@@ -347,7 +350,7 @@ impl Config {
 
     /// Parses a TOML document (tests, `check-config`).
     pub fn from_toml(text: &str, purpose: Purpose) -> Result<Config, ConfigError> {
-        let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+        let figment = Figment::new().merge(Toml::string(text));
         let config: Config = figment.extract().map_err(|e| ConfigError {
             problems: e.into_iter().map(describe_figment_error).collect(),
         })?;

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use oppsync::config::{Config, Purpose};
+use oppsync::config::{Config, Purpose, WebhookAuth};
+use oppsync::dynamics::webapi::DataverseClient;
+use oppsync::marketo::MarketoClient;
+use oppsync::register::{self, RegisterOptions};
+use url::Url;
 
 #[derive(Parser)]
 #[command(
@@ -41,9 +45,23 @@ enum Command {
     Migrate,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig {
-        /// Also check that Marketo accepts our credentials and opportunity writes.
+        /// Also check that Marketo accepts our credentials and opportunity writes (native CRM
+        /// sync off), and that Dataverse issues a token and lets oppsync read connection roles.
         #[arg(long)]
         online: bool,
+    },
+    /// Create or update the Dynamics service endpoint, steps and images that send oppsync its
+    /// webhooks (idempotent). Uses the `dataverse.*` credentials and the first `webhook.keys`.
+    Register {
+        /// Public URL of the webhook, e.g. https://oppsync.example.com/webhooks/dynamics.
+        #[arg(long, value_parser = parse_webhook_url)]
+        webhook_url: Url,
+        /// Name of the service endpoint in Dynamics.
+        #[arg(long, default_value = "oppsync")]
+        endpoint_name: String,
+        /// Show what would change without writing anything.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Print the OpenAPI document (YAML).
     Openapi,
@@ -133,16 +151,15 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { online } => {
-            let purpose = Purpose::Serve;
-            let config = match load(cli, purpose) {
+            let config = match load(cli, Purpose::Serve) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
             print!("{}", config.redacted_toml());
-            if *online {
-                anyhow::bail!("--online needs the Marketo client, which this build does not have yet");
-            }
             eprintln!("configuration is valid");
+            if *online {
+                return Ok(check_online(&config).await);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
@@ -185,11 +202,172 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             wait_for_signal().await;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Register {
+            webhook_url,
+            endpoint_name,
+            dry_run,
+        } => {
+            let config = match load(cli, Purpose::Inspect) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            register_endpoint(&config, webhook_url, endpoint_name, *dry_run).await
+        }
         Command::Openapi => {
             print!("{}", oppsync::openapi::yaml()?);
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn parse_webhook_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("not an absolute URL: {e}"))?;
+    match url.scheme() {
+        "https" | "http" => {}
+        other => return Err(format!("the scheme must be https, not {other}")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    Ok(url)
+}
+
+/// `oppsync register`: what it needs beyond `Purpose::Inspect`, then the registration.
+async fn register_endpoint(
+    config: &Config,
+    webhook_url: &Url,
+    endpoint_name: &str,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut problems = Vec::new();
+    let d = &config.dataverse;
+    if d.url.is_none() {
+        problems.push("dataverse.url (OPPSYNC__DATAVERSE__URL): required to register".to_owned());
+    }
+    if d.client_id.as_deref().unwrap_or("").is_empty() {
+        problems.push("dataverse.client_id (OPPSYNC__DATAVERSE__CLIENT_ID): required to register".to_owned());
+    }
+    if d.client_secret.is_none() {
+        problems.push(
+            "dataverse.client_secret (OPPSYNC__DATAVERSE__CLIENT_SECRET): required to register".to_owned(),
+        );
+    }
+    if d.effective_token_url().is_none() {
+        problems.push(
+            "dataverse.tenant_id (OPPSYNC__DATAVERSE__TENANT_ID) or dataverse.token_url: one is required to register"
+                .to_owned(),
+        );
+    }
+    if config.webhook.auth != WebhookAuth::WebhookKey {
+        problems.push(
+            "webhook.auth (OPPSYNC__WEBHOOK__AUTH): register creates a WebhookKey endpoint, so webhook.auth must be webhook_key"
+                .to_owned(),
+        );
+    }
+    let key = config.webhook.keys.first().cloned();
+    if key.is_none() {
+        problems.push(
+            "webhook.keys (OPPSYNC__WEBHOOK__KEYS): at least one key is required; the first one is registered"
+                .to_owned(),
+        );
+    }
+    let Some(webhook_key) = key.filter(|_| problems.is_empty()) else {
+        eprintln!(
+            "cannot register:\n{}",
+            problems
+                .iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        return Ok(ExitCode::from(2));
+    };
+    if !webhook_url.path().ends_with("/webhooks/dynamics") {
+        eprintln!(
+            "warning: {webhook_url} does not end in /webhooks/dynamics, the route oppsync receives webhooks on"
+        );
+    }
+    let client = DataverseClient::new(&config.dataverse)?;
+    let options = RegisterOptions {
+        webhook_url: webhook_url.clone(),
+        webhook_key,
+        endpoint_name: endpoint_name.to_owned(),
+        opportunity_attributes: config.sync.opportunity_attributes(),
+        dry_run,
+    };
+    let report = register::register(&client, &options)
+        .await
+        .map_err(|e| anyhow::anyhow!("registration with {} failed: {e}", client.org_url()))?;
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config --online`: each collaborator's verdict on one line; fails if any is not ok.
+async fn check_online(config: &Config) -> ExitCode {
+    let mut ok = true;
+    match check_marketo(config).await {
+        Ok(detail) => println!("marketo: ok: {detail}"),
+        Err(problem) => {
+            ok = false;
+            println!("marketo: FAILED: {problem}");
+        }
+    }
+    match check_dataverse(config).await {
+        Ok(detail) => println!("dataverse: ok: {detail}"),
+        Err(problem) => {
+            ok = false;
+            println!("dataverse: FAILED: {problem}");
+        }
+    }
+    if ok {
+        eprintln!("online checks passed");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("online checks failed");
+        ExitCode::FAILURE
+    }
+}
+
+async fn check_marketo(config: &Config) -> Result<String, String> {
+    let client = MarketoClient::new(&config.marketo).map_err(|e| e.to_string())?;
+    match client.probe().await {
+        Ok(report) => Ok(report.detail),
+        Err(e) if e.code() == "1018" => Err(format!(
+            "{e}. oppsync cannot push while native CRM sync is on: disable the Dynamics sync in \
+             Marketo Admin > CRM, or point marketo.base_url at another instance"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn check_dataverse(config: &Config) -> Result<String, String> {
+    let client = DataverseClient::new(&config.dataverse).map_err(|e| e.to_string())?;
+    let mut found = Vec::new();
+    for category in &config.sync.stakeholder_categories {
+        let roles = client
+            .connection_roles_by_category(*category)
+            .await
+            .map_err(|e| e.to_string())?;
+        let names: Vec<String> = roles.into_iter().map(|r| r.name).collect();
+        found.push(format!(
+            "category {category}: {} ({})",
+            names.len(),
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        ));
+    }
+    Ok(format!(
+        "token issued by {}; connection roles readable; stakeholder roles {}",
+        config
+            .dataverse
+            .effective_token_url()
+            .map(|u| u.host_str().unwrap_or_default().to_owned())
+            .unwrap_or_default(),
+        found.join("; ")
+    ))
 }
 
 async fn wait_for_signal() {

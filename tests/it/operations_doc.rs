@@ -1,0 +1,84 @@
+//! docs/operations.md and deploy/ stay true to the code: every configuration key (with its
+//! environment variable) is documented, every documented metric exists, and the shipped
+//! configuration file parses.
+
+use std::path::Path;
+
+use oppsync::config::{Config, Purpose};
+use serde_json::Value;
+
+fn repo_file(path: &str) -> String {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+/// Dotted paths of every leaf (arrays are leaves) of a JSON object.
+fn leaf_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaf_paths(v, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+#[test]
+fn every_configuration_key_is_documented_with_its_environment_variable() {
+    let doc = repo_file("docs/operations.md");
+    let mut keys = Vec::new();
+    leaf_paths(&serde_json::to_value(Config::default()).unwrap(), "", &mut keys);
+    assert!(keys.len() > 40, "{keys:?}");
+    let missing: Vec<String> = keys
+        .iter()
+        .flat_map(|k| {
+            let env = format!("OPPSYNC__{}", k.to_uppercase().replace('.', "__"));
+            [format!("`{k}`"), format!("`{env}`")]
+        })
+        .filter(|needle| !doc.contains(needle.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "docs/operations.md lacks {missing:?}");
+}
+
+#[test]
+fn every_documented_metric_exists_in_the_code() {
+    let doc = repo_file("docs/operations.md");
+    let mut code = String::new();
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                code.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    let mut documented = 0;
+    for word in doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("oppsync_") {
+            documented += 1;
+            assert!(
+                code.contains(&format!("\"{word}\"")),
+                "docs/operations.md names metric {word}, which the code does not emit"
+            );
+        }
+    }
+    assert!(documented >= 11);
+}
+
+#[test]
+fn the_shipped_configuration_file_is_valid() {
+    let text = repo_file("deploy/base/oppsync.toml");
+    let config = Config::from_toml(&text, Purpose::Inspect).unwrap_or_else(|e| panic!("{e}"));
+    // The Deployment's grace period (30 s) covers the drain plus the preStop pause.
+    assert!(config.server.shutdown_grace_secs + 5 <= 30);
+    assert_eq!(config.server.listen, "0.0.0.0:8080");
+}
