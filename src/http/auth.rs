@@ -198,7 +198,9 @@ pub struct Claims {
     pub scope: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scp: Option<ScopeClaim>,
-    pub exp: u64,
+    /// Required; optional here so that its absence is reported as such by the validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -296,7 +298,7 @@ pub fn mint(
         sub: Some(subject.to_owned()),
         scope: Some(scopes.join(" ")),
         scp: None,
-        exp: now + ttl.as_secs(),
+        exp: Some(now + ttl.as_secs()),
         iat: Some(now),
         iss: config.issuer.clone(),
         aud: config.audience.clone().map(serde_json::Value::String),

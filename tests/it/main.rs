@@ -4,5 +4,6 @@
 
 mod support;
 
+mod admin_auth;
 mod rules_e2e;
 mod store_pg;
