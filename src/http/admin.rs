@@ -104,7 +104,7 @@ pub struct OpportunitySync {
     tag = "admin",
     params(("id" = Uuid, Path, description = "Dynamics opportunityid")),
     responses(
-        (status = 200, body = OpportunitySync),
+        (status = 200, description = "Success", body = OpportunitySync),
         (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
@@ -255,7 +255,7 @@ pub struct Resynced {
     tag = "admin",
     params(("id" = Uuid, Path, description = "Dynamics opportunityid")),
     responses(
-        (status = 200, body = Resynced),
+        (status = 200, description = "Success", body = Resynced),
         (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
@@ -335,7 +335,7 @@ pub struct NotificationPage {
     tag = "admin",
     params(NotificationQuery),
     responses(
-        (status = 200, body = NotificationPage),
+        (status = 200, description = "Success", body = NotificationPage),
         (status = 400, description = "Unknown status or limit out of range", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
@@ -374,7 +374,7 @@ pub async fn list_notifications(
     tag = "admin",
     params(("id" = i64, Path, description = "Inbox id")),
     responses(
-        (status = 200, body = InboxEntry),
+        (status = 200, description = "Success", body = InboxEntry),
         (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
@@ -417,7 +417,7 @@ async fn notification_exists(state: &AppState, id: i64) -> Result<InboxEntry, Ap
     tag = "admin",
     params(("id" = i64, Path, description = "Inbox id")),
     responses(
-        (status = 200, body = Changed),
+        (status = 200, description = "Success", body = Changed),
         (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
@@ -451,7 +451,7 @@ pub async fn retry_notification(
     tag = "admin",
     params(("id" = i64, Path, description = "Inbox id")),
     responses(
-        (status = 200, body = Changed),
+        (status = 200, description = "Success", body = Changed),
         (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
@@ -492,7 +492,7 @@ pub struct RetryDeadQuery {
     tag = "admin",
     params(RetryDeadQuery),
     responses(
-        (status = 200, body = Changed),
+        (status = 200, description = "Success", body = Changed),
         (status = 400, description = "Malformed query", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
@@ -536,7 +536,7 @@ pub struct WriteQuery {
     tag = "admin",
     params(WriteQuery),
     responses(
-        (status = 200, body = Vec<StoredWrite>),
+        (status = 200, description = "Success", body = Vec<StoredWrite>),
         (status = 400, description = "Unknown status, malformed id or limit out of range", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
@@ -582,7 +582,7 @@ async fn write_status(state: &AppState, key: &str) -> Result<WriteStatus, ApiErr
     tag = "admin",
     params(("key" = String, Path, description = "Marketo record key of the write (URL-encoded)")),
     responses(
-        (status = 200, body = Changed),
+        (status = 200, description = "Success", body = Changed),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
@@ -616,7 +616,7 @@ pub async fn retry_write(
     tag = "admin",
     params(("key" = String, Path, description = "Marketo record key of the write (URL-encoded)")),
     responses(
-        (status = 200, body = Changed),
+        (status = 200, description = "Success", body = Changed),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
@@ -648,7 +648,7 @@ pub async fn discard_write(
     path = "/admin/writes/retry-dead",
     tag = "admin",
     responses(
-        (status = 200, body = Changed),
+        (status = 200, description = "Success", body = Changed),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -686,7 +686,7 @@ pub struct PauseState {
     path = "/admin/pause",
     tag = "admin",
     responses(
-        (status = 200, body = PauseState),
+        (status = 200, description = "Success", body = PauseState),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -705,7 +705,7 @@ pub async fn pause(AdminWrite(claims): AdminWrite, State(state): State<AppState>
     path = "/admin/resume",
     tag = "admin",
     responses(
-        (status = 200, body = PauseState),
+        (status = 200, description = "Success", body = PauseState),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -757,7 +757,7 @@ pub struct AdminStats {
     path = "/admin/stats",
     tag = "admin",
     responses(
-        (status = 200, body = AdminStats),
+        (status = 200, description = "Success", body = AdminStats),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),

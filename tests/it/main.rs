@@ -6,5 +6,6 @@ mod support;
 
 mod admin_auth;
 mod admin_flows;
+mod openapi;
 mod rules_e2e;
 mod store_pg;
