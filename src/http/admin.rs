@@ -204,7 +204,7 @@ pub async fn opportunity(
     for status in [WriteStatus::Pending, WriteStatus::Dead] {
         writes.extend(store.list_writes(Some(status), Some(id), MAX_LIMIT).await?);
     }
-    writes.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+    writes.sort_by_key(|w| std::cmp::Reverse(w.updated_at));
     let last_error = writes.iter().find_map(|w| w.last_error.clone());
     let last_version = opp
         .fields
@@ -219,10 +219,7 @@ pub async fn opportunity(
         seen_in_full: opp.seen_in_full,
         last_version,
         dynamics_fields: serde_json::to_value(&opp.fields).unwrap_or_default(),
-        customer: opp
-            .customer
-            .as_ref()
-            .and_then(|c| serde_json::to_value(c).ok()),
+        customer: opp.customer.as_ref().and_then(|c| serde_json::to_value(c).ok()),
         marketo_fields: projection
             .as_ref()
             .and_then(|p| p.opportunity.clone())
@@ -440,7 +437,11 @@ pub async fn retry_notification(
             entry.status.as_str()
         )));
     }
-    tracing::info!(inbox_id = id, by = claims.sub.as_deref().unwrap_or(""), "admin retry");
+    tracing::info!(
+        inbox_id = id,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry"
+    );
     Ok(Json(Changed { changed }))
 }
 
@@ -474,7 +475,11 @@ pub async fn discard_notification(
             entry.status.as_str()
         )));
     }
-    tracing::info!(inbox_id = id, by = claims.sub.as_deref().unwrap_or(""), "admin discard");
+    tracing::info!(
+        inbox_id = id,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin discard"
+    );
     Ok(Json(Changed { changed }))
 }
 
@@ -505,11 +510,12 @@ pub async fn retry_dead_notifications(
     State(state): State<AppState>,
     Q(q): Q<RetryDeadQuery>,
 ) -> Result<Json<Changed>, ApiError> {
-    let changed = state
-        .store
-        .retry_notifications(None, q.entity.as_deref())
-        .await?;
-    tracing::info!(changed, by = claims.sub.as_deref().unwrap_or(""), "admin retry of dead notifications");
+    let changed = state.store.retry_notifications(None, q.entity.as_deref()).await?;
+    tracing::info!(
+        changed,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry of dead notifications"
+    );
     Ok(Json(Changed { changed }))
 }
 
@@ -604,7 +610,11 @@ pub async fn retry_write(
             status.as_str()
         )));
     }
-    tracing::info!(key, by = claims.sub.as_deref().unwrap_or(""), "admin retry of a write");
+    tracing::info!(
+        key,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry of a write"
+    );
     wake_pusher(&state);
     Ok(Json(Changed { changed }))
 }
@@ -638,7 +648,11 @@ pub async fn discard_write(
             status.as_str()
         )));
     }
-    tracing::info!(key, by = claims.sub.as_deref().unwrap_or(""), "admin discard of a write");
+    tracing::info!(
+        key,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin discard of a write"
+    );
     Ok(Json(Changed { changed }))
 }
 
@@ -660,7 +674,11 @@ pub async fn retry_dead_writes(
     State(state): State<AppState>,
 ) -> Result<Json<Changed>, ApiError> {
     let changed = state.store.retry_writes(None).await?;
-    tracing::info!(changed, by = claims.sub.as_deref().unwrap_or(""), "admin retry of dead writes");
+    tracing::info!(
+        changed,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry of dead writes"
+    );
     wake_pusher(&state);
     Ok(Json(Changed { changed }))
 }
@@ -693,9 +711,15 @@ pub struct PauseState {
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
-pub async fn pause(AdminWrite(claims): AdminWrite, State(state): State<AppState>) -> Result<Json<PauseState>, ApiError> {
+pub async fn pause(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+) -> Result<Json<PauseState>, ApiError> {
     state.store.set_control(PAUSED, "true").await?;
-    tracing::warn!(by = claims.sub.as_deref().unwrap_or(""), "pushing to Marketo paused");
+    tracing::warn!(
+        by = claims.sub.as_deref().unwrap_or(""),
+        "pushing to Marketo paused"
+    );
     Ok(Json(PauseState { paused: true }))
 }
 
@@ -717,7 +741,10 @@ pub async fn resume(
     State(state): State<AppState>,
 ) -> Result<Json<PauseState>, ApiError> {
     state.store.set_control(PAUSED, "false").await?;
-    tracing::info!(by = claims.sub.as_deref().unwrap_or(""), "pushing to Marketo resumed");
+    tracing::info!(
+        by = claims.sub.as_deref().unwrap_or(""),
+        "pushing to Marketo resumed"
+    );
     wake_pusher(&state);
     Ok(Json(PauseState { paused: false }))
 }

@@ -99,15 +99,12 @@ pub struct JwtVerifier {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
     #[error("reading admin.jwt_public_key_file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "admin.jwt_public_key_file {0}: not a PEM RSA or EC (P-256) public key"
-    )]
+    Read { path: String, source: std::io::Error },
+    #[error("admin.jwt_public_key_file {0}: not a PEM RSA or EC (P-256) public key")]
     NotAKey(String),
-    #[error("no HS256 secret is configured (admin.jwt_secret / OPPSYNC__ADMIN__JWT_SECRET); tokens for a public key are minted by the key's owner")]
+    #[error(
+        "no HS256 secret is configured (admin.jwt_secret / OPPSYNC__ADMIN__JWT_SECRET); tokens for a public key are minted by the key's owner"
+    )]
     NoSecret,
     #[error("signing the token: {0}")]
     Signing(String),
@@ -117,7 +114,10 @@ impl JwtVerifier {
     /// The verifier for `config`, or None when no key is configured (the admin API answers 503).
     pub fn from_config(config: &AdminConfig) -> Result<Option<JwtVerifier>, AuthConfigError> {
         let (key, algorithm) = if let Some(secret) = &config.jwt_secret {
-            (DecodingKey::from_secret(secret.expose().as_bytes()), Algorithm::HS256)
+            (
+                DecodingKey::from_secret(secret.expose().as_bytes()),
+                Algorithm::HS256,
+            )
         } else if let Some(path) = &config.jwt_public_key_file {
             let pem = std::fs::read(path).map_err(|source| AuthConfigError::Read {
                 path: path.display().to_string(),
@@ -258,7 +258,11 @@ async fn authorize(parts: &Parts, state: &AppState, needed: &'static str) -> Res
     if !claims.allows(needed) {
         return Err(ApiError::InsufficientScope(needed));
     }
-    tracing::debug!(subject = claims.sub.as_deref().unwrap_or(""), needed, "admin call authorised");
+    tracing::debug!(
+        subject = claims.sub.as_deref().unwrap_or(""),
+        needed,
+        "admin call authorised"
+    );
     Ok(claims)
 }
 

@@ -50,7 +50,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         metrics::gauge!("oppsync_dead_letters", "kind" => "marketo_write").set(stats.writes_dead as f64);
     }
     if let Ok(paused) = state.store.control(crate::worker::pusher::PAUSED).await {
-        metrics::gauge!("oppsync_paused").set(if paused.as_deref() == Some("true") { 1.0 } else { 0.0 });
+        metrics::gauge!("oppsync_paused").set(if paused.as_deref() == Some("true") {
+            1.0
+        } else {
+            0.0
+        });
     }
     if let Some(worker) = &state.worker {
         let usage = worker.marketo.usage();

@@ -84,13 +84,19 @@ async fn admin_jwt_refusals_each_have_status_and_problem_type() {
         &jsonwebtoken::EncodingKey::from_secret(jwt::SECRET.as_bytes()),
     )
     .unwrap();
-    assert_eq!(stats_with(&env, &hs512).await.1, problem("token-algorithm-refused"));
+    assert_eq!(
+        stats_with(&env, &hs512).await.1,
+        problem("token-algorithm-refused")
+    );
 
     let mut c = claims("oppsync.read");
     c["exp"] = json!(now() - 120);
     let (s, t, challenge) = stats_with(&env, &hs256(&c)).await;
     assert_eq!((s, t), (401, problem("token-expired")));
-    assert!(challenge.contains("error_description=\"token-expired\""), "{challenge}");
+    assert!(
+        challenge.contains("error_description=\"token-expired\""),
+        "{challenge}"
+    );
 
     // Within the 30 s leeway an expired token still passes (clock skew).
     let mut c = claims("oppsync.read");
@@ -99,15 +105,29 @@ async fn admin_jwt_refusals_each_have_status_and_problem_type() {
 
     let mut c = claims("oppsync.read");
     c["nbf"] = json!(now() + 300);
-    assert_eq!(stats_with(&env, &hs256(&c)).await, (401, problem("token-not-yet-valid"), "Bearer realm=\"oppsync\", error=\"invalid_token\", error_description=\"token-not-yet-valid\"".into()));
+    assert_eq!(
+        stats_with(&env, &hs256(&c)).await,
+        (
+            401,
+            problem("token-not-yet-valid"),
+            "Bearer realm=\"oppsync\", error=\"invalid_token\", error_description=\"token-not-yet-valid\""
+                .into()
+        )
+    );
 
     let mut c = claims("oppsync.read");
     c["iss"] = json!("https://evil.example/");
-    assert_eq!(stats_with(&env, &hs256(&c)).await.1, problem("token-wrong-issuer"));
+    assert_eq!(
+        stats_with(&env, &hs256(&c)).await.1,
+        problem("token-wrong-issuer")
+    );
 
     let mut c = claims("oppsync.read");
     c["aud"] = json!("someone-else");
-    assert_eq!(stats_with(&env, &hs256(&c)).await.1, problem("token-wrong-audience"));
+    assert_eq!(
+        stats_with(&env, &hs256(&c)).await.1,
+        problem("token-wrong-audience")
+    );
 
     for claim in ["exp", "iss", "aud"] {
         let mut c = claims("oppsync.read");
@@ -125,7 +145,10 @@ async fn admin_jwt_refusals_each_have_status_and_problem_type() {
     let mut c = claims("oppsync.write");
     c["sub"] = json!("mallory");
     let tampered = format!("{}.{}.{}", parts[0], b64(&c), parts[2]);
-    assert_eq!(stats_with(&env, &tampered).await.1, problem("token-bad-signature"));
+    assert_eq!(
+        stats_with(&env, &tampered).await.1,
+        problem("token-bad-signature")
+    );
 
     assert_eq!(stats_with(&env, &good).await.0, 200);
     env.stop().await;
@@ -138,10 +161,16 @@ async fn admin_scopes_read_for_gets_write_for_changes() {
     let write = Some(format!("Bearer {}", jwt::write_token()));
 
     assert_eq!(call(&env, "GET", "/admin/stats", read.clone()).await.0, 200);
-    assert_eq!(call(&env, "GET", "/admin/notifications", read.clone()).await.0, 200);
+    assert_eq!(
+        call(&env, "GET", "/admin/notifications", read.clone()).await.0,
+        200
+    );
     let (s, t, c) = call(&env, "POST", "/admin/pause", read.clone()).await;
     assert_eq!((s, t), (403, problem("insufficient-scope")));
-    assert!(c.contains("error=\"insufficient_scope\"") && c.contains("oppsync.write"), "{c}");
+    assert!(
+        c.contains("error=\"insufficient_scope\"") && c.contains("oppsync.write"),
+        "{c}"
+    );
 
     // Write implies read.
     assert_eq!(call(&env, "GET", "/admin/stats", write.clone()).await.0, 200);
@@ -159,7 +188,12 @@ async fn admin_scopes_read_for_gets_write_for_changes() {
     assert_eq!(stats_with(&env, &hs256(&c)).await.0, 200);
     c["scp"] = json!("profile oppsync.write");
     let t = hs256(&c);
-    assert_eq!(call(&env, "POST", "/admin/pause", Some(format!("Bearer {t}"))).await.0, 200);
+    assert_eq!(
+        call(&env, "POST", "/admin/pause", Some(format!("Bearer {t}")))
+            .await
+            .0,
+        200
+    );
     env.stop().await;
 }
 
@@ -224,12 +258,17 @@ async fn admin_es256_accepted_and_hs256_refused() {
     let env = env_with_public_key("ec-public.pem").await;
     let good = jwt::sign_pem(Algorithm::ES256, "ec-private.pem", &claims("oppsync.write"));
     assert_eq!(
-        call(&env, "POST", "/admin/pause", Some(format!("Bearer {good}"))).await.0,
+        call(&env, "POST", "/admin/pause", Some(format!("Bearer {good}")))
+            .await
+            .0,
         200
     );
     let public = std::fs::read(jwt::fixture("ec-public.pem")).unwrap();
     let confused = jwt::hs256_with(&public, &claims("oppsync.write"));
-    assert_eq!(stats_with(&env, &confused).await.1, problem("token-algorithm-refused"));
+    assert_eq!(
+        stats_with(&env, &confused).await.1,
+        problem("token-algorithm-refused")
+    );
     let rs = jwt::sign_pem(Algorithm::RS256, "rsa-private.pem", &claims("oppsync.read"));
     assert_eq!(stats_with(&env, &rs).await.1, problem("token-algorithm-refused"));
     env.stop().await;

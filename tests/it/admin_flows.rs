@@ -55,9 +55,15 @@ async fn admin_dead_write_listed_retried_then_applied() {
     // The opportunity's state shows the dead write and its error.
     let (s, state) = admin(&env, "GET", &format!("/admin/opportunities/{opp}")).await;
     assert_eq!(s, 200);
-    assert!(state["last_error"].as_str().unwrap().contains("1003"), "{state:#}");
+    assert!(
+        state["last_error"].as_str().unwrap().contains("1003"),
+        "{state:#}"
+    );
     assert_eq!(state["company"]["account_id"], Value::String(acme.to_string()));
-    assert!(state["roles"].as_array().unwrap().is_empty(), "an account customer makes no role");
+    assert!(
+        state["roles"].as_array().unwrap().is_empty(),
+        "an account customer makes no role"
+    );
 
     let (s, stats) = admin(&env, "GET", "/admin/stats").await;
     assert_eq!(s, 200);
@@ -68,7 +74,12 @@ async fn admin_dead_write_listed_retried_then_applied() {
     let (s, body) = admin(&env, "POST", &format!("/admin/writes/{encoded}/retry")).await;
     assert_eq!((s, &body["changed"]), (200, &Value::from(1)), "{body}");
     // A second retry conflicts (it is pending or done now); an unknown key is 404.
-    assert_eq!(admin(&env, "POST", &format!("/admin/writes/{encoded}/retry")).await.0, 409);
+    assert_eq!(
+        admin(&env, "POST", &format!("/admin/writes/{encoded}/retry"))
+            .await
+            .0,
+        409
+    );
     assert_eq!(admin(&env, "POST", "/admin/writes/nope/retry").await.0, 404);
     env.settle().await;
     assert!(env.sims.marketo.opportunities().contains_key(&opp.to_string()));
@@ -110,19 +121,32 @@ async fn admin_dead_notification_retried_and_another_discarded() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     let newest = page["items"][0]["id"].as_i64().unwrap();
     let next = page["next"].as_i64().unwrap();
-    let (_, page2) = admin(&env, "GET", &format!("/admin/notifications?status=dead&limit=1&before={next}")).await;
+    let (_, page2) = admin(
+        &env,
+        "GET",
+        &format!("/admin/notifications?status=dead&limit=1&before={next}"),
+    )
+    .await;
     let older = page2["items"][0]["id"].as_i64().unwrap();
     assert!(older < newest, "newest first");
     let (_, one) = admin(&env, "GET", &format!("/admin/notifications/{older}")).await;
     assert!(one["body"].as_str().unwrap().contains("InputParameters"));
     assert!(one["last_error"].as_str().is_some());
     assert_eq!(admin(&env, "GET", "/admin/notifications/999999").await.0, 404);
-    assert_eq!(admin(&env, "GET", "/admin/notifications?status=bogus").await.0, 400);
+    assert_eq!(
+        admin(&env, "GET", "/admin/notifications?status=bogus").await.0,
+        400
+    );
 
     // Discard the newer (opportunity B), retry the older (A) once Dataverse is back.
     let (s, _) = admin(&env, "POST", &format!("/admin/notifications/{newest}/discard")).await;
     assert_eq!(s, 200);
-    assert_eq!(admin(&env, "POST", &format!("/admin/notifications/{newest}/discard")).await.0, 409);
+    assert_eq!(
+        admin(&env, "POST", &format!("/admin/notifications/{newest}/discard"))
+            .await
+            .0,
+        409
+    );
     env.sims.dataverse.inject_5xx(0);
     let (s, body) = admin(&env, "POST", "/admin/notifications/retry-dead?entity=opportunity").await;
     assert_eq!((s, &body["changed"]), (200, &Value::from(1)), "{body}");
@@ -153,7 +177,10 @@ async fn admin_pause_keeps_writes_pending_while_intake_answers_then_resume_pushe
         .await
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(env.sims.marketo.opportunities().is_empty(), "nothing pushed while paused");
+    assert!(
+        env.sims.marketo.opportunities().is_empty(),
+        "nothing pushed while paused"
+    );
     let (_, stats) = admin(&env, "GET", "/admin/stats").await;
     assert_eq!(stats["paused"], true);
     assert!(stats["store"]["writes_pending"].as_i64().unwrap() > 0);
@@ -170,29 +197,64 @@ async fn admin_resync_reads_dataverse_404_for_unknown_502_on_failure() {
     let env = jwt::env_with_secret(false).await;
     let mut org = org(&env);
     // Dynamics has the opportunity, oppsync never heard of it (the notification was lost).
-    let (opp, _) = org.create_opportunity("Missed", Customer::Account(Uuid::new_v4()), Decimal::new(7, 0), 30);
-    assert_eq!(admin(&env, "GET", &format!("/admin/opportunities/{opp}")).await.0, 404);
+    let (opp, _) = org.create_opportunity(
+        "Missed",
+        Customer::Account(Uuid::new_v4()),
+        Decimal::new(7, 0),
+        30,
+    );
+    assert_eq!(
+        admin(&env, "GET", &format!("/admin/opportunities/{opp}")).await.0,
+        404
+    );
     let (s, body) = admin(&env, "POST", &format!("/admin/opportunities/{opp}/resync")).await;
     assert_eq!(s, 200, "{body}");
     assert!(body["writes_planned"].as_u64().unwrap() >= 1);
     env.settle().await;
-    assert_eq!(env.sims.marketo.opportunities()[&opp.to_string()]["name"], "Missed");
+    assert_eq!(
+        env.sims.marketo.opportunities()[&opp.to_string()]["name"],
+        "Missed"
+    );
 
-    let (s, body) = admin(&env, "POST", &format!("/admin/opportunities/{}/resync", Uuid::new_v4())).await;
-    assert_eq!((s, body["type"].as_str()), (404, Some("urn:oppsync:problem:not-found")));
+    let (s, body) = admin(
+        &env,
+        "POST",
+        &format!("/admin/opportunities/{}/resync", Uuid::new_v4()),
+    )
+    .await;
+    assert_eq!(
+        (s, body["type"].as_str()),
+        (404, Some("urn:oppsync:problem:not-found"))
+    );
     env.sims.dataverse.inject_5xx(100_000);
     let (s, body) = admin(&env, "POST", &format!("/admin/opportunities/{opp}/resync")).await;
-    assert_eq!((s, body["type"].as_str()), (502, Some("urn:oppsync:problem:upstream-unavailable")));
+    assert_eq!(
+        (s, body["type"].as_str()),
+        (502, Some("urn:oppsync:problem:upstream-unavailable"))
+    );
     env.sims.dataverse.inject_5xx(0);
-    assert_eq!(admin(&env, "POST", "/admin/opportunities/not-a-uuid/resync").await.0, 400);
+    assert_eq!(
+        admin(&env, "POST", "/admin/opportunities/not-a-uuid/resync")
+            .await
+            .0,
+        400
+    );
     env.stop().await;
 }
 
 #[tokio::test]
 async fn admin_resync_needs_a_worker() {
     let env = jwt::env_with_secret(true).await;
-    let (s, body) = admin(&env, "POST", &format!("/admin/opportunities/{}/resync", Uuid::new_v4())).await;
-    assert_eq!((s, body["type"].as_str()), (503, Some("urn:oppsync:problem:worker-not-running")));
+    let (s, body) = admin(
+        &env,
+        "POST",
+        &format!("/admin/opportunities/{}/resync", Uuid::new_v4()),
+    )
+    .await;
+    assert_eq!(
+        (s, body["type"].as_str()),
+        (503, Some("urn:oppsync:problem:worker-not-running"))
+    );
     env.stop().await;
 }
 
@@ -235,7 +297,10 @@ async fn admin_opportunity_state_lists_roles_with_their_sources() {
         .iter()
         .map(|s| s["kind"].as_str().unwrap())
         .collect();
-    assert!(!kinds.is_empty() && kinds.iter().all(|k| *k == "connection"), "{bob_role}");
+    assert!(
+        !kinds.is_empty() && kinds.iter().all(|k| *k == "connection"),
+        "{bob_role}"
+    );
     assert_eq!(admin(&env, "GET", "/admin/opportunities/not-a-uuid").await.0, 400);
     env.stop().await;
 }
@@ -246,7 +311,12 @@ async fn admin_cannot_create_an_opportunity() {
     let (s, body) = admin(&env, "POST", "/admin/opportunities").await;
     assert_eq!(s, 403);
     assert_eq!(body["type"], "urn:oppsync:problem:marketo-side-creation-refused");
-    assert!(body["detail"].as_str().unwrap().contains("created in Dynamics 365"));
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("created in Dynamics 365")
+    );
     env.stop().await;
 }
 
@@ -255,7 +325,12 @@ async fn admin_cannot_create_an_opportunity() {
 async fn admin_metrics_after_traffic() {
     let env = jwt::env_with_secret(false).await;
     let mut org = org(&env);
-    let (_, n) = org.create_opportunity("Metered", Customer::Account(Uuid::new_v4()), Decimal::new(3, 0), 3);
+    let (_, n) = org.create_opportunity(
+        "Metered",
+        Customer::Account(Uuid::new_v4()),
+        Decimal::new(3, 0),
+        3,
+    );
     env.deliver(&n).await;
     let bad = env
         .http

@@ -120,7 +120,10 @@ async fn openapi_routes_are_served_by_the_router() {
         .json()
         .await
         .unwrap();
-    assert_eq!(served, serde_json::to_value(oppsync::openapi::document()).unwrap());
+    assert_eq!(
+        served,
+        serde_json::to_value(oppsync::openapi::document()).unwrap()
+    );
     env.stop().await;
 }
 

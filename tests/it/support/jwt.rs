@@ -24,7 +24,12 @@ pub fn hs256(claims: &Value) -> String {
 }
 
 pub fn hs256_with(key: &[u8], claims: &Value) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(key)).unwrap()
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(key),
+    )
+    .unwrap()
 }
 
 pub fn write_token() -> String {
