@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dynamics::webapi::DataverseClient;
+use crate::http::auth::JwtVerifier;
 use crate::http::{AppContext, AppState, Lifecycle};
 use crate::marketo::MarketoClient;
 use crate::store::{GroupCommitter, Store};
@@ -86,13 +87,7 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
     let (intake, committer_tasks) =
         GroupCommitter::start(store.clone(), config.store.group_commit_max, committers);
     let lifecycle = Arc::new(Lifecycle::default());
-    let state: AppState = Arc::new(AppContext {
-        config: config.clone(),
-        store: store.clone(),
-        intake,
-        lifecycle: lifecycle.clone(),
-        metrics: crate::http::metrics::install(),
-    });
+    let admin_auth = JwtVerifier::from_config(&config.admin).context("configuring the admin API")?;
     let listener = TcpListener::bind(&config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
@@ -117,6 +112,15 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
         tasks.spawn(async move { while worker_tasks.join_next().await.is_some() {} });
         Some(ctx)
     };
+    let state: AppState = Arc::new(AppContext {
+        config: config.clone(),
+        store: store.clone(),
+        intake,
+        lifecycle: lifecycle.clone(),
+        metrics: crate::http::metrics::install(),
+        admin_auth,
+        worker: worker.clone(),
+    });
 
     let router = crate::http::router(state.clone());
     let server_shutdown = shutdown.clone();

@@ -323,7 +323,23 @@ impl Config {
         Self::load_from(path, Env::prefixed("OPPSYNC__").split("__"), purpose)
     }
 
+    /// Loads without the semantic checks: for commands that read one section (`token` needs
+    /// only `admin`, not a store or Marketo credentials).
+    pub fn load_unchecked(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::extract(path, Env::prefixed("OPPSYNC__").split("__"))
+    }
+
     fn load_from(path: Option<&Path>, env: Env, purpose: Purpose) -> Result<Config, ConfigError> {
+        let config = Self::extract(path, env)?;
+        let problems = config.problems(purpose);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    fn extract(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
         // No `Serialized::defaults(Config::default())` base: `Secret` serialises as
         // `[redacted]`, which would replace the default `store.url`. Every section is
         // `#[serde(default)]`, so missing keys take their defaults anyway.
@@ -337,15 +353,9 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(env);
-        let config: Config = figment.extract().map_err(|e| ConfigError {
+        figment.extract().map_err(|e| ConfigError {
             problems: e.into_iter().map(describe_figment_error).collect(),
-        })?;
-        let problems = config.problems(purpose);
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError { problems })
-        }
+        })
     }
 
     /// Parses a TOML document (tests, `check-config`).

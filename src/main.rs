@@ -77,6 +77,22 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8091")]
         dataverse: std::net::SocketAddr,
     },
+    /// Mint an HS256 admin token with the configured secret (admin.jwt_secret) and print it.
+    Token {
+        /// Scopes to grant (oppsync.read, oppsync.write; write implies read). Repeatable.
+        #[arg(long = "scope", default_value = "oppsync.read")]
+        scopes: Vec<String>,
+        /// Lifetime, e.g. 30m, 1h, 3600s.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+        /// Subject (`sub`) naming who the token is for, as it appears in the logs.
+        #[arg(long, default_value = "oppsync-cli")]
+        subject: String,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    oppsync::http::auth::parse_ttl(s)
 }
 
 fn init_logging(format: LogFormat, default_filter: &str) {
@@ -212,6 +228,31 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             register_endpoint(&config, webhook_url, endpoint_name, *dry_run).await
+        }
+        Command::Token { scopes, ttl, subject } => {
+            // Only the admin section matters here (no store, no Marketo credentials needed).
+            let config = match Config::load_unchecked(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            if config.admin.jwt_secret.is_none() && config.admin.jwt_public_key_file.is_some() {
+                anyhow::bail!(
+                    "only a public key is configured (admin.jwt_public_key_file): tokens for it are signed by whoever holds the private key, not by oppsync"
+                );
+            }
+            if let Some(problem) = config
+                .problems(Purpose::Inspect)
+                .into_iter()
+                .find(|p| p.starts_with("admin"))
+            {
+                anyhow::bail!("{problem}");
+            }
+            let token = oppsync::http::auth::mint(&config.admin, subject, scopes, *ttl)?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Openapi => {
             print!("{}", oppsync::openapi::yaml()?);

@@ -24,7 +24,7 @@ pub struct Readiness {
 }
 
 /// Liveness: the process is up. No I/O.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is up", body = Health)))]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
@@ -34,7 +34,7 @@ pub async fn healthz() -> Json<Health> {
     get,
     path = "/readyz",
     tag = "health",
-    responses((status = 200, body = Readiness), (status = 503, body = Readiness, description = "Not ready; `checks` says why"))
+    responses((status = 200, description = "Ready", body = Readiness), (status = 503, body = Readiness, description = "Not ready; `checks` says why"))
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let mut checks = std::collections::BTreeMap::new();

@@ -49,6 +49,22 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         metrics::gauge!("oppsync_dead_letters", "kind" => "notification").set(stats.inbox_dead as f64);
         metrics::gauge!("oppsync_dead_letters", "kind" => "marketo_write").set(stats.writes_dead as f64);
     }
+    if let Ok(paused) = state.store.control(crate::worker::pusher::PAUSED).await {
+        metrics::gauge!("oppsync_paused").set(if paused.as_deref() == Some("true") {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    if let Some(worker) = &state.worker {
+        let usage = worker.marketo.usage();
+        metrics::gauge!("oppsync_marketo_quota_used").set(f64::from(usage.calls_today));
+        metrics::gauge!("oppsync_marketo_quota_left").set(f64::from(usage.quota_left));
+        // Counters appear only once incremented; register them so dashboards and alerts see a
+        // zero rather than no series before the first wait or refresh.
+        metrics::counter!("oppsync_marketo_limiter_waits_total").increment(0);
+        metrics::counter!("oppsync_marketo_token_refreshes_total").increment(0);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

@@ -1,6 +1,8 @@
 //! The HTTP surface: Dynamics webhook intake, probes, metrics, the OpenAPI document, the admin
 //! API and the refusal of Marketo-side creation. Handlers know the store and little else.
 
+pub mod admin;
+pub mod auth;
 pub mod health;
 pub mod metrics;
 pub mod problem;
@@ -22,6 +24,7 @@ use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::store::{GroupCommitter, Store};
+use crate::worker::WorkerContext;
 use problem::ApiError;
 
 /// Process lifecycle flags shared by the server, the worker and the probes.
@@ -68,6 +71,10 @@ pub struct AppContext {
     pub intake: GroupCommitter,
     pub lifecycle: Arc<Lifecycle>,
     pub metrics: Option<PrometheusHandle>,
+    /// Verifies admin bearer tokens; None when no key is configured (admin routes answer 503).
+    pub admin_auth: Option<auth::JwtVerifier>,
+    /// The worker, for admin actions that plan (re-sync); None with `intake_only`.
+    pub worker: Option<Arc<WorkerContext>>,
 }
 
 pub type AppState = Arc<AppContext>;
@@ -79,6 +86,22 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(admin::opportunity))
+        .routes(routes!(admin::create_opportunity))
+        .routes(routes!(admin::resync))
+        .routes(routes!(admin::list_notifications))
+        .routes(routes!(admin::notification))
+        .routes(routes!(admin::retry_notification))
+        .routes(routes!(admin::discard_notification))
+        .routes(routes!(admin::retry_dead_notifications))
+        .routes(routes!(admin::list_writes))
+        .routes(routes!(admin::retry_write))
+        .routes(routes!(admin::discard_write))
+        .routes(routes!(admin::retry_dead_writes))
+        .routes(routes!(admin::pause))
+        .routes(routes!(admin::resume))
+        .routes(routes!(admin::stats))
         .routes(routes!(
             refusal::refuse_get,
             refusal::refuse_post,
@@ -91,16 +114,8 @@ pub fn api_router() -> OpenApiRouter<AppState> {
 /// The service's router with its middleware.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.server.body_limit_bytes;
-    let (router, openapi) = api_router().split_for_parts();
-    let openapi = Arc::new(openapi);
+    let (router, _) = api_router().split_for_parts();
     router
-        .route(
-            "/openapi.json",
-            axum::routing::get(move || {
-                let openapi = openapi.clone();
-                async move { axum::Json(openapi.as_ref().clone()) }
-            }),
-        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
@@ -108,6 +123,22 @@ pub fn router(state: AppState) -> Router {
         }))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The OpenAPI document (the same as `openapi/openapi.yaml`, as JSON).
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    responses((status = 200, description = "OpenAPI 3.1 document", body = Object))
+)]
+pub async fn openapi_json() -> axum::Json<serde_json::Value> {
+    // Built once: the document is a function of the code.
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    axum::Json(
+        DOC.get_or_init(|| serde_json::to_value(crate::openapi::document()).unwrap_or_default())
+            .clone(),
+    )
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -80,10 +80,16 @@ pub enum ApiError {
     StoreUnavailable(String),
     #[error("shutting down")]
     ShuttingDown,
+    #[error("no worker runs in this process")]
+    WorkerNotRunning,
     #[error("opportunities are created in Dynamics")]
     MarketoSideCreation,
     #[error("admin API not configured")]
     AdminNotConfigured,
+    #[error("bearer token refused: {0:?}")]
+    InvalidToken(super::auth::TokenRefusal),
+    #[error("insufficient scope: {0} needed")]
+    InsufficientScope(&'static str),
     #[error("unauthorized: {0}")]
     Unauthorized(String),
     #[error("forbidden: {0}")]
@@ -178,6 +184,12 @@ impl ApiError {
                 "Shutting down",
                 "This instance is shutting down and accepts nothing new. Retry shortly.",
             ),
+            ApiError::WorkerNotRunning => Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "worker-not-running",
+                "Worker not running",
+                "This instance runs no worker (planner and pusher), which this action needs; call an instance that does.",
+            ),
             ApiError::MarketoSideCreation => Problem::new(
                 S::FORBIDDEN,
                 "marketo-side-creation-refused",
@@ -189,6 +201,18 @@ impl ApiError {
                 "admin-not-configured",
                 "Admin API not configured",
                 "The admin API is disabled because no JWT key is configured (admin.jwt_secret or admin.jwt_public_key_file).",
+            ),
+            ApiError::InvalidToken(refusal) => {
+                let (slug, detail) = refusal.describe();
+                Problem::new(S::UNAUTHORIZED, slug, "Bearer token refused", detail)
+            }
+            ApiError::InsufficientScope(needed) => Problem::new(
+                S::FORBIDDEN,
+                "insufficient-scope",
+                "Insufficient scope",
+                format!(
+                    "The token lacks the scope {needed} (in `scope` or `scp`); oppsync.write also grants oppsync.read."
+                ),
             ),
             ApiError::Unauthorized(why) => {
                 Problem::new(S::UNAUTHORIZED, "unauthorized", "Unauthorized", why.clone())
@@ -223,12 +247,43 @@ impl IntoResponse for ApiError {
             }
             _ => tracing::debug!(error = %self, "request refused"),
         }
-        self.problem().into_response()
+        let challenge = match &self {
+            // RFC 6750 §3: say why, so that clients know whether to fetch a new token.
+            // No credentials at all: a bare challenge, no error code (RFC 6750 §3.1).
+            ApiError::InvalidToken(super::auth::TokenRefusal::Missing) => {
+                Some("Bearer realm=\"oppsync\"".to_owned())
+            }
+            ApiError::InvalidToken(refusal) => Some(format!(
+                "Bearer realm=\"oppsync\", error=\"invalid_token\", error_description=\"{}\"",
+                refusal.describe().0
+            )),
+            ApiError::InsufficientScope(needed) => Some(format!(
+                "Bearer realm=\"oppsync\", error=\"insufficient_scope\", scope=\"{needed}\""
+            )),
+            _ => None,
+        };
+        let mut response = self.problem().into_response();
+        if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+        }
+        response
     }
 }
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         ApiError::StoreUnavailable(e.to_string())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::BadRequest(format!("malformed query: {}", e.body_text()))
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(e: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::BadRequest(format!("malformed path: {}", e.body_text()))
     }
 }

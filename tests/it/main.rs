@@ -4,9 +4,12 @@
 
 mod support;
 
+mod admin_auth;
+mod admin_flows;
 mod demo;
 mod durability;
 mod intake;
+mod openapi;
 mod operations_doc;
 mod pipeline;
 mod register_cli;

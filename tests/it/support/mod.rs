@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod jwt;
 pub mod pg;
 pub mod process;
 pub mod scenario;

@@ -1,0 +1,817 @@
+//! The admin API (`/admin/...`): look at and re-drive what oppsync is doing. Every route takes a
+//! JWT bearer token (`auth.rs`): `oppsync.read` for reads, `oppsync.write` for changes.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::{AdminRead, AdminWrite};
+use super::problem::{ApiError, Problem};
+use crate::rules::{ConnectionState, OpportunityState, Projection};
+use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
+use crate::worker::planner::PlanError;
+use crate::worker::pusher::PAUSED;
+
+const DEFAULT_LIMIT: i64 = 50;
+const MAX_LIMIT: i64 = 500;
+
+/// `Query` whose rejection is a problem+json 400 (axum's own answers text/plain).
+#[derive(FromRequestParts)]
+#[from_request(via(Query), rejection(ApiError))]
+pub struct Q<T>(pub T);
+
+/// `Path` whose rejection is a problem+json 400.
+#[derive(FromRequestParts)]
+#[from_request(via(Path), rejection(ApiError))]
+pub struct P<T>(pub T);
+
+fn limit(requested: Option<i64>) -> Result<i64, ApiError> {
+    match requested {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIMIT}, not {n}"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opportunity sync state
+
+/// Where a Marketo opportunity role comes from.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RoleSource {
+    /// `customer` (the potential customer rule) or `connection` (a stakeholder connection).
+    #[schema(example = "connection")]
+    pub kind: &'static str,
+    /// The Dynamics connection, for `connection`.
+    pub connection_id: Option<String>,
+}
+
+/// One opportunity role Marketo should hold.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RoleView {
+    pub contact_id: String,
+    #[schema(example = "Stakeholder")]
+    pub role: String,
+    /// Every rule that justifies the role (it stays while one does).
+    pub sources: Vec<RoleSource>,
+}
+
+/// The Marketo company of an opportunity (`externalCompanyId` = Dynamics accountid).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompanyView {
+    pub account_id: String,
+    pub name: Option<String>,
+}
+
+/// What oppsync knows and plans for one opportunity.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OpportunitySync {
+    pub id: String,
+    /// Deleted in Dynamics (a tombstone keeps stale updates from bringing it back).
+    pub deleted: bool,
+    /// Whether a full row was seen (a Create, a post image or a Web API read).
+    pub seen_in_full: bool,
+    /// The newest Dynamics version (ms since the epoch) applied to this opportunity.
+    pub last_version: Option<i64>,
+    /// The Dynamics attributes received, each with its value and version.
+    #[schema(value_type = Object)]
+    pub dynamics_fields: serde_json::Value,
+    /// The potential customer (`customerid`) with its version, if known.
+    #[schema(value_type = Option<Object>)]
+    pub customer: Option<serde_json::Value>,
+    /// The Marketo opportunity fields last planned (null when deleted or not yet planned).
+    #[schema(value_type = Option<Object>)]
+    pub marketo_fields: Option<serde_json::Value>,
+    pub company: Option<CompanyView>,
+    pub roles: Vec<RoleView>,
+    /// Marketo writes for this opportunity that are not done (pending or dead), newest first.
+    pub writes: Vec<StoredWrite>,
+    /// The last error of those writes, if any.
+    pub last_error: Option<String>,
+}
+
+/// Sync state of one opportunity.
+#[utoipa::path(
+    get,
+    path = "/admin/opportunities/{id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "Dynamics opportunityid")),
+    responses(
+        (status = 200, description = "Success", body = OpportunitySync),
+        (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "oppsync knows no such opportunity", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn opportunity(
+    _auth: AdminRead,
+    State(state): State<AppState>,
+    P(id): P<Uuid>,
+) -> Result<Json<OpportunitySync>, ApiError> {
+    let store = &state.store;
+    let row = store
+        .opportunity_row(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("oppsync knows no opportunity {id}.")))?;
+    let opp: OpportunityState = serde_json::from_str(&row.state)
+        .map_err(|e| ApiError::Internal(format!("opportunity {id}: stored state unreadable: {e}")))?;
+    let projection: Option<Projection> = row
+        .projection
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| ApiError::Internal(format!("opportunity {id}: stored projection unreadable: {e}")))?;
+
+    // The connections of this opportunity and their role names say which roles they justify.
+    let loaded = store
+        .load_rows(&RowKeys {
+            connections_of_opportunities: vec![id],
+            ..RowKeys::default()
+        })
+        .await?;
+    let connections: Vec<ConnectionState> = loaded
+        .connections
+        .iter()
+        .filter_map(|r| serde_json::from_str(&r.state).ok())
+        .collect();
+    let role_ids: Vec<Uuid> = connections.iter().filter_map(|c| c.role_id).collect();
+    let role_names: BTreeMap<Uuid, String> = if role_ids.is_empty() {
+        BTreeMap::new()
+    } else {
+        store
+            .load_rows(&RowKeys {
+                role_ids,
+                ..RowKeys::default()
+            })
+            .await?
+            .roles
+            .into_iter()
+            .map(|r| (r.id, r.name))
+            .collect()
+    };
+    let customer_contact = opp
+        .customer
+        .as_ref()
+        .and_then(|c| c.value.as_ref())
+        .filter(|r| r.logical_name == "contact")
+        .map(|r| r.id);
+    let customer_role = &state.config.sync.customer_role;
+
+    let roles = projection
+        .as_ref()
+        .map(|p| {
+            p.roles
+                .iter()
+                .map(|key| {
+                    let mut sources = Vec::new();
+                    if customer_contact == Some(key.contact_id) && &key.role == customer_role {
+                        sources.push(RoleSource {
+                            kind: "customer",
+                            connection_id: None,
+                        });
+                    }
+                    for c in &connections {
+                        let live = c.active && c.deleted_at.is_none();
+                        let named = c.role_id.and_then(|r| role_names.get(&r)) == Some(&key.role);
+                        if live && named && c.contact_id == Some(key.contact_id) {
+                            sources.push(RoleSource {
+                                kind: "connection",
+                                connection_id: Some(c.id.to_string()),
+                            });
+                        }
+                    }
+                    RoleView {
+                        contact_id: key.contact_id.to_string(),
+                        role: key.role.clone(),
+                        sources,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut writes = Vec::new();
+    for status in [WriteStatus::Pending, WriteStatus::Dead] {
+        writes.extend(store.list_writes(Some(status), Some(id), MAX_LIMIT).await?);
+    }
+    writes.sort_by_key(|w| std::cmp::Reverse(w.updated_at));
+    let last_error = writes.iter().find_map(|w| w.last_error.clone());
+    let last_version = opp
+        .fields
+        .values()
+        .map(|v| v.version)
+        .chain(opp.customer.as_ref().map(|c| c.version))
+        .chain(opp.deleted_at)
+        .max();
+    Ok(Json(OpportunitySync {
+        id: id.to_string(),
+        deleted: opp.deleted_at.is_some(),
+        seen_in_full: opp.seen_in_full,
+        last_version,
+        dynamics_fields: serde_json::to_value(&opp.fields).unwrap_or_default(),
+        customer: opp.customer.as_ref().and_then(|c| serde_json::to_value(c).ok()),
+        marketo_fields: projection
+            .as_ref()
+            .and_then(|p| p.opportunity.clone())
+            .map(serde_json::Value::Object),
+        company: projection.as_ref().and_then(|p| {
+            p.company.as_ref().map(|c| CompanyView {
+                account_id: c.account_id.to_string(),
+                name: c.name.clone(),
+            })
+        }),
+        roles,
+        writes,
+        last_error,
+    }))
+}
+
+/// The result of a re-sync.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Resynced {
+    pub opportunity_id: String,
+    /// Marketo writes planned (0 when Marketo already holds the current state).
+    pub writes_planned: usize,
+}
+
+/// Re-syncs one opportunity from the Dataverse Web API (reads the row and plans it as if a
+/// full-row notification had arrived).
+#[utoipa::path(
+    post,
+    path = "/admin/opportunities/{id}/resync",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "Dynamics opportunityid")),
+    responses(
+        (status = 200, description = "Success", body = Resynced),
+        (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Dynamics has no such opportunity", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "Stored state unreadable", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The Dataverse Web API failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn resync(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    P(id): P<Uuid>,
+) -> Result<Json<Resynced>, ApiError> {
+    let worker = state.worker.as_ref().ok_or(ApiError::WorkerNotRunning)?;
+    tracing::info!(opportunity = %id, by = claims.sub.as_deref().unwrap_or(""), "admin re-sync");
+    match crate::worker::planner::resync_opportunity(worker, id).await {
+        Ok(Some(writes)) => Ok(Json(Resynced {
+            opportunity_id: id.to_string(),
+            writes_planned: writes,
+        })),
+        Ok(None) => Err(ApiError::NotFound(format!(
+            "Dynamics has no opportunity {id} (the Dataverse Web API answered 404)."
+        ))),
+        Err(PlanError::Dataverse(e)) => Err(ApiError::Upstream(format!("Dataverse Web API: {e}"))),
+        Err(PlanError::Unresolved(e)) => Err(ApiError::Upstream(e)),
+        Err(PlanError::Store(e)) => Err(e.into()),
+        Err(e) => Err(ApiError::Internal(e.to_string())),
+    }
+}
+
+/// Refused: opportunities are created in Dynamics 365 and synced one way to Marketo.
+#[utoipa::path(
+    post,
+    path = "/admin/opportunities",
+    tag = "admin",
+    responses(
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Always (with a valid token): opportunities are created in Dynamics 365 and synced one way to Marketo", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn create_opportunity(_auth: AdminWrite) -> ApiError {
+    ApiError::MarketoSideCreation
+}
+
+// ---------------------------------------------------------------------------------------------
+// Notifications
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NotificationQuery {
+    /// Only notifications with this status.
+    #[param(value_type = Option<NotificationStatus>)]
+    pub status: Option<String>,
+    /// Paging: only notifications with an id below this (the previous page's `next`).
+    pub before: Option<i64>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+}
+
+/// A page of notifications, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationPage {
+    pub items: Vec<InboxEntry>,
+    /// Pass as `before` for the next page; null on the last page.
+    pub next: Option<i64>,
+}
+
+/// Lists notifications, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/notifications",
+    tag = "admin",
+    params(NotificationQuery),
+    responses(
+        (status = 200, description = "Success", body = NotificationPage),
+        (status = 400, description = "Unknown status or limit out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn list_notifications(
+    _auth: AdminRead,
+    State(state): State<AppState>,
+    Q(q): Q<NotificationQuery>,
+) -> Result<Json<NotificationPage>, ApiError> {
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            NotificationStatus::parse(s).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "unknown status {s:?}; use pending, done, dead or discarded"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = limit(q.limit)?;
+    let items = state.store.list_notifications(status, q.before, limit).await?;
+    let next = (items.len() as i64 == limit)
+        .then(|| items.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(NotificationPage { items, next }))
+}
+
+/// One notification, with the body Dynamics sent.
+#[utoipa::path(
+    get,
+    path = "/admin/notifications/{id}",
+    tag = "admin",
+    params(("id" = i64, Path, description = "Inbox id")),
+    responses(
+        (status = 200, description = "Success", body = InboxEntry),
+        (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn notification(
+    _auth: AdminRead,
+    State(state): State<AppState>,
+    P(id): P<i64>,
+) -> Result<Json<InboxEntry>, ApiError> {
+    state
+        .store
+        .notification(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("There is no notification {id}.")))
+}
+
+/// How many records an admin action changed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Changed {
+    pub changed: u64,
+}
+
+async fn notification_exists(state: &AppState, id: i64) -> Result<InboxEntry, ApiError> {
+    state
+        .store
+        .notification(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("There is no notification {id}.")))
+}
+
+/// Puts a dead (or discarded) notification back to pending.
+#[utoipa::path(
+    post,
+    path = "/admin/notifications/{id}/retry",
+    tag = "admin",
+    params(("id" = i64, Path, description = "Inbox id")),
+    responses(
+        (status = 200, description = "Success", body = Changed),
+        (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The notification is not dead or discarded", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn retry_notification(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    P(id): P<i64>,
+) -> Result<Json<Changed>, ApiError> {
+    let entry = notification_exists(&state, id).await?;
+    let changed = state.store.retry_notifications(Some(id), None).await?;
+    if changed == 0 {
+        return Err(ApiError::Conflict(format!(
+            "Notification {id} is {}; only dead or discarded ones can be retried.",
+            entry.status.as_str()
+        )));
+    }
+    tracing::info!(
+        inbox_id = id,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry"
+    );
+    Ok(Json(Changed { changed }))
+}
+
+/// Discards a dead or pending notification (it will not be applied).
+#[utoipa::path(
+    post,
+    path = "/admin/notifications/{id}/discard",
+    tag = "admin",
+    params(("id" = i64, Path, description = "Inbox id")),
+    responses(
+        (status = 200, description = "Success", body = Changed),
+        (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The notification is already done or discarded", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn discard_notification(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    P(id): P<i64>,
+) -> Result<Json<Changed>, ApiError> {
+    let entry = notification_exists(&state, id).await?;
+    let changed = state.store.discard_notification(id).await?;
+    if changed == 0 {
+        return Err(ApiError::Conflict(format!(
+            "Notification {id} is {}; only dead or pending ones can be discarded.",
+            entry.status.as_str()
+        )));
+    }
+    tracing::info!(
+        inbox_id = id,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin discard"
+    );
+    Ok(Json(Changed { changed }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RetryDeadQuery {
+    /// Only notifications of this entity (`opportunity`, `connection`, `contact`).
+    pub entity: Option<String>,
+}
+
+/// Puts every dead notification (optionally of one entity) back to pending.
+#[utoipa::path(
+    post,
+    path = "/admin/notifications/retry-dead",
+    tag = "admin",
+    params(RetryDeadQuery),
+    responses(
+        (status = 200, description = "Success", body = Changed),
+        (status = 400, description = "Malformed query", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn retry_dead_notifications(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    Q(q): Q<RetryDeadQuery>,
+) -> Result<Json<Changed>, ApiError> {
+    let changed = state.store.retry_notifications(None, q.entity.as_deref()).await?;
+    tracing::info!(
+        changed,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry of dead notifications"
+    );
+    Ok(Json(Changed { changed }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Marketo writes
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WriteQuery {
+    /// Only writes with this status.
+    #[param(value_type = Option<WriteStatus>)]
+    pub status: Option<String>,
+    /// Only writes for this Dynamics opportunityid.
+    pub opportunity_id: Option<Uuid>,
+    /// At most this many, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+}
+
+/// Lists Marketo writes, most recently changed first.
+#[utoipa::path(
+    get,
+    path = "/admin/writes",
+    tag = "admin",
+    params(WriteQuery),
+    responses(
+        (status = 200, description = "Success", body = Vec<StoredWrite>),
+        (status = 400, description = "Unknown status, malformed id or limit out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn list_writes(
+    _auth: AdminRead,
+    State(state): State<AppState>,
+    Q(q): Q<WriteQuery>,
+) -> Result<Json<Vec<StoredWrite>>, ApiError> {
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            WriteStatus::parse(s).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "unknown status {s:?}; use pending, done, dead or discarded"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = limit(q.limit)?;
+    Ok(Json(
+        state.store.list_writes(status, q.opportunity_id, limit).await?,
+    ))
+}
+
+async fn write_status(state: &AppState, key: &str) -> Result<WriteStatus, ApiError> {
+    state
+        .store
+        .write_statuses(&[key.to_owned()])
+        .await?
+        .remove(key)
+        .ok_or_else(|| ApiError::NotFound(format!("There is no Marketo write {key:?}.")))
+}
+
+/// Puts a dead (or discarded) Marketo write back to pending.
+#[utoipa::path(
+    post,
+    path = "/admin/writes/{key}/retry",
+    tag = "admin",
+    params(("key" = String, Path, description = "Marketo record key of the write (URL-encoded)")),
+    responses(
+        (status = 200, description = "Success", body = Changed),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The write is not dead or discarded", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn retry_write(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    P(key): P<String>,
+) -> Result<Json<Changed>, ApiError> {
+    let status = write_status(&state, &key).await?;
+    let changed = state.store.retry_writes(Some(&key)).await?;
+    if changed == 0 {
+        return Err(ApiError::Conflict(format!(
+            "The write {key:?} is {}; only dead or discarded ones can be retried.",
+            status.as_str()
+        )));
+    }
+    tracing::info!(
+        key,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry of a write"
+    );
+    wake_pusher(&state);
+    Ok(Json(Changed { changed }))
+}
+
+/// Discards a dead or pending Marketo write (it will not be pushed).
+#[utoipa::path(
+    post,
+    path = "/admin/writes/{key}/discard",
+    tag = "admin",
+    params(("key" = String, Path, description = "Marketo record key of the write (URL-encoded)")),
+    responses(
+        (status = 200, description = "Success", body = Changed),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The write is already done or discarded", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn discard_write(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    P(key): P<String>,
+) -> Result<Json<Changed>, ApiError> {
+    let status = write_status(&state, &key).await?;
+    let changed = state.store.discard_write(&key).await?;
+    if changed == 0 {
+        return Err(ApiError::Conflict(format!(
+            "The write {key:?} is {}; only dead or pending ones can be discarded.",
+            status.as_str()
+        )));
+    }
+    tracing::info!(
+        key,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin discard of a write"
+    );
+    Ok(Json(Changed { changed }))
+}
+
+/// Puts every dead Marketo write back to pending.
+#[utoipa::path(
+    post,
+    path = "/admin/writes/retry-dead",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Success", body = Changed),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn retry_dead_writes(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+) -> Result<Json<Changed>, ApiError> {
+    let changed = state.store.retry_writes(None).await?;
+    tracing::info!(
+        changed,
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin retry of dead writes"
+    );
+    wake_pusher(&state);
+    Ok(Json(Changed { changed }))
+}
+
+fn wake_pusher(state: &AppState) {
+    if let Some(worker) = &state.worker {
+        worker.pusher_wakeup.notify_one();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pause, resume, stats
+
+/// Whether pushing to Marketo is paused.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PauseState {
+    pub paused: bool,
+}
+
+/// Pauses pushing to Marketo on every replica (intake and planning go on).
+#[utoipa::path(
+    post,
+    path = "/admin/pause",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Success", body = PauseState),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn pause(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+) -> Result<Json<PauseState>, ApiError> {
+    state.store.set_control(PAUSED, "true").await?;
+    tracing::warn!(
+        by = claims.sub.as_deref().unwrap_or(""),
+        "pushing to Marketo paused"
+    );
+    Ok(Json(PauseState { paused: true }))
+}
+
+/// Resumes pushing to Marketo.
+#[utoipa::path(
+    post,
+    path = "/admin/resume",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Success", body = PauseState),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn resume(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+) -> Result<Json<PauseState>, ApiError> {
+    state.store.set_control(PAUSED, "false").await?;
+    tracing::info!(
+        by = claims.sub.as_deref().unwrap_or(""),
+        "pushing to Marketo resumed"
+    );
+    wake_pusher(&state);
+    Ok(Json(PauseState { paused: false }))
+}
+
+/// Marketo API use by this process today.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MarketoUsage {
+    /// REST calls made today (other integrations share the instance's quota too).
+    pub calls_today: u32,
+    pub daily_quota: u32,
+    pub quota_left: u32,
+    /// Times a call waited for the rate limiter (not failures).
+    pub limiter_waits: u64,
+    pub limiter_wait_seconds: f64,
+    pub token_refreshes: u64,
+}
+
+/// What oppsync is doing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminStats {
+    pub store: StoreStats,
+    /// Pushing to Marketo is paused.
+    pub paused: bool,
+    /// This process runs a worker (planner and pusher).
+    pub worker_running: bool,
+    /// Marketo use today (null when this process runs no worker).
+    pub marketo: Option<MarketoUsage>,
+    /// A Marketo configuration error that stopped pushing (e.g. 1018, native CRM sync enabled).
+    pub marketo_problem: Option<String>,
+    /// Milliseconds since the epoch, when these were taken.
+    pub at: i64,
+}
+
+/// Queue depths, dead letters, Marketo calls and quota today.
+#[utoipa::path(
+    get,
+    path = "/admin/stats",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Success", body = AdminStats),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn stats(_auth: AdminRead, State(state): State<AppState>) -> Result<Json<AdminStats>, ApiError> {
+    let at = now_ms();
+    let store = state.store.stats(at).await?;
+    let paused = state.store.control(PAUSED).await?.as_deref() == Some("true");
+    let marketo = state.worker.as_ref().map(|w| {
+        let u = w.marketo.usage();
+        MarketoUsage {
+            calls_today: u.calls_today,
+            daily_quota: u.daily_quota,
+            quota_left: u.quota_left,
+            limiter_waits: u.limiter_waits,
+            limiter_wait_seconds: u.limiter_wait_seconds,
+            token_refreshes: u.token_refreshes,
+        }
+    });
+    Ok(Json(AdminStats {
+        store,
+        paused,
+        worker_running: state.worker.is_some(),
+        marketo,
+        marketo_problem: state.lifecycle.marketo_problem(),
+        at,
+    }))
+}
