@@ -43,9 +43,12 @@ impl Run {
     }
 }
 
+/// A body, its headers, and the record id to substitute per request.
+type Template = (String, Vec<(String, String)>, Uuid);
+
 /// A realistic body (~4 KB, like the spec's opportunity Update with images) whose record id is
 /// a marker: every request substitutes a fresh id, so every notification is new to the store.
-fn template() -> (String, Vec<(String, String)>, Uuid) {
+fn template() -> Template {
     let marker = Uuid::new_v4();
     let mut image = oppsync::dynamics::Attributes::new();
     image.insert(
@@ -56,7 +59,7 @@ fn template() -> (String, Vec<(String, String)>, Uuid) {
     image.insert("statecode".into(), AttributeValue::OptionSet(0));
     image.insert(
         "estimatedvalue".into(),
-        AttributeValue::Money(rust_decimal::Decimal::new(125_000_00, 2)),
+        AttributeValue::Money(rust_decimal::Decimal::new(12_500_000, 2)),
     );
     image.insert(
         "description".into(),
@@ -65,7 +68,7 @@ fn template() -> (String, Vec<(String, String)>, Uuid) {
     let n = NotificationBuilder::opportunity_update(marker, 1_750_000_000_000)
         .attr(
             "estimatedvalue",
-            AttributeValue::Money(rust_decimal::Decimal::new(125_000_00, 2)),
+            AttributeValue::Money(rust_decimal::Decimal::new(12_500_000, 2)),
         )
         .attr("closeprobability", AttributeValue::Int(60))
         .post_image("PostImage", image)
@@ -79,7 +82,7 @@ async fn load(
     url: String,
     connections: usize,
     duration: Duration,
-    template: Arc<(String, Vec<(String, String)>, Uuid)>,
+    template: Arc<Template>,
 ) -> Run {
     let deadline = Instant::now() + duration;
     let started = Instant::now();

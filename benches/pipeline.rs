@@ -166,9 +166,12 @@ fn report(m: &Measured) {
     );
 }
 
+/// A body and its headers, ready to post.
+type Wire = (String, Vec<(String, String)>);
+
 async fn post_all(url: &str, notifications: &[NotificationBuilder]) {
     let http = reqwest::Client::new();
-    let chunks: Vec<Vec<(String, Vec<(String, String)>)>> = notifications
+    let chunks: Vec<Vec<Wire>> = notifications
         .chunks(notifications.len().div_ceil(16))
         .map(|c| c.iter().map(|n| (n.to_json(), n.headers())).collect())
         .collect();
