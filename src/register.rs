@@ -190,6 +190,9 @@ fn step_specs(opts: &RegisterOptions) -> Vec<StepSpec> {
             .map(String::as_str)
             .chain(["customerid", "statecode"]),
     );
+    // `modifiedon` changes on every save: in the filter it would make every update fire the
+    // step. It stays in the image, where it gives the row's version.
+    let opportunity_filter = attribute_list(opportunity.split(',').filter(|a| *a != "modifiedon"));
     let connection_filter = attribute_list(CONNECTION_FILTERING.iter().copied());
     let connection_image = attribute_list(CONNECTION_FILTERING.iter().chain(CONNECTION_IMAGE_EXTRA).copied());
     let contact_filter = attribute_list(CONTACT_FILTERING.iter().copied());
@@ -218,7 +221,7 @@ fn step_specs(opts: &RegisterOptions) -> Vec<StepSpec> {
         StepSpec {
             entity: E::Opportunity,
             message: M::Update,
-            filtering: Some(opportunity.clone()),
+            filtering: Some(opportunity_filter),
             image: post("Target", &opportunity),
         },
         StepSpec {
@@ -628,9 +631,15 @@ mod tests {
             webhook_url: Url::parse(url).unwrap(),
             webhook_key: Secret::new(KEY),
             endpoint_name: "oppsync".into(),
-            opportunity_attributes: ["name", "estimatedvalue", "closeprobability", "estimatedclosedate"]
-                .map(String::from)
-                .to_vec(),
+            opportunity_attributes: [
+                "name",
+                "estimatedvalue",
+                "closeprobability",
+                "estimatedclosedate",
+                "modifiedon",
+            ]
+            .map(String::from)
+            .to_vec(),
             dry_run,
         }
     }
@@ -723,9 +732,15 @@ mod tests {
                 "serviceendpoint"
             );
         }
-        let opp_attrs = "closeprobability,customerid,estimatedclosedate,estimatedvalue,name,statecode";
+        // `modifiedon` is in the images (the row's version) but never in the filter, where it
+        // would fire the step on every save.
+        let opp_attrs =
+            "closeprobability,customerid,estimatedclosedate,estimatedvalue,modifiedon,name,statecode";
         let opp_update = step_for(&sim, "opportunity", "Update");
-        assert_eq!(opp_update["filteringattributes"], opp_attrs);
+        assert_eq!(
+            opp_update["filteringattributes"],
+            "closeprobability,customerid,estimatedclosedate,estimatedvalue,name,statecode"
+        );
         assert_eq!(
             step_for(&sim, "connection", "Update")["filteringattributes"],
             "record1id,record1roleid,record2id,record2roleid,statecode"

@@ -14,6 +14,39 @@ use super::{
     WriteStatus,
 };
 
+/// Rows per multi-row insert (9 parameters each; far below both backends' parameter limits).
+const INSERT_CHUNK: usize = 128;
+
+/// `INSERT … VALUES (…), (…) ON CONFLICT DO NOTHING RETURNING …` for `rows` notifications. Built
+/// only from fixed fragments and placeholder numbers, never from data.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO inbox (dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+         data_missing, body, status, attempts, next_attempt_at) VALUES ",
+    );
+    for r in 0..rows {
+        let p = r * 9;
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 7,
+            p + 8,
+            p + 9,
+            p + 2
+        ));
+    }
+    sql.push_str(" ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key");
+    sql
+}
+
 fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("bad uuid {s:?}: {e}")))
 }
@@ -144,32 +177,36 @@ macro_rules! sql_store {
 
             pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
                 let mut tx = self.pool.begin_with($begin).await?;
-                let mut out = Vec::with_capacity(batch.len());
-                for n in batch {
-                    let row = sqlx::query(
-                        "INSERT INTO inbox (dedupe_key, received_at, entity, message, record_id, version, \
-                         correlation_id, data_missing, body, status, attempts, next_attempt_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $2) \
-                         ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
-                    )
-                    .bind(&n.dedupe_key)
-                    .bind(n.received_at)
-                    .bind(&n.entity)
-                    .bind(&n.message)
-                    .bind(n.record_id.to_string())
-                    .bind(n.version)
-                    .bind(&n.correlation_id)
-                    .bind(i64::from(n.data_missing))
-                    .bind(&n.body)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    out.push(match row {
-                        Some(r) => Received::Stored(r.try_get("id")?),
-                        None => Received::Duplicate,
-                    });
+                let mut stored: HashMap<String, i64> = HashMap::with_capacity(batch.len());
+                // One multi-row statement per chunk: a round trip per row to the database costs
+                // more than the row itself.
+                for chunk in batch.chunks(INSERT_CHUNK) {
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len())));
+                    for n in chunk {
+                        query = query
+                            .bind(&n.dedupe_key)
+                            .bind(n.received_at)
+                            .bind(&n.entity)
+                            .bind(&n.message)
+                            .bind(n.record_id.to_string())
+                            .bind(n.version)
+                            .bind(&n.correlation_id)
+                            .bind(i64::from(n.data_missing))
+                            .bind(&n.body);
+                    }
+                    for row in query.fetch_all(&mut *tx).await? {
+                        stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
+                    }
                 }
                 tx.commit().await?;
-                Ok(out)
+                // The first of several equal keys in a batch was stored; the others are repeats.
+                Ok(batch
+                    .iter()
+                    .map(|n| match stored.remove(&n.dedupe_key) {
+                        Some(id) => Received::Stored(id),
+                        None => Received::Duplicate,
+                    })
+                    .collect())
             }
 
             pub async fn claim_notifications(
