@@ -134,3 +134,32 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
         "every 202 answered before the stop is stored"
     );
 }
+
+#[tokio::test]
+async fn serve_refuses_an_unmigrated_store_with_a_clear_message_unless_asked_to_migrate() {
+    let sims = Simulators::start(Default::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("sqlite://{}", dir.path().join("fresh.db").display());
+    let port = free_port();
+    let env = serve_env(&sims, &store_url, port);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oppsync"))
+        .arg("serve")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("oppsync migrate"), "{stderr}");
+    // `oppsync migrate`, then `serve` starts.
+    let migrated = std::process::Command::new(env!("CARGO_BIN_EXE_oppsync"))
+        .arg("migrate")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let _serve = ServeProcess::start(&env, port).await;
+}
