@@ -54,7 +54,12 @@ fn workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuil
         } else {
             Customer::Account(accounts[i % accounts.len()].0)
         };
-        let (o, n) = org.create_opportunity(&format!("Deal {i}"), customer, Decimal::new(1000 + i as i64, 0), 20);
+        let (o, n) = org.create_opportunity(
+            &format!("Deal {i}"),
+            customer,
+            Decimal::new(1000 + i as i64, 0),
+            20,
+        );
         opps.push(o);
         out.push(n);
     }
@@ -68,7 +73,10 @@ fn workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuil
     }
     for (i, o) in opps.iter().enumerate() {
         let mut changes = Attributes::new();
-        changes.insert("closeprobability".into(), AttributeValue::Int(40 + (i % 50) as i64));
+        changes.insert(
+            "closeprobability".into(),
+            AttributeValue::Int(40 + (i % 50) as i64),
+        );
         out.push(org.update_opportunity(*o, changes));
     }
     out
@@ -105,7 +113,10 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
     set_env(&mut env, "OPPSYNC__MARKETO__TIMEOUT_SCALE", "1");
     let serve = ServeProcess::start(binary(), &env, port).await?;
     let url = webhook_url(&serve.url);
-    println!("backlog: posting {} notifications ({opportunities} opportunities)…", wires.len());
+    println!(
+        "backlog: posting {} notifications ({opportunities} opportunities)…",
+        wires.len()
+    );
     let started = Instant::now();
     let wires = Arc::new(wires);
     let next = Arc::new(AtomicUsize::new(0));
@@ -133,7 +144,11 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
     let posted = started.elapsed().as_secs_f64();
     let store = Store::connect(&store_url, 2).await?;
     let planned = eventually(Duration::from_secs(600), || async {
-        store.stats(now_ms()).await.map(|s| s.inbox_pending == 0).unwrap_or(false)
+        store
+            .stats(now_ms())
+            .await
+            .map(|s| s.inbox_pending == 0)
+            .unwrap_or(false)
     })
     .await;
     let planned_at = started.elapsed().as_secs_f64();
@@ -141,7 +156,10 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
     let since = sims.marketo.calls().len();
     let clock = Instant::now();
     store.set_control("paused", "false").await?;
-    let drained = eventually(Duration::from_secs(900), || async { store.is_idle().await.unwrap_or(false) }).await;
+    let drained = eventually(Duration::from_secs(900), || async {
+        store.is_idle().await.unwrap_or(false)
+    })
+    .await;
     let seconds = clock.elapsed().as_secs_f64();
     let stats = store.stats(now_ms()).await?;
 
@@ -155,7 +173,12 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
         calls += 1;
         let records = match c.body.get("input").and_then(Value::as_array) {
             Some(a) => a.len(),
-            None => c.body.as_str().map(|b| b.matches("%40").count()).unwrap_or(1).max(1),
+            None => c
+                .body
+                .as_str()
+                .map(|b| b.matches("%40").count())
+                .unwrap_or(1)
+                .max(1),
         };
         let key = if c.query.contains("_method=GET") {
             format!("{} (lookup)", c.path)
@@ -174,18 +197,30 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
     );
     report.row(
         "posted / planned (pushing paused)",
-        format!("{posted:.1} s ({:.0}/s) / {planned_at:.1} s", wires.len() as f64 / posted),
+        format!(
+            "{posted:.1} s ({:.0}/s) / {planned_at:.1} s",
+            wires.len() as f64 / posted
+        ),
     );
     report.row("Marketo writes queued before the drain", queued);
     report.row("records written to Marketo", records);
     report.row(
         "calls used / minimum possible",
-        format!("{calls} / {minimum} = {:.2}x", calls as f64 / minimum.max(1) as f64),
+        format!(
+            "{calls} / {minimum} = {:.2}x",
+            calls as f64 / minimum.max(1) as f64
+        ),
     );
-    report.row("records per call", format!("{:.1}", records as f64 / calls.max(1) as f64));
+    report.row(
+        "records per call",
+        format!("{:.1}", records as f64 / calls.max(1) as f64),
+    );
     report.row(
         "drain time / rate-bound time",
-        format!("{seconds:.1} s / {bound:.1} s{}", if drained { "" } else { " (NOT drained)" }),
+        format!(
+            "{seconds:.1} s / {bound:.1} s{}",
+            if drained { "" } else { " (NOT drained)" }
+        ),
     );
     report.row(
         "max calls in any 1 s window / max concurrent",
@@ -195,19 +230,35 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
             sims.marketo.max_concurrent_seen()
         ),
     );
-    report.row("606 / 615 answers", format!("{} / {}", sims.marketo.count_606(), sims.marketo.count_615()));
-    report.row("Marketo opportunities held / expected", format!("{held} / {opportunities}"));
+    report.row(
+        "606 / 615 answers",
+        format!("{} / {}", sims.marketo.count_606(), sims.marketo.count_615()),
+    );
+    report.row(
+        "Marketo opportunities held / expected",
+        format!("{held} / {opportunities}"),
+    );
     report.row("peak RSS of the service (VmHWM)", mib(serve.peak_rss_kib()));
     report.check(refused.load(Ordering::SeqCst) == 0, "notifications refused");
     report.check(planned, "the backlog was not planned");
     report.check(drained, format!("not drained: {stats:?}"));
-    report.check(stats.inbox_dead + stats.writes_dead == 0, format!("dead letters: {stats:?}"));
+    report.check(
+        stats.inbox_dead + stats.writes_dead == 0,
+        format!("dead letters: {stats:?}"),
+    );
     report.check(held == opportunities, "not every opportunity landed");
     report.check(
-        sims.marketo.max_calls_in_any_window() <= CALLS_PER_WINDOW as usize && sims.marketo.max_concurrent_seen() <= 10,
+        sims.marketo.max_calls_in_any_window() <= CALLS_PER_WINDOW as usize
+            && sims.marketo.max_concurrent_seen() <= 10,
         "Marketo limits exceeded",
     );
-    report.check(calls as f64 <= 1.5 * minimum as f64, "more than 1.5x the minimum calls");
-    report.check(seconds <= 1.5 * bound + 5.0, "drain slower than 1.5x the rate-bound time + 5 s");
+    report.check(
+        calls as f64 <= 1.5 * minimum as f64,
+        "more than 1.5x the minimum calls",
+    );
+    report.check(
+        seconds <= 1.5 * bound + 5.0,
+        "drain slower than 1.5x the rate-bound time + 5 s",
+    );
     Ok(())
 }

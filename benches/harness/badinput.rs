@@ -70,20 +70,72 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
         case("JSON number", "42"),
         case("JSON string", "\"opportunity\""),
         case("empty object", "{}"),
-        case("MessageName a number", altered("\"MessageName\":\"Create\"", b"\"MessageName\":42")?),
-        case("PrimaryEntityId not a GUID", altered("\"PrimaryEntityName\":\"opportunity\"", b"\"PrimaryEntityName\":\"opportunity\",\"PrimaryEntityId\":\"not-a-guid\"")?),
+        case(
+            "MessageName a number",
+            altered("\"MessageName\":\"Create\"", b"\"MessageName\":42")?,
+        ),
+        case(
+            "PrimaryEntityId not a GUID",
+            altered(
+                "\"PrimaryEntityName\":\"opportunity\"",
+                b"\"PrimaryEntityName\":\"opportunity\",\"PrimaryEntityId\":\"not-a-guid\"",
+            )?,
+        ),
         case("Stage a string", altered("\"Stage\":40", b"\"Stage\":\"forty\"")?),
-        case("Stage a huge integer", altered("\"Stage\":40", b"\"Stage\":99999999999999999999999999999")?),
+        case(
+            "Stage a huge integer",
+            altered("\"Stage\":40", b"\"Stage\":99999999999999999999999999999")?,
+        ),
         case("Depth 1e999999", altered("\"Depth\":1", b"\"Depth\":1e999999")?),
-        case("InputParameters a string", altered("\"InputParameters\":[", b"\"InputParameters\":\"x\",\"Ignored\":[")?),
-        case("invalid UTF-8 in a string", altered("\"MessageName\":\"Create\"", b"\"MessageName\":\"Cr\xff\xfeate\"")?),
-        case("lone surrogate escape", altered("\"MessageName\":\"Create\"", b"\"MessageName\":\"\\ud800\"")?),
-        case("duplicated key", altered("\"MessageName\":\"Create\"", b"\"MessageName\":\"Create\",\"MessageName\":\"Delete\"")?),
-        case("nested 100,000 deep", format!("{{\"InputParameters\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000))),
-        case("unknown entity", altered("\"PrimaryEntityName\":\"opportunity\"", b"\"PrimaryEntityName\":\"invoice\"")?),
-        case("unknown message", altered("\"MessageName\":\"Create\"", b"\"MessageName\":\"Assign\"")?),
-        case("pre-validation stage 10", altered("\"Stage\":40", b"\"Stage\":10")?),
-        case("2 MiB body (limit 1 MiB)", format!("{{\"x\":\"{}\"}}", "a".repeat(2 << 20))),
+        case(
+            "InputParameters a string",
+            altered(
+                "\"InputParameters\":[",
+                b"\"InputParameters\":\"x\",\"Ignored\":[",
+            )?,
+        ),
+        case(
+            "invalid UTF-8 in a string",
+            altered("\"MessageName\":\"Create\"", b"\"MessageName\":\"Cr\xff\xfeate\"")?,
+        ),
+        case(
+            "lone surrogate escape",
+            altered("\"MessageName\":\"Create\"", b"\"MessageName\":\"\\ud800\"")?,
+        ),
+        case(
+            "duplicated key",
+            altered(
+                "\"MessageName\":\"Create\"",
+                b"\"MessageName\":\"Create\",\"MessageName\":\"Delete\"",
+            )?,
+        ),
+        case(
+            "nested 100,000 deep",
+            format!(
+                "{{\"InputParameters\":{}{}}}",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+        ),
+        case(
+            "unknown entity",
+            altered(
+                "\"PrimaryEntityName\":\"opportunity\"",
+                b"\"PrimaryEntityName\":\"invoice\"",
+            )?,
+        ),
+        case(
+            "unknown message",
+            altered("\"MessageName\":\"Create\"", b"\"MessageName\":\"Assign\"")?,
+        ),
+        case(
+            "pre-validation stage 10",
+            altered("\"Stage\":40", b"\"Stage\":10")?,
+        ),
+        case(
+            "2 MiB body (limit 1 MiB)",
+            format!("{{\"x\":\"{}\"}}", "a".repeat(2 << 20)),
+        ),
     ];
     for ct in [
         "text/plain",
@@ -99,10 +151,12 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
     c.content_type = Some("x".repeat(8192));
     cases.push(c);
     let mut c = case("8 KiB correlation id, malformed body", "{\"Depth\":");
-    c.headers.push(("x-ms-correlation-request-id".into(), "z".repeat(8192)));
+    c.headers
+        .push(("x-ms-correlation-request-id".into(), "z".repeat(8192)));
     cases.push(c);
     let mut c = case("size-exceeded header, body not a context", "{\"a\":1}");
-    c.headers.push(("x-ms-dynamics-msg-size-exceeded".into(), "x".repeat(2048)));
+    c.headers
+        .push(("x-ms-dynamics-msg-size-exceeded".into(), "x".repeat(2048)));
     cases.push(c);
     // Bad credentials, each with a valid body: accepting one would store it.
     for (name, query) in [
@@ -170,7 +224,10 @@ async fn run_inner(report: &mut Report) -> anyhow::Result<()> {
                     .unwrap_or("")
                     .to_owned();
                 let body: Option<Value> = r.json().await.ok();
-                let body_status = body.as_ref().and_then(|b| b.get("status")).and_then(Value::as_u64);
+                let body_status = body
+                    .as_ref()
+                    .and_then(|b| b.get("status"))
+                    .and_then(Value::as_u64);
                 if !(400..500).contains(&status) {
                     Err(format!("answered {status}"))
                 } else if !ct.starts_with("application/problem+json") {
@@ -212,8 +269,13 @@ async fn run_inner(report: &mut Report) -> anyhow::Result<()> {
             format!("{} / {}", cases.len(), cases.len() - bad),
         ),
     );
-    report.rows.insert(1, ("statuses".into(), format!("{statuses:?}")));
-    report.rows.insert(2, ("inbox count before / after".into(), format!("{before} / {after}")));
+    report
+        .rows
+        .insert(1, ("statuses".into(), format!("{statuses:?}")));
+    report.rows.insert(
+        2,
+        ("inbox count before / after".into(), format!("{before} / {after}")),
+    );
     report.rows.insert(
         3,
         (
@@ -221,9 +283,15 @@ async fn run_inner(report: &mut Report) -> anyhow::Result<()> {
             format!("{health}, {ready}; {good}"),
         ),
     );
-    report.rows.insert(4, ("peak RSS of the service (VmHWM)".into(), crate::common::mib(peak)));
+    report.rows.insert(
+        4,
+        ("peak RSS of the service (VmHWM)".into(), crate::common::mib(peak)),
+    );
     report.check(after == before, format!("inbox went from {before} to {after}"));
-    report.check(alive && health.is_success() && ready.is_success(), "service not healthy afterwards");
+    report.check(
+        alive && health.is_success() && ready.is_success(),
+        "service not healthy afterwards",
+    );
     report.check(
         good.as_u16() == 202 && stored_after_good == after + 1,
         "a valid notification was not stored afterwards",

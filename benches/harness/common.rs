@@ -160,7 +160,11 @@ pub struct Reference {
 /// Delivers `groups` to a calm in-process `oppsync::app::start` against `sims`: each group in
 /// order, eight groups at a time (groups are independent), every post answered 2xx; waits until
 /// everything is applied and pushed, with no dead letter; returns what Marketo holds.
-pub async fn reference(sims: &Simulators, groups: &[Vec<Wire>], timeout: Duration) -> anyhow::Result<Reference> {
+pub async fn reference(
+    sims: &Simulators,
+    groups: &[Vec<Wire>],
+    timeout: Duration,
+) -> anyhow::Result<Reference> {
     let dir = tempfile::tempdir()?;
     let store_url = format!("sqlite://{}", dir.path().join("reference.db").display());
     let mut config = sims.service_config(&store_url, KEY);

@@ -18,11 +18,11 @@ use parking_lot::{Mutex, RwLock};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::common::{
-    KEY, Report, Wire, binary, compare, histories, inbox_keys, mib, post, reference, roomy_marketo, webhook_url,
-    wire,
-};
 use crate::Mode;
+use crate::common::{
+    KEY, Report, Wire, binary, compare, histories, inbox_keys, mib, post, reference, roomy_marketo,
+    webhook_url, wire,
+};
 
 pub async fn run(mode: Mode) -> Vec<Report> {
     match run_inner(mode).await {
@@ -66,15 +66,31 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Vec<Report>> {
     let dir = tempfile::tempdir()?;
     let sqlite_url = format!("sqlite://{}", dir.path().join("crash.db").display());
     reports.push(
-        one_backend("crash (SQLite)", mode, &sqlite_sims, &sqlite_url, &flat, &expected, 11)
-            .await
-            .unwrap_or_else(|e| failed("crash (SQLite)", e)),
+        one_backend(
+            "crash (SQLite)",
+            mode,
+            &sqlite_sims,
+            &sqlite_url,
+            &flat,
+            &expected,
+            11,
+        )
+        .await
+        .unwrap_or_else(|e| failed("crash (SQLite)", e)),
     );
     match TestDatabase::create().await {
         Ok(db) => {
-            let r = one_backend("crash (PostgreSQL)", mode, &pg_sims, &db.url, &flat, &expected, 12)
-                .await
-                .unwrap_or_else(|e| failed("crash (PostgreSQL)", e));
+            let r = one_backend(
+                "crash (PostgreSQL)",
+                mode,
+                &pg_sims,
+                &db.url,
+                &flat,
+                &expected,
+                12,
+            )
+            .await
+            .unwrap_or_else(|e| failed("crash (PostgreSQL)", e));
             db.drop_now().await;
             reports.push(r);
         }
@@ -104,7 +120,8 @@ fn failed(name: &str, e: anyhow::Error) -> Report {
     r
 }
 
-const CRITERION: &str = "lost acknowledged notifications = 0, wrong final records = 0, duplicated records = 0, dead letters = 0";
+const CRITERION: &str =
+    "lost acknowledged notifications = 0, wrong final records = 0, duplicated records = 0, dead letters = 0";
 
 /// The service as a child process that the killer replaces.
 struct Service {
@@ -125,12 +142,14 @@ async fn one_backend(
 ) -> anyhow::Result<Report> {
     let mut report = Report::new(name, CRITERION);
     let started = Instant::now();
-    let start = |port: u16| {
-        let env = serve_env(sims, store_url, port, KEY);
-        async move { ServeProcess::start(binary(), &env, port).await }
-    };
     let port = free_port()?;
-    let first = start(port).await?;
+    let log = std::env::temp_dir().join(format!(
+        "oppsync-harness-{}.log",
+        name.replace([' ', '(', ')'], "")
+    ));
+    let first =
+        ServeProcess::start_logging(binary(), &serve_env(sims, store_url, port, KEY), port, Some(&log))
+            .await?;
     let url = Arc::new(RwLock::new(webhook_url(&first.url)));
     let service = Arc::new(Mutex::new(Service {
         process: Some(first),
@@ -224,17 +243,31 @@ async fn one_backend(
             let mut drain_gaps = drain_gaps.into_iter();
             loop {
                 let during_load = loading.load(Ordering::SeqCst);
-                let gap = if during_load { gaps.next() } else { drain_gaps.next() };
+                let gap = if during_load {
+                    gaps.next()
+                } else {
+                    drain_gaps.next()
+                };
                 let Some(gap) = gap else { break };
                 tokio::time::sleep(Duration::from_millis(gap)).await;
                 if !during_load && store_for_idle.is_idle().await.unwrap_or(false) {
                     break;
                 }
-                let Some((port, env)) = kill_once(&service) else { break };
+                let Some((port, env)) = kill_once(&service) else {
+                    break;
+                };
+                eprintln!(
+                    "crash: SIGKILL ({})",
+                    if during_load {
+                        "during the load"
+                    } else {
+                        "while draining"
+                    }
+                );
                 // Restart; a failed start is retried on the next port.
                 let mut started = None;
                 for _ in 0..3 {
-                    match ServeProcess::start(binary(), &env, port).await {
+                    match ServeProcess::start_logging(binary(), &env, port, Some(&log)).await {
                         Ok(p) => {
                             started = Some(p);
                             break;
@@ -263,7 +296,10 @@ async fn one_backend(
     // Settle with the last process.
     let store = Store::connect(store_url, 2).await?;
     let settle_timeout = Duration::from_secs(mode.pick(180, 420));
-    let idle = eventually(settle_timeout, || async { store.is_idle().await.unwrap_or(false) }).await;
+    let idle = eventually(settle_timeout, || async {
+        store.is_idle().await.unwrap_or(false)
+    })
+    .await;
     let total_seconds = started.elapsed().as_secs_f64();
     let stats = store.stats(now_ms()).await?;
     drop(store);
@@ -320,17 +356,29 @@ async fn one_backend(
             sims.marketo_config.max_concurrent
         ),
     );
-    report.row("606 / 615 answers", format!("{} / {}", sims.marketo.count_606(), sims.marketo.count_615()));
+    report.row(
+        "606 / 615 answers",
+        format!("{} / {}", sims.marketo.count_606(), sims.marketo.count_615()),
+    );
     report.row("peak RSS of a service process (VmHWM)", mib(Some(peak)));
     for e in &cmp.examples {
         report.row("example", e);
     }
-    report.check(kills >= mode.pick(3, 8), format!("only {kills} SIGKILLs happened"));
-    report.check(unacked == 0 && refused.load(Ordering::SeqCst) == 0, format!("{unacked} notifications never acknowledged"));
+    report.check(
+        kills >= mode.pick(3, 8),
+        format!("only {kills} SIGKILLs happened"),
+    );
+    report.check(
+        unacked == 0 && refused.load(Ordering::SeqCst) == 0,
+        format!("{unacked} notifications never acknowledged"),
+    );
     report.check(idle, format!("work left after {settle_timeout:?}: {stats:?}"));
     report.check(lost == 0, format!("{lost} acknowledged notifications lost"));
     report.check(cmp.wrong == 0, format!("{} wrong records", cmp.wrong));
-    report.check(cmp.duplicated == 0, format!("{} duplicated records", cmp.duplicated));
+    report.check(
+        cmp.duplicated == 0,
+        format!("{} duplicated records", cmp.duplicated),
+    );
     report.check(
         stats.inbox_dead + stats.writes_dead == 0,
         format!("dead letters: {stats:?}"),

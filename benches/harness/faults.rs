@@ -15,7 +15,9 @@ use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use crate::Mode;
-use crate::common::{KEY, Report, Wire, binary, compare, histories, post, reference, roomy_marketo, webhook_url, wire, without};
+use crate::common::{
+    KEY, Report, Wire, binary, compare, histories, post, reference, roomy_marketo, webhook_url, wire, without,
+};
 
 const CRITERION: &str = "dead letters = exactly the writes of the records given permanent errors; every other record as in the calm reference; no duplicate; every injected fault kind observed";
 
@@ -124,20 +126,29 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     // Trouble starts once a token is in use.
     let _ = eventually(Duration::from_secs(30), || async { m.rest_call_count() > 0 }).await;
     m.inject(Fault::ExpireTokenNow);
-    m.inject(Fault::HttpStatus { status: 503, times: 4 });
+    m.inject(Fault::HttpStatus {
+        status: 503,
+        times: 4,
+    });
     m.inject(Fault::DropConnection { times: 3 });
     m.inject(Fault::ErrorCode { code: 606, times: 3 });
     m.inject(Fault::Delay {
         delay: Duration::from_secs(8),
         times: 2,
     });
-    m.inject(Fault::HttpStatus { status: 500, times: 3 });
+    m.inject(Fault::HttpStatus {
+        status: 500,
+        times: 3,
+    });
     m.inject(Fault::ErrorCode { code: 615, times: 3 });
     m.inject(Fault::ErrorCode { code: 604, times: 2 });
     sims.dataverse.inject_5xx(3);
     refused += deliver(&flat[fifth..3 * fifth]).await;
     m.inject(Fault::ExpireTokenNow);
-    m.inject(Fault::HttpStatus { status: 502, times: 2 });
+    m.inject(Fault::HttpStatus {
+        status: 502,
+        times: 2,
+    });
     m.inject(Fault::ErrorCode { code: 606, times: 2 });
     m.inject(Fault::DropConnection { times: 2 });
     refused += deliver(&flat[3 * fifth..flat.len() - 6]).await;
@@ -182,7 +193,10 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     let dv429 = dv.iter().filter(|c| c.status == 429).count();
     let dv5xx = dv.iter().filter(|c| c.status >= 500).count();
     let rest_calls = m.rest_call_count();
-    report.row("notifications delivered (refused)", format!("{} ({refused})", flat.len()));
+    report.row(
+        "notifications delivered (refused)",
+        format!("{} ({refused})", flat.len()),
+    );
     report.row("records given permanent errors (1006)", poisoned.len());
     report.row(
         "settled after",
@@ -228,7 +242,10 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     report.check(stats.inbox_dead == 0, "dead notifications");
     report.check(landed_poisoned == 0, "a refused record landed anyway");
     report.check(cmp.wrong == 0, format!("{} wrong records", cmp.wrong));
-    report.check(cmp.duplicated == 0, format!("{} duplicated records", cmp.duplicated));
+    report.check(
+        cmp.duplicated == 0,
+        format!("{} duplicated records", cmp.duplicated),
+    );
     report.check(http5xx >= 5, "5xx faults not observed");
     report.check(dropped >= 3, "dropped connections not observed");
     report.check(m.count_606() >= 3 && m.count_615() >= 1, "606/615 not observed");

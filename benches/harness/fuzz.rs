@@ -18,7 +18,8 @@ pub fn run(seconds: u64) -> Report {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !have {
-        report.skipped = Some("cargo-fuzz or the nightly toolchain is not installed (see fuzz/README.md)".into());
+        report.skipped =
+            Some("cargo-fuzz or the nightly toolchain is not installed (see fuzz/README.md)".into());
         return report;
     }
     let corpus = match tempfile::tempdir() {

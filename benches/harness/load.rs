@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use crate::common::{KEY, Report, binary, inbox_count, mib, percentile};
 
-const CRITERION: &str = "every request answered 2xx, every 202 stored (inbox count = acknowledged), p99 < 1 s at every level";
+const CRITERION: &str =
+    "every request answered 2xx, every 202 stored (inbox count = acknowledged), p99 < 1 s at every level";
 const LEVELS: [usize; 4] = [1, 16, 64, 256];
 
 struct Run {
@@ -35,7 +36,10 @@ struct Run {
 fn template() -> (String, Vec<(String, String)>, String) {
     let marker = Uuid::new_v4();
     let mut image = oppsync::dynamics::Attributes::new();
-    image.insert("name".into(), AttributeValue::String("Contoso - 500 seats renewal".into()));
+    image.insert(
+        "name".into(),
+        AttributeValue::String("Contoso - 500 seats renewal".into()),
+    );
     image.insert("customerid".into(), reference("account", Uuid::new_v4()));
     image.insert("statecode".into(), AttributeValue::OptionSet(0));
     image.insert(
@@ -122,7 +126,12 @@ async fn bare_server() -> anyhow::Result<SocketAddr> {
 fn line(r: &Run, baseline: Option<&Run>) -> String {
     let rate = r.accepted as f64 / r.seconds;
     let ratio = baseline
-        .map(|b| format!("  ({:.0}% of bare)", 100.0 * rate / (b.accepted as f64 / b.seconds)))
+        .map(|b| {
+            format!(
+                "  ({:.0}% of bare)",
+                100.0 * rate / (b.accepted as f64 / b.seconds)
+            )
+        })
         .unwrap_or_default();
     format!(
         "{:>7.0} req/s  p50 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2} ms  errors {}{ratio}",
@@ -176,14 +185,23 @@ async fn run_inner(report: &mut Report, duration: Duration) -> anyhow::Result<()
         let bare_url = format!("http://{bare}/webhooks/dynamics?code={KEY}");
         let _ = load(bare_url.clone(), connections, Duration::from_millis(300)).await;
         let baseline = load(bare_url, connections, duration).await;
-        report.row(format!("{connections:>3} conn  bare axum (parse only)"), line(&baseline, None));
+        report.row(
+            format!("{connections:>3} conn  bare axum (parse only)"),
+            line(&baseline, None),
+        );
         for (i, (name, _, serve)) in servers.iter().enumerate() {
             let url = format!("{}/webhooks/dynamics?code={KEY}", serve.url);
             let warm = load(url.clone(), connections, Duration::from_millis(300)).await;
             let r = load(url, connections, duration).await;
             accepted[i] += warm.accepted + r.accepted;
-            report.row(format!("{connections:>3} conn  oppsync, {name}"), line(&r, Some(&baseline)));
-            report.check(r.failed == 0 && warm.failed == 0, format!("{name} at {connections}: {} errors", r.failed + warm.failed));
+            report.row(
+                format!("{connections:>3} conn  oppsync, {name}"),
+                line(&r, Some(&baseline)),
+            );
+            report.check(
+                r.failed == 0 && warm.failed == 0,
+                format!("{name} at {connections}: {} errors", r.failed + warm.failed),
+            );
             let p99 = percentile(&r.latencies_us, 0.99);
             report.check(p99 < 1000.0, format!("{name} at {connections}: p99 {p99:.0} ms"));
         }
@@ -192,8 +210,14 @@ async fn run_inner(report: &mut Report, duration: Duration) -> anyhow::Result<()
         report.row(format!("peak RSS, {name} (VmHWM)"), mib(serve.peak_rss_kib()));
         let store = Store::connect(url, 2).await?;
         let stored = inbox_count(&store).await?;
-        report.row(format!("stored / acknowledged, {name}"), format!("{stored} / {}", accepted[i]));
-        report.check(stored as usize == accepted[i], format!("{name}: {stored} stored, {} acknowledged", accepted[i]));
+        report.row(
+            format!("stored / acknowledged, {name}"),
+            format!("{stored} / {}", accepted[i]),
+        );
+        report.check(
+            stored as usize == accepted[i],
+            format!("{name}: {stored} stored, {} acknowledged", accepted[i]),
+        );
     }
     drop(servers);
     if let Some(db) = pg {

@@ -43,7 +43,10 @@ impl Mode {
 const ALL: [&str; 6] = ["crash", "faults", "load", "backlog", "badinput", "fuzz"];
 
 fn usage() -> ! {
-    eprintln!("usage: cargo bench --bench harness -- [--mode short|full] [--only {}]", ALL.join(","));
+    eprintln!(
+        "usage: cargo bench --bench harness -- [--mode short|full] [--only {}]",
+        ALL.join(",")
+    );
     std::process::exit(2)
 }
 
@@ -122,7 +125,10 @@ async fn main() {
         let t = Instant::now();
         timed(vec![fuzz::run(mode.pick(20, 60))], t);
     }
-    println!("\n== summary ({mode:?} mode, {:.0} s)", started.elapsed().as_secs_f64());
+    println!(
+        "\n== summary ({mode:?} mode, {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
     println!("{:<34} {:>6} {:>8}", "scenario", "result", "time");
     let mut failed = false;
     for (r, s) in &reports {

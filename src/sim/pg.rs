@@ -18,9 +18,9 @@ impl TestDatabase {
     pub async fn create() -> anyhow::Result<TestDatabase> {
         let admin = admin_url();
         let name = format!("oppsync_t_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(&admin).await.with_context(|| {
-            format!("PostgreSQL must be reachable at {admin} (OPPSYNC_TEST_PG_URL)")
-        })?;
+        let mut conn = PgConnection::connect(&admin)
+            .await
+            .with_context(|| format!("PostgreSQL must be reachable at {admin} (OPPSYNC_TEST_PG_URL)"))?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await?;

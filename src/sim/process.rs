@@ -33,7 +33,10 @@ pub fn serve_env(sims: &Simulators, store_url: &str, port: u16, webhook_key: &st
         ("OPPSYNC__WEBHOOK__KEYS".into(), webhook_key.into()),
         ("OPPSYNC__MARKETO__BASE_URL".into(), sims.marketo.base_url()),
         ("OPPSYNC__MARKETO__CLIENT_ID".into(), sims.marketo.client_id()),
-        ("OPPSYNC__MARKETO__CLIENT_SECRET".into(), sims.marketo.client_secret()),
+        (
+            "OPPSYNC__MARKETO__CLIENT_SECRET".into(),
+            sims.marketo.client_secret(),
+        ),
         (
             "OPPSYNC__MARKETO__CALLS_PER_20S".into(),
             c.marketo.calls_per_20s.to_string(),

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-pub use oppsync::sim::process::ServeProcess;
 use oppsync::sim::env::Simulators;
+pub use oppsync::sim::process::ServeProcess;
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
