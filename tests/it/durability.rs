@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::support::app::KEY;
-use crate::support::process::{ServeProcess, free_port, serve_env};
+use crate::support::process::{free_port, serve_env, start_serve};
 
 /// `clients` tasks post distinct notifications until stopped; returns the record ids answered 202.
 fn burst(url: String, clients: usize, acked: Arc<Mutex<BTreeSet<Uuid>>>, tasks: &mut JoinSet<()>) {
@@ -81,7 +81,7 @@ async fn every_acknowledged_notification_survives_sigkill_and_a_restart() {
     let store_url = format!("sqlite://{}", dir.path().join("kill.db").display());
     let port = free_port();
     let env = serve_env(&sims, &store_url, port);
-    let mut serve = ServeProcess::start(&env, port).await;
+    let mut serve = start_serve(&env, port).await;
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let mut tasks = JoinSet::new();
@@ -95,7 +95,7 @@ async fn every_acknowledged_notification_survives_sigkill_and_a_restart() {
     // Restart on the same store: it starts, and every acknowledged notification is there.
     let port = free_port();
     let env = serve_env(&sims, &store_url, port);
-    let restarted = ServeProcess::start(&env, port).await;
+    let restarted = start_serve(&env, port).await;
     let stored = stored_records(&store_url).await;
     let lost: Vec<_> = acked.difference(&stored).collect();
     assert!(
@@ -114,13 +114,13 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let store_url = format!("sqlite://{}", dir.path().join("term.db").display());
     let port = free_port();
     let env = serve_env(&sims, &store_url, port);
-    let mut serve = ServeProcess::start(&env, port).await;
+    let mut serve = start_serve(&env, port).await;
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let mut tasks = JoinSet::new();
     burst(serve.url.clone(), 16, acked.clone(), &mut tasks);
     wait_for(&acked, 100).await;
-    serve.signal("-TERM");
+    serve.signal("-TERM").unwrap();
     let status = serve
         .wait_exit(Duration::from_secs(15))
         .await

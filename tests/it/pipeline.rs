@@ -18,7 +18,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::support::app::{KEY, TestEnv};
-use crate::support::process::{ServeProcess, free_port, serve_env};
+use crate::support::process::{free_port, serve_env, start_serve};
 use crate::support::scenario::{history, view};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,7 +223,7 @@ async fn sigkill_in_the_middle_of_a_run_then_restart_ends_complete_and_correct()
     let store_url = format!("sqlite://{}", dir.path().join("crash.db").display());
     let port = free_port();
     let env = serve_env(&sims, &store_url, port);
-    let mut serve = ServeProcess::start(&env, port).await;
+    let mut serve = start_serve(&env, port).await;
     let http = reqwest::Client::new();
     let half = notifications.len() / 2;
     let post = |url: String, n: &NotificationBuilder| {
@@ -243,7 +243,7 @@ async fn sigkill_in_the_middle_of_a_run_then_restart_ends_complete_and_correct()
     serve.kill9();
     let port = free_port();
     let env = serve_env(&sims, &store_url, port);
-    let serve = ServeProcess::start(&env, port).await;
+    let serve = start_serve(&env, port).await;
     for n in &notifications[half..] {
         assert!(post(serve.url.clone(), n).await.unwrap().status().is_success());
     }

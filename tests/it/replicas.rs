@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::support::app::{KEY, TestEnv};
 use crate::support::pg::TestDatabase;
-use crate::support::process::{ServeProcess, free_port, serve_env};
+use crate::support::process::{ServeProcess, free_port, serve_env, start_serve};
 use crate::support::scenario::{history, view};
 
 const CALLS_PER_WINDOW: u32 = 8;
@@ -56,12 +56,12 @@ async fn three_replicas_on_postgres_survive_the_pushing_replica_being_killed() {
     }
     calm.settle_within(Duration::from_secs(60), false).await;
 
-    let db = TestDatabase::create().await;
+    let db = TestDatabase::create().await.unwrap();
     let mut replicas = Vec::new();
     for _ in 0..3 {
         let port = free_port();
         let env = serve_env(&sims, &db.url, port);
-        replicas.push(ServeProcess::start(&env, port).await);
+        replicas.push(start_serve(&env, port).await);
     }
     let http = reqwest::Client::new();
     let mut rng = StdRng::seed_from_u64(7);

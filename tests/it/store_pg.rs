@@ -4,7 +4,7 @@ use crate::support::pg::TestDatabase;
 
 #[tokio::test]
 async fn postgres_passes_the_store_suite() {
-    let db = TestDatabase::create().await;
+    let db = TestDatabase::create().await.unwrap();
     let store = Store::connect(&db.url, 4).await.unwrap();
     assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(1));
     assert!(

@@ -41,7 +41,7 @@ impl TestEnv {
             .await
             .unwrap();
         let (store_url, pg) = if options.postgres {
-            let db = super::pg::TestDatabase::create().await;
+            let db = super::pg::TestDatabase::create().await.unwrap();
             (db.url.clone(), Some(db))
         } else {
             (

@@ -4,6 +4,6 @@
 
 pub mod app;
 pub mod jwt;
-pub mod pg;
 pub mod process;
-pub mod scenario;
+
+pub use oppsync::sim::{pg, scenario};

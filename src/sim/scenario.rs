@@ -1,12 +1,13 @@
-//! Shared scenario pieces: random Dynamics histories and a comparable view of Marketo.
+//! Scenario pieces shared by the end-to-end tests and the reliability harness: random Dynamics
+//! histories and a comparable view of what Marketo holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use oppsync::dynamics::compose::NotificationBuilder;
-use oppsync::dynamics::{AttributeValue, Attributes};
-use oppsync::sim::dataverse::{ROLE_BUSINESS_PARTNER, ROLE_DECISION_MAKER, ROLE_STAKEHOLDER};
-use oppsync::sim::marketo::MarketoSimHandle;
-use oppsync::sim::org::{Customer, DynamicsOrg};
+use crate::dynamics::compose::NotificationBuilder;
+use crate::dynamics::{AttributeValue, Attributes};
+use crate::sim::dataverse::{ROLE_BUSINESS_PARTNER, ROLE_DECISION_MAKER, ROLE_STAKEHOLDER};
+use crate::sim::marketo::MarketoSimHandle;
+use crate::sim::org::{Customer, DynamicsOrg};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rust_decimal::Decimal;
@@ -16,7 +17,7 @@ use uuid::Uuid;
 /// What Marketo holds, in comparable form: opportunities, roles by lead email, and whether the
 /// companies the opportunities point at exist. (A company's display name is best effort: oppsync
 /// learns it only when Dynamics sends one, so which name arrives first depends on the order.)
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MarketoView {
     pub opportunities: BTreeMap<String, BTreeMap<String, Value>>,
     pub roles: BTreeSet<(String, String, String)>,
