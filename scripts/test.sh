@@ -6,7 +6,7 @@ cd "$(cd "$(dirname "$0")/.." && pwd -P)"
 scripts/ensure-postgres.sh
 cargo test --locked
 # Reliability harness, short mode: SIGKILLs under load, injected faults, hostile input.
-cargo bench --locked --bench harness -- --mode short
+cargo test --locked --bench harness -- --mode short
 for check in scripts/check-*.sh; do
   [ -e "$check" ] || continue
   echo "== $check"

@@ -57,8 +57,18 @@ impl RunningApp {
         self.wait().await;
     }
 
-    /// Waits until the service has stopped (after the shutdown token is cancelled).
+    /// Runs until the shutdown token is cancelled (or a part of the service stops on its own,
+    /// which stops the rest), then gives what is left `server.shutdown_grace_secs` to finish.
     pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            ended = self.tasks.join_next() => {
+                if ended.is_some() {
+                    tracing::error!("a part of the service stopped unexpectedly; shutting down");
+                }
+                self.shutdown.cancel();
+            }
+        }
         let grace = Duration::from_secs(self.state.config.server.shutdown_grace_secs);
         let all = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all).await.is_err() {

@@ -75,7 +75,7 @@ async fn main() {
                 only = Some(list);
             }
             // `cargo bench` passes --bench to harness = false targets.
-            "--bench" => {}
+            "--bench" | "--nocapture" => {}
             _ => usage(),
         }
     }
@@ -130,12 +130,13 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     println!("{:<34} {:>6} {:>8}", "scenario", "result", "time");
-    let mut failed = false;
+    let mut failed = 0;
     for (r, s) in &reports {
         println!("{:<34} {:>6} {:>7.0}s", r.name, r.verdict(), s);
-        failed |= !r.failures.is_empty();
+        failed += usize::from(!r.failures.is_empty());
     }
-    if failed {
+    println!("harness: {} passed, {failed} failed", reports.len() - failed);
+    if failed > 0 {
         std::process::exit(1);
     }
 }

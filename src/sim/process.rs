@@ -3,6 +3,7 @@
 //! is passed in (`env!("CARGO_BIN_EXE_oppsync")` in tests and benches).
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -110,6 +111,9 @@ impl ServeProcess {
             None => Stdio::null(),
         };
         let child = Command::new(binary)
+            // Its own process group: a Ctrl-C or a signal sent to the harness's group must not
+            // stop the service under test behind the harness's back.
+            .process_group(0)
             .args(["serve", "--migrate"])
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "warn")

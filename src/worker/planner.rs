@@ -231,6 +231,8 @@ struct PlanStep {
     changed_contacts: BTreeSet<Uuid>,
     new_roles: Vec<ConnectionRoleInfo>,
     planned: BTreeMap<Uuid, Projection>,
+    /// Opportunities a Web API read found gone from Dynamics.
+    gone: BTreeSet<Uuid>,
 }
 
 #[derive(Default)]
@@ -275,6 +277,7 @@ impl PlanStep {
             changed_contacts: BTreeSet::new(),
             new_roles: Vec::new(),
             planned: BTreeMap::new(),
+            gone: BTreeSet::new(),
         };
         step.absorb(&rows)?;
         // Second round: the opportunities of loaded connections (a partial connection Update
@@ -380,6 +383,8 @@ impl PlanStep {
         for round in 0..4 {
             let mut lookups: BTreeSet<Lookup> = BTreeSet::new();
             let mut done = Vec::new();
+            // Gone from Dynamics (a read found no row): planned as deleted, nothing to look up.
+            pending.retain(|id| !self.gone.contains(id));
             for id in &pending {
                 if !self.world.opportunities.contains_key(id) {
                     // A connection to an opportunity oppsync has never seen: plan it from a read.
@@ -404,8 +409,13 @@ impl PlanStep {
                 break;
             }
             for lookup in lookups {
-                let more = self.resolve(ctx, &lookup).await?;
-                pending.extend(more);
+                // What a lookup changed is projected again, even if it was planned already.
+                for id in self.resolve(ctx, &lookup).await? {
+                    if !self.gone.contains(&id) {
+                        self.planned.remove(&id);
+                        pending.insert(id);
+                    }
+                }
             }
         }
         Err(PlanError::Unresolved(format!(
@@ -538,6 +548,7 @@ impl PlanStep {
                 // Gone from Dynamics: its Delete notification will follow; push nothing now.
                 tracing::info!(opportunity_id = %id, "opportunity no longer exists in Dynamics");
                 self.planned.insert(id, Projection::deleted(id));
+                self.gone.insert(id);
                 Ok(BTreeSet::new())
             }
         }

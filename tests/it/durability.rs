@@ -161,5 +161,31 @@ async fn serve_refuses_an_unmigrated_store_with_a_clear_message_unless_asked_to_
         "{}",
         String::from_utf8_lossy(&migrated.stderr)
     );
-    let _serve = ServeProcess::start(&env, port).await;
+    let _serve = start_serve(&env, port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_keeps_running_past_its_shutdown_grace_period_until_told_to_stop() {
+    // Regression: the grace period once counted from start-up, so `serve` stopped by itself.
+    let sims = Simulators::start(Default::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("sqlite://{}", dir.path().join("long.db").display());
+    let port = free_port();
+    let mut env = serve_env(&sims, &store_url, port);
+    env.retain(|(k, _)| k != "OPPSYNC__SERVER__SHUTDOWN_GRACE_SECS");
+    env.push(("OPPSYNC__SERVER__SHUTDOWN_GRACE_SECS".into(), "1".into()));
+    let mut serve = start_serve(&env, port).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        serve.child.try_wait().unwrap().is_none(),
+        "still running after 2.5 s with a 1 s grace"
+    );
+    let health = reqwest::get(format!("{}/healthz", serve.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    serve.signal("-TERM").unwrap();
+    let status = serve
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(status.success());
 }
