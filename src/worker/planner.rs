@@ -610,7 +610,18 @@ impl PlanStep {
                 index: rules::connection_opportunity(state),
             });
         }
-        for id in &self.changed_contacts {
+        // The customer contact's parent account decides a projection's company. Writing it back
+        // (changed or not) makes its revision part of this commit, so a concurrent change of the
+        // contact and a plan that read it cannot both commit (write skew), whichever comes first.
+        let mut contacts = self.changed_contacts.clone();
+        for id in self.planned.keys() {
+            if let Some(customer) = self.world.opportunities.get(id).and_then(rules::customer_contact)
+                && self.revisions.contacts.contains_key(&customer)
+            {
+                contacts.insert(customer);
+            }
+        }
+        for id in &contacts {
             let Some(state) = self.world.contacts.get(id) else {
                 continue;
             };
