@@ -344,16 +344,22 @@ impl Store {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                // FULL: every commit is fsync'd, so a 2xx really means durable (DESIGN §3).
-                .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
+            // FULL: every intake commit is fsync'd, so a 2xx really means durable (DESIGN §3).
+            let intake = SqlitePoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone().synchronous(SqliteSynchronous::Full))
+                .await?;
+            // NORMAL in WAL mode: durable against a crash of the process, not of the machine,
+            // which only ever repeats re-derivable work (see `SqliteStore::pool`).
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options)
+                .connect_with(options.synchronous(SqliteSynchronous::Normal))
                 .await?;
-            Ok(Store::Sqlite(SqliteStore::new(pool)))
+            Ok(Store::Sqlite(SqliteStore::with_intake_pool(intake, pool)))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()

@@ -129,12 +129,22 @@ macro_rules! sql_store {
     ($Store:ident, $Db:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal) => {
         #[derive(Clone)]
         pub struct $Store {
+            /// Intake's commits: durable before the 2xx (fsync on every commit).
+            intake: sqlx::Pool<$Db>,
+            /// Everything else. On SQLite its commits skip the fsync (`synchronous = NORMAL`):
+            /// each is re-derivable from the durable inbox, so a power cut can only make work
+            /// happen again, never lose it; intake's next fsync persists them anyway.
             pool: sqlx::Pool<$Db>,
         }
 
         impl $Store {
             pub fn new(pool: sqlx::Pool<$Db>) -> Self {
-                $Store { pool }
+                $Store { intake: pool.clone(), pool }
+            }
+
+            /// Separate pools for intake and for the rest (see the fields).
+            pub fn with_intake_pool(intake: sqlx::Pool<$Db>, pool: sqlx::Pool<$Db>) -> Self {
+                $Store { intake, pool }
             }
 
             pub fn pool(&self) -> &sqlx::Pool<$Db> {
@@ -176,7 +186,7 @@ macro_rules! sql_store {
             }
 
             pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
-                let mut tx = self.pool.begin_with($begin).await?;
+                let mut tx = self.intake.begin_with($begin).await?;
                 let mut stored: HashMap<String, i64> = HashMap::with_capacity(batch.len());
                 // One multi-row statement per chunk: a round trip per row to the database costs
                 // more than the row itself.

@@ -41,13 +41,41 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<usize, StoreError> {
     let mut count = settled.len();
     let linger = i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX);
     let now = now_ms();
-    for (_, writes) in by_phase {
-        // A partial batch waits to fill up (at most batch_linger_ms); later phases wait with it, so the
-        // dependency order (companies, leads, opportunities, roles, deletes) holds.
+    let mut ready_phases = Vec::new();
+    for (phase, writes) in by_phase {
+        // A partial batch waits to fill up (at most batch_linger_ms); later phases wait with
+        // it, so the dependency order (companies, leads, opportunities, roles, deletes) holds.
         let oldest = writes.iter().map(|(s, _)| s.updated_at).min().unwrap_or(now);
         if writes.len() < ctx.config.marketo.batch_size && now - oldest < linger {
             break;
         }
+        ready_phases.push((phase, writes));
+    }
+    // Leads depend on nothing here, so they go out beside companies → opportunities: fewer
+    // phase barriers leave fewer rate-window slots unused. Roles need both, so they follow.
+    let (mut first, mut leads, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+    for (phase, writes) in ready_phases {
+        match writes.first().map(|(_, w)| w) {
+            Some(MarketoWrite::EnsureLead { .. }) => leads.push(writes),
+            Some(MarketoWrite::UpsertCompany { .. } | MarketoWrite::UpsertOpportunity { .. }) => {
+                first.push(writes)
+            }
+            _ => rest.push((phase, writes)),
+        }
+    }
+    let (a, b) = tokio::join!(push_in_order(ctx, first), push_in_order(ctx, leads));
+    count += a? + b?;
+    count += push_in_order(ctx, rest.into_iter().map(|(_, w)| w).collect()).await?;
+    Ok(count)
+}
+
+/// Pushes phases one after the other, settling each before the next starts.
+async fn push_in_order(
+    ctx: &WorkerContext,
+    phases: Vec<Vec<(StoredWrite, MarketoWrite)>>,
+) -> Result<usize, StoreError> {
+    let mut count = 0;
+    for writes in phases {
         let outcomes = push_phase(ctx, writes).await?;
         count += outcomes.len();
         ctx.store.settle_writes(&outcomes).await?;
