@@ -210,7 +210,7 @@ async fn one_backend(
     // The killer: SIGKILL at random moments while the load runs, then a few times while the
     // backlog drains, restarting the service on a fresh port each time.
     let mut rng = StdRng::seed_from_u64(seed);
-    let (gap_lo, gap_hi) = mode.pick((300, 1_500), (1_000, 3_000));
+    let (gap_lo, gap_hi) = mode.pick((300, 1_500), (400, 1_500));
     let killer = {
         let (service, url, loading) = (service.clone(), url.clone(), loading.clone());
         let sims_store = store_url.to_owned();
@@ -365,7 +365,7 @@ async fn one_backend(
         report.row("example", e);
     }
     report.check(
-        kills >= mode.pick(3, 8),
+        kills >= mode.pick(3, 6),
         format!("only {kills} SIGKILLs happened"),
     );
     report.check(
