@@ -11,74 +11,16 @@ use std::time::{Duration, Instant};
 
 use oppsync::app::{StartOptions, start};
 use oppsync::dynamics::compose::NotificationBuilder;
-use oppsync::dynamics::{AttributeValue, Attributes};
-use oppsync::sim::dataverse::{ROLE_DECISION_MAKER, ROLE_STAKEHOLDER};
 use oppsync::sim::env::Simulators;
 use oppsync::sim::marketo::MarketoSimConfig;
-use oppsync::sim::org::{Customer, DynamicsOrg};
+use oppsync::sim::org::DynamicsOrg;
 use oppsync::store::now_ms;
-use rust_decimal::Decimal;
 use serde_json::Value;
-use uuid::Uuid;
 
 const CALLS_PER_WINDOW: u32 = 10;
 const WINDOW: Duration = Duration::from_secs(2);
 const BATCH: usize = 300;
 const KEY: &str = "bench-webhook-key";
-
-/// A history: contacts under accounts, opportunities (half with a contact customer), two
-/// stakeholders each (three notifications per stakeholder, as Dynamics sends them), updates.
-fn workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
-    let mut out = Vec::new();
-    let accounts: Vec<(Uuid, String)> = (0..opportunities / 10)
-        .map(|i| (Uuid::new_v4(), format!("Account {i}")))
-        .collect();
-    let mut contacts = Vec::new();
-    for i in 0..opportunities / 2 {
-        let (id, name) = &accounts[i % accounts.len()];
-        let (c, n) = org.create_contact(
-            "Bench",
-            &format!("Person{i}"),
-            &format!("p{i}@bench.example"),
-            Some((*id, name.as_str())),
-        );
-        contacts.push(c);
-        out.push(n);
-    }
-    let mut opps = Vec::new();
-    for i in 0..opportunities {
-        let customer = if i % 2 == 0 {
-            Customer::Contact(contacts[i % contacts.len()])
-        } else {
-            Customer::Account(accounts[i % accounts.len()].0)
-        };
-        let (o, n) = org.create_opportunity(
-            &format!("Deal {i}"),
-            customer,
-            Decimal::new(1000 + i as i64, 0),
-            20,
-        );
-        opps.push(o);
-        out.push(n);
-    }
-    for (i, o) in opps.iter().enumerate() {
-        out.extend(org.add_stakeholder(*o, contacts[(i * 7 + 1) % contacts.len()], ROLE_STAKEHOLDER));
-        out.extend(org.add_stakeholder_from_contact(
-            *o,
-            contacts[(i * 13 + 3) % contacts.len()],
-            ROLE_DECISION_MAKER,
-        ));
-    }
-    for (i, o) in opps.iter().enumerate() {
-        let mut changes = Attributes::new();
-        changes.insert(
-            "closeprobability".into(),
-            AttributeValue::Int(40 + (i % 50) as i64),
-        );
-        out.push(org.update_opportunity(*o, changes));
-    }
-    out
-}
 
 struct Measured {
     label: &'static str,
@@ -219,7 +161,7 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
     .await
     .unwrap_or_else(|e| panic!("start: {e}"));
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
-    let notifications = workload(opportunities, &mut org);
+    let notifications = oppsync::sim::scenario::bulk_workload(opportunities, &mut org);
     let url = format!("{}/webhooks/dynamics?code={KEY}", app.url());
     let started = Instant::now();
     post_all(&url, &notifications).await;

@@ -8,17 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use oppsync::dynamics::compose::NotificationBuilder;
-use oppsync::dynamics::{AttributeValue, Attributes};
-use oppsync::sim::dataverse::{ROLE_DECISION_MAKER, ROLE_STAKEHOLDER};
 use oppsync::sim::env::{Simulators, eventually};
 use oppsync::sim::marketo::MarketoSimConfig;
-use oppsync::sim::org::{Customer, DynamicsOrg};
+use oppsync::sim::org::DynamicsOrg;
 use oppsync::sim::process::{ServeProcess, free_port, serve_env, set_env};
 use oppsync::store::{Store, now_ms};
-use rust_decimal::Decimal;
 use serde_json::Value;
-use uuid::Uuid;
 
 use crate::common::{KEY, Report, Wire, binary, mib, post, webhook_url, wire};
 
@@ -26,61 +21,6 @@ const CALLS_PER_WINDOW: u32 = 5;
 const WINDOW: Duration = Duration::from_secs(1);
 const BATCH: usize = 300;
 const CRITERION: &str = "everything lands (all opportunities, no dead letter), never over 5 calls/window or 10 concurrent, calls <= 1.5x minimum, drain <= 1.5x the rate-bound time + 5 s";
-
-/// Contacts under accounts, opportunities (half with a contact customer), two stakeholders each
-/// (three notifications per stakeholder, as Dynamics sends them), one update each: ~8.5
-/// notifications per opportunity.
-fn workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
-    let mut out = Vec::new();
-    let accounts: Vec<(Uuid, String)> = (0..(opportunities / 10).max(1))
-        .map(|i| (Uuid::new_v4(), format!("Account {i}")))
-        .collect();
-    let mut contacts = Vec::new();
-    for i in 0..(opportunities / 2).max(1) {
-        let (id, name) = &accounts[i % accounts.len()];
-        let (c, n) = org.create_contact(
-            "Backlog",
-            &format!("Person{i}"),
-            &format!("p{i}@backlog.example"),
-            Some((*id, name.as_str())),
-        );
-        contacts.push(c);
-        out.push(n);
-    }
-    let mut opps = Vec::new();
-    for i in 0..opportunities {
-        let customer = if i % 2 == 0 {
-            Customer::Contact(contacts[i % contacts.len()])
-        } else {
-            Customer::Account(accounts[i % accounts.len()].0)
-        };
-        let (o, n) = org.create_opportunity(
-            &format!("Deal {i}"),
-            customer,
-            Decimal::new(1000 + i as i64, 0),
-            20,
-        );
-        opps.push(o);
-        out.push(n);
-    }
-    for (i, o) in opps.iter().enumerate() {
-        out.extend(org.add_stakeholder(*o, contacts[(i * 7 + 1) % contacts.len()], ROLE_STAKEHOLDER));
-        out.extend(org.add_stakeholder_from_contact(
-            *o,
-            contacts[(i * 13 + 3) % contacts.len()],
-            ROLE_DECISION_MAKER,
-        ));
-    }
-    for (i, o) in opps.iter().enumerate() {
-        let mut changes = Attributes::new();
-        changes.insert(
-            "closeprobability".into(),
-            AttributeValue::Int(40 + (i % 50) as i64),
-        );
-        out.push(org.update_opportunity(*o, changes));
-    }
-    out
-}
 
 pub async fn run(notifications: usize) -> Report {
     let mut report = Report::new("backlog (SQLite)", CRITERION);
@@ -100,7 +40,7 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
     .await?;
     let mut org = DynamicsOrg::new(1_770_000_000_000, Some(sims.dataverse.clone()));
     let opportunities = (target * 2).div_ceil(17);
-    let wires: Vec<Wire> = workload(opportunities, &mut org)
+    let wires: Vec<Wire> = oppsync::sim::scenario::bulk_workload(opportunities, &mut org)
         .iter()
         .map(wire)
         .collect::<anyhow::Result<_>>()?;

@@ -159,3 +159,58 @@ pub fn history(seed: u64, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
     }
     out
 }
+
+/// Contacts under accounts, opportunities (half with a contact customer), two stakeholders each
+/// (three notifications per stakeholder, as Dynamics sends them), one update each: ~8.5
+/// notifications per opportunity.
+pub fn bulk_workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
+    let mut out = Vec::new();
+    let accounts: Vec<(Uuid, String)> = (0..(opportunities / 10).max(1))
+        .map(|i| (Uuid::new_v4(), format!("Account {i}")))
+        .collect();
+    let mut contacts = Vec::new();
+    for i in 0..(opportunities / 2).max(1) {
+        let (id, name) = &accounts[i % accounts.len()];
+        let (c, n) = org.create_contact(
+            "Bulk",
+            &format!("Person{i}"),
+            &format!("p{i}@bulk.example"),
+            Some((*id, name.as_str())),
+        );
+        contacts.push(c);
+        out.push(n);
+    }
+    let mut opps = Vec::new();
+    for i in 0..opportunities {
+        let customer = if i % 2 == 0 {
+            Customer::Contact(contacts[i % contacts.len()])
+        } else {
+            Customer::Account(accounts[i % accounts.len()].0)
+        };
+        let (o, n) = org.create_opportunity(
+            &format!("Deal {i}"),
+            customer,
+            Decimal::new(1000 + i as i64, 0),
+            20,
+        );
+        opps.push(o);
+        out.push(n);
+    }
+    for (i, o) in opps.iter().enumerate() {
+        out.extend(org.add_stakeholder(*o, contacts[(i * 7 + 1) % contacts.len()], ROLE_STAKEHOLDER));
+        out.extend(org.add_stakeholder_from_contact(
+            *o,
+            contacts[(i * 13 + 3) % contacts.len()],
+            ROLE_DECISION_MAKER,
+        ));
+    }
+    for (i, o) in opps.iter().enumerate() {
+        let mut changes = Attributes::new();
+        changes.insert(
+            "closeprobability".into(),
+            AttributeValue::Int(40 + (i % 50) as i64),
+        );
+        out.push(org.update_opportunity(*o, changes));
+    }
+    out
+}
