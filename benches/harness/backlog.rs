@@ -39,7 +39,8 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
     })
     .await?;
     let mut org = DynamicsOrg::new(1_770_000_000_000, Some(sims.dataverse.clone()));
-    let opportunities = (target * 2).div_ceil(17);
+    // 7.5 notifications per opportunity (see `bulk_workload`).
+    let opportunities = (target * 2).div_ceil(15);
     let wires: Vec<Wire> = oppsync::sim::scenario::bulk_workload(opportunities, &mut org)
         .iter()
         .map(wire)

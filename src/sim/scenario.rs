@@ -161,7 +161,7 @@ pub fn history(seed: u64, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
 }
 
 /// Contacts under accounts, opportunities (half with a contact customer), two stakeholders each
-/// (three notifications per stakeholder, as Dynamics sends them), one update each: ~8.5
+/// (three or two notifications per stakeholder, as Dynamics sends them), one update each: 7.5
 /// notifications per opportunity.
 pub fn bulk_workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
     let mut out = Vec::new();
