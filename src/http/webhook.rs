@@ -20,6 +20,9 @@ use crate::config::WebhookAuth;
 use crate::dynamics::{DecodeError, decode_notification};
 use crate::store::{IntakeError, NewNotification, Received, now_ms};
 
+/// How many times the body limit an oversized upload may be before it is no longer drained.
+const DRAIN_FACTOR: usize = 8;
+
 /// What intake did with a notification.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IntakeAck {
@@ -115,6 +118,12 @@ async fn intake(
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         && len > limit
     {
+        // Read (and drop) a moderately oversized body before answering: a server that answers
+        // mid-upload and closes makes most clients report a broken connection instead of the
+        // 413. Beyond a few times the limit the connection is simply cut.
+        if len <= limit.saturating_mul(DRAIN_FACTOR) {
+            let _ = axum::body::to_bytes(body, len).await;
+        }
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
