@@ -22,6 +22,17 @@ fn sample() -> NotificationBuilder {
         .attr("name", AttributeValue::String("Deal".into()))
 }
 
+/// Posts the sample notification as JSON to `url` (which carries, or lacks, the key).
+async fn post_sample(env: &TestEnv, url: &str) -> reqwest::Response {
+    env.http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(sample().to_json())
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn assert_problem(r: reqwest::Response, status: u16, kind: &str) -> Value {
     assert_eq!(r.status().as_u16(), status);
     let ct = r
@@ -146,24 +157,10 @@ async fn every_refusal_has_its_status_and_a_problem_body() {
     .await;
 
     let no_key = format!("{}/webhooks/dynamics", env.app.url());
-    let r = env
-        .http
-        .post(&no_key)
-        .header("content-type", "application/json")
-        .body(sample().to_json())
-        .send()
-        .await
-        .unwrap();
+    let r = post_sample(&env, &no_key).await;
     assert_problem(r, 401, "webhook-key-missing").await;
     let wrong = format!("{}/webhooks/dynamics?code=not-the-key", env.app.url());
-    let r = env
-        .http
-        .post(&wrong)
-        .header("content-type", "application/json")
-        .body(sample().to_json())
-        .send()
-        .await
-        .unwrap();
+    let r = post_sample(&env, &wrong).await;
     assert_problem(r, 401, "webhook-key-mismatch").await;
 
     // Nothing refused was stored.
@@ -258,24 +255,10 @@ async fn header_and_query_string_auth_accept_every_configured_key_for_rotation()
     })
     .await;
     let ok = format!("{}/webhooks/dynamics?token={KEY}", env.app.url());
-    let r = env
-        .http
-        .post(&ok)
-        .header("content-type", "application/json")
-        .body(sample().to_json())
-        .send()
-        .await
-        .unwrap();
+    let r = post_sample(&env, &ok).await;
     assert_eq!(r.status(), 202);
     let code_is_not_enough = format!("{}/webhooks/dynamics?code={KEY}", env.app.url());
-    let r = env
-        .http
-        .post(&code_is_not_enough)
-        .header("content-type", "application/json")
-        .body(sample().to_json())
-        .send()
-        .await
-        .unwrap();
+    let r = post_sample(&env, &code_is_not_enough).await;
     assert_eq!(r.status(), 401);
     env.stop().await;
 }
