@@ -4,11 +4,12 @@ set -euo pipefail
 cd "$(cd "$(dirname "$0")/.." && pwd -P)"
 
 scripts/ensure-postgres.sh
-cargo test --locked
-# Reliability harness, short mode: SIGKILLs under load, injected faults, hostile input.
-cargo test --locked --bench harness -- --mode short
+# Offline checks of the Dockerfile, the Kubernetes manifests and the OpenAPI document.
 for check in scripts/check-*.sh; do
   [ -e "$check" ] || continue
   echo "== $check"
   "$check"
 done
+cargo test --locked
+# Reliability harness, short mode: SIGKILLs under load, injected faults, hostile input.
+cargo test --locked --bench harness -- --mode short
