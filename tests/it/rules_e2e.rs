@@ -20,21 +20,7 @@ fn org(env: &TestEnv) -> DynamicsOrg {
 
 /// Marketo's roles as (opportunity, lead email, role) — readable assertions.
 fn roles(env: &TestEnv) -> BTreeSet<(String, String, String)> {
-    let leads = env.sims.marketo.leads();
-    env.sims
-        .marketo
-        .roles()
-        .into_iter()
-        .map(|(opp, lead, role)| {
-            let email = leads
-                .get(&lead)
-                .and_then(|l| l.get("email"))
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_owned();
-            (opp, email, role)
-        })
-        .collect()
+    oppsync::sim::scenario::view(&env.sims.marketo).roles
 }
 
 fn opportunity(env: &TestEnv, id: Uuid) -> serde_json::Map<String, Value> {
