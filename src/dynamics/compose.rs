@@ -859,12 +859,12 @@ mod tests {
         assert_eq!(n.event.correlation_id, Some(corr.to_string()));
         assert_eq!(n.event.request_id, None);
         assert_eq!(n.event.depth, 3);
-        assert!(n.dedupe_key.starts_with(&format!("op:{op}|")));
+        assert!(n.dedupe_key.contains(&format!("|op:{op}|")), "{}", n.dedupe_key);
         // Without an OperationId (synchronous step) the key falls back to the correlation.
         let sync = builder.operation_id(None).mode(0);
         let n = decode_notification(sync.to_json().as_bytes(), false).unwrap();
         assert!(
-            n.dedupe_key.starts_with(&format!("corr:{corr}|")),
+            n.dedupe_key.contains(&format!("|corr:{corr}|")),
             "{}",
             n.dedupe_key
         );
