@@ -18,7 +18,7 @@ use super::AppState;
 use super::problem::{ApiError, Problem};
 use crate::config::WebhookAuth;
 use crate::dynamics::{DecodeError, decode_notification};
-use crate::store::{IntakeError, NewNotification, Received, now_ms};
+use crate::store::{IntakeError, NewNotification, PackedBody, Received, now_ms};
 
 /// How many times the body limit an oversized upload may be before it is no longer drained.
 const DRAIN_FACTOR: usize = 8;
@@ -145,8 +145,6 @@ async fn intake(
     span.record("entity", event.entity.logical_name());
     span.record("message", event.message.name());
     span.record("record_id", tracing::field::display(event.record_id));
-    // The body is valid JSON (just decoded), hence valid UTF-8.
-    let body = String::from_utf8(bytes.to_vec()).map_err(|e| ApiError::Malformed(e.to_string()))?;
     let new = NewNotification {
         dedupe_key: notification.dedupe_key.clone(),
         entity: event.entity.logical_name().to_owned(),
@@ -155,7 +153,8 @@ async fn intake(
         version: event.version,
         correlation_id: event.correlation_id.clone(),
         data_missing: event.data_missing,
-        body,
+        // Compressed here, on the request's task, so the single committer only writes.
+        body: PackedBody::pack(&bytes),
         received_at: now_ms(),
     };
     match state.intake.submit(new).await {

@@ -2,6 +2,7 @@
 //! pending Marketo writes. Two backends with one SQL text (`sql.rs`): SQLite (default, embedded,
 //! WAL with fsync on commit) and PostgreSQL (several replicas).
 
+mod body;
 mod group_commit;
 mod sql;
 #[doc(hidden)]
@@ -16,6 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use uuid::Uuid;
 
+pub use body::{BodyCodec, PackedBody};
 pub use group_commit::{GroupCommitter, IntakeError};
 pub use sql::{PgStore, SqliteStore};
 
@@ -51,7 +53,7 @@ pub struct NewNotification {
     pub version: i64,
     pub correlation_id: Option<String>,
     pub data_missing: bool,
-    pub body: String,
+    pub body: PackedBody,
     pub received_at: i64,
 }
 
@@ -345,7 +347,10 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // Multi-row statements keep a statement journal (to undo a half-done statement);
+                // in memory it costs a copy, on disk a write per page touched.
+                .pragma("temp_store", "memory");
             // FULL: every intake commit is fsync'd, so a 2xx really means durable (DESIGN §3).
             let intake = SqlitePoolOptions::new()
                 .max_connections(2)
@@ -382,6 +387,11 @@ impl Store {
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Applies the migrations up to `version` only (upgrade tests).
+    pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate_to(version).await)
     }
 
     /// Tries to become the pushing replica; None when another replica is.

@@ -8,40 +8,41 @@ use std::collections::HashMap;
 use sqlx::Row;
 use uuid::Uuid;
 
+use super::body::PackedBody;
 use super::{
     Commit, CommitError, InboxEntry, LoadedRows, NewNotification, NotificationStatus, Received, RoleRow,
     RowKeys, SchemaState, Settlement, StateRow, StoreError, StoreStats, StoredWrite, WriteOutcome,
     WriteStatus,
 };
 
-/// Rows per multi-row insert (9 parameters each; far below both backends' parameter limits).
+/// Rows per multi-row insert (11 parameters each; far below both backends' parameter limits).
 const INSERT_CHUNK: usize = 128;
 
+/// Parameters bound per row by `insert_notifications`, in this order.
+const INSERT_COLUMNS: &str = "dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+                              data_missing, body, body_codec, next_attempt_at";
+
 /// `INSERT … VALUES (…), (…) ON CONFLICT DO NOTHING RETURNING …` for `rows` notifications. Built
-/// only from fixed fragments and placeholder numbers, never from data.
-fn insert_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO inbox (dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-         data_missing, body, status, attempts, next_attempt_at) VALUES ",
-    );
+/// only from fixed fragments and placeholder numbers, never from data. `numbered`: `$1, $2, …`
+/// (PostgreSQL) or plain `?` (SQLite, which resolves a `$N` by a linear search over the
+/// statement's parameter names: quadratic in a statement of a thousand parameters).
+fn insert_sql(rows: usize, numbered: bool) -> String {
+    const PER_ROW: usize = 11;
+    let mut sql = format!("INSERT INTO inbox (status, attempts, {INSERT_COLUMNS}) VALUES ");
     for r in 0..rows {
-        let p = r * 9;
-        if r > 0 {
-            sql.push_str(", ");
+        sql.push_str(if r == 0 {
+            "('pending', 0"
+        } else {
+            ", ('pending', 0"
+        });
+        for p in r * PER_ROW + 1..=(r + 1) * PER_ROW {
+            if numbered {
+                sql.push_str(&format!(", ${p}"));
+            } else {
+                sql.push_str(", ?");
+            }
         }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, ${})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 8,
-            p + 9,
-            p + 2
-        ));
+        sql.push(')');
     }
     sql.push_str(" ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key");
     sql
@@ -56,6 +57,7 @@ where
     for<'c> &'c str: sqlx::ColumnIndex<R>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let status: String = row.try_get("status")?;
     Ok(InboxEntry {
@@ -75,7 +77,8 @@ where
         last_error: row.try_get("last_error")?,
         settled_at: row.try_get("settled_at")?,
         body: if with_body {
-            Some(row.try_get("body")?)
+            let codec: String = row.try_get("body_codec")?;
+            Some(PackedBody::unpack(&codec, row.try_get("body")?)?)
         } else {
             None
         },
@@ -126,7 +129,7 @@ where
 }
 
 macro_rules! sql_store {
-    ($Store:ident, $Db:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal) => {
+    ($Store:ident, $Db:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal, numbered = $numbered:literal) => {
         #[derive(Clone)]
         pub struct $Store {
             /// Intake's commits: durable before the 2xx (fsync on every commit).
@@ -157,6 +160,12 @@ macro_rules! sql_store {
 
             pub async fn migrate(&self) -> Result<(), StoreError> {
                 Self::migrator().run(&self.pool).await?;
+                Ok(())
+            }
+
+            /// Applies the migrations up to `version` only (upgrade tests).
+            pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
+                Self::migrator().run_to(version, &self.pool).await?;
                 Ok(())
             }
 
@@ -191,7 +200,7 @@ macro_rules! sql_store {
                 // One multi-row statement per chunk: a round trip per row to the database costs
                 // more than the row itself.
                 for chunk in batch.chunks(INSERT_CHUNK) {
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len())));
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len(), $numbered)));
                     for n in chunk {
                         query = query
                             .bind(&n.dedupe_key)
@@ -202,7 +211,10 @@ macro_rules! sql_store {
                             .bind(n.version)
                             .bind(&n.correlation_id)
                             .bind(i64::from(n.data_missing))
-                            .bind(&n.body);
+                            .bind(n.body.bytes())
+                            .bind(n.body.codec().as_str())
+                            // Ready to plan as soon as it is stored.
+                            .bind(n.received_at);
                     }
                     for row in query.fetch_all(&mut *tx).await? {
                         stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
@@ -233,7 +245,7 @@ macro_rules! sql_store {
                      AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY id LIMIT $4",
                     $skip_locked,
                     ") RETURNING id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body"
+                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec"
                 ))
                 .bind(owner)
                 .bind(now + lease_ms)
@@ -671,7 +683,7 @@ macro_rules! sql_store {
             pub async fn notification(&self, id: i64) -> Result<Option<InboxEntry>, StoreError> {
                 let row = sqlx::query(
                     "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body FROM inbox WHERE id = $1",
+                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec FROM inbox WHERE id = $1",
                 )
                 .bind(id)
                 .fetch_optional(&self.pool)
@@ -834,7 +846,8 @@ sql_store!(
     // IMMEDIATE takes the write lock up front: a deferred transaction that reads first and
     // writes later can fail with SQLITE_BUSY when another writer got in between.
     begin = "BEGIN IMMEDIATE",
-    skip_locked = ""
+    skip_locked = "",
+    numbered = false
 );
 
 sql_store!(
@@ -843,5 +856,6 @@ sql_store!(
     migrations = "./migrations/postgres",
     begin = "BEGIN",
     // Several replicas claim at once: each skips rows another has locked instead of waiting.
-    skip_locked = " FOR UPDATE SKIP LOCKED"
+    skip_locked = " FOR UPDATE SKIP LOCKED",
+    numbered = true
 );

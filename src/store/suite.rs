@@ -6,8 +6,8 @@
 use uuid::Uuid;
 
 use super::{
-    Commit, CommitError, NewNotification, NotificationStatus, PlannedWrite, Received, RowKeys, RowWrite,
-    SchemaState, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
+    Commit, CommitError, NewNotification, NotificationStatus, PackedBody, PlannedWrite, Received, RowKeys,
+    RowWrite, SchemaState, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
 };
 
 fn notification(key: &str, record: Uuid) -> NewNotification {
@@ -19,7 +19,7 @@ fn notification(key: &str, record: Uuid) -> NewNotification {
         version: 1,
         correlation_id: Some("corr".into()),
         data_missing: false,
-        body: "{}".into(),
+        body: PackedBody::pack(b"{}"),
         received_at: now_ms(),
     }
 }
@@ -34,6 +34,64 @@ fn write(key: &str, opportunity: Uuid, payload: &str) -> PlannedWrite {
 }
 
 /// Runs every check against a fresh, migrated store. Panics (test failure) on the first miss.
+/// On an unmigrated store: notifications stored under the first schema (body as JSON text)
+/// read back byte for byte after the upgrade that made bodies compressed bytes, and new ones
+/// are stored compressed.
+pub async fn run_upgrade(store: &Store) {
+    store.migrate_to(1).await.unwrap();
+    let body = r#"{"MessageName":"Update","PrimaryEntityName":"opportunity","note":"Zürich ✓"}"#;
+    let insert = "INSERT INTO inbox (dedupe_key, received_at, entity, message, record_id, version, \
+                  data_missing, body, status, attempts, next_attempt_at) \
+                  VALUES ('old-1', 1, 'opportunity', 'Update', $1, 1, 0, $2, 'pending', 0, 1) RETURNING id";
+    let record = Uuid::new_v4().to_string();
+    let id: i64 = match store {
+        Store::Sqlite(s) => sqlx::query_scalar(insert)
+            .bind(&record)
+            .bind(body)
+            .fetch_one(s.pool())
+            .await
+            .unwrap(),
+        Store::Postgres(s) => sqlx::query_scalar(insert)
+            .bind(&record)
+            .bind(body)
+            .fetch_one(s.pool())
+            .await
+            .unwrap(),
+    };
+    assert!(matches!(
+        store.schema_state().await.unwrap(),
+        SchemaState::Behind(_)
+    ));
+    store.migrate().await.unwrap();
+    store.ensure_schema().await.unwrap();
+    let old = store.notification(id).await.unwrap().unwrap();
+    assert_eq!(old.body.as_deref(), Some(body));
+    assert_eq!(old.record_id, record);
+    let out = store
+        .insert_notifications(&[notification("new-1", Uuid::new_v4())])
+        .await
+        .unwrap();
+    let Received::Stored(new_id) = out[0] else {
+        panic!("{out:?}")
+    };
+    assert!(new_id > id, "ids keep growing across the rebuild");
+    assert_eq!(
+        store.notification(new_id).await.unwrap().unwrap().body.as_deref(),
+        Some("{}")
+    );
+    let codecs: Vec<String> = match store {
+        Store::Sqlite(s) => sqlx::query_scalar("SELECT body_codec FROM inbox ORDER BY id")
+            .fetch_all(s.pool())
+            .await
+            .unwrap(),
+        Store::Postgres(s) => sqlx::query_scalar("SELECT body_codec FROM inbox ORDER BY id")
+            .fetch_all(s.pool())
+            .await
+            .unwrap(),
+    };
+    assert_eq!(codecs, ["json", "lz4"]);
+}
+
 pub async fn run_all(store: &Store) {
     schema_is_up_to_date_after_migrate(store).await;
     duplicates_are_recognised_within_and_across_batches(store).await;

@@ -10,7 +10,7 @@ async fn fresh_sqlite() -> (Store, tempfile::TempDir) {
 #[tokio::test]
 async fn sqlite_passes_the_store_suite() {
     let (store, _dir) = fresh_sqlite().await;
-    assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(1));
+    assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(2));
     assert!(
         store.ensure_schema().await.is_err(),
         "an unmigrated store is refused"
@@ -34,4 +34,10 @@ async fn a_schema_migrated_by_a_newer_version_is_refused() {
     assert_eq!(store.schema_state().await.unwrap(), SchemaState::Ahead);
     let err = store.ensure_schema().await.unwrap_err().to_string();
     assert!(err.contains("newer than this binary"), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_upgrade_keeps_stored_bodies() {
+    let (store, _dir) = fresh_sqlite().await;
+    suite::run_upgrade(&store).await;
 }

@@ -6,13 +6,22 @@ use crate::support::pg::TestDatabase;
 async fn postgres_passes_the_store_suite() {
     let db = TestDatabase::create().await.unwrap();
     let store = Store::connect(&db.url, 4).await.unwrap();
-    assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(1));
+    assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(2));
     assert!(
         store.ensure_schema().await.is_err(),
         "an unmigrated store is refused"
     );
     store.migrate().await.unwrap();
     suite::run_all(&store).await;
+    drop(store);
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn postgres_upgrade_keeps_stored_bodies() {
+    let db = TestDatabase::create().await.unwrap();
+    let store = Store::connect(&db.url, 4).await.unwrap();
+    suite::run_upgrade(&store).await;
     drop(store);
     db.drop_now().await;
 }
