@@ -15,8 +15,10 @@ use super::{
     WriteStatus,
 };
 
-/// Rows per multi-row insert (11 parameters each; far below both backends' parameter limits).
-const INSERT_CHUNK: usize = 128;
+/// Rows per multi-row insert: 11 parameters each, well below both backends' parameter limits
+/// (32,766 and 65,535), and above the default group commit size, so a group commit is usually
+/// one statement.
+const INSERT_CHUNK: usize = 512;
 
 /// Parameters bound per row by `insert_notifications`, in this order.
 const INSERT_COLUMNS: &str = "dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
@@ -194,33 +196,46 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            /// The multi-row insert of `chunk`, bound. Values are bound by value where they are
+            /// not already owned copies, so each row's bytes are copied once into the statement.
+            fn insert_query(chunk: &[NewNotification]) -> sqlx::query::Query<'_, $Db, <$Db as sqlx::Database>::Arguments> {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len(), $numbered)));
+                for n in chunk {
+                    query = query
+                        .bind(&n.dedupe_key)
+                        .bind(n.received_at)
+                        .bind(&n.entity)
+                        .bind(&n.message)
+                        .bind(n.record_id.to_string())
+                        .bind(n.version)
+                        .bind(&n.correlation_id)
+                        .bind(i64::from(n.data_missing))
+                        .bind(n.body.bytes())
+                        .bind(n.body.codec().as_str())
+                        // Ready to plan as soon as it is stored.
+                        .bind(n.received_at);
+                }
+                query
+            }
+
             pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
-                let mut tx = self.intake.begin_with($begin).await?;
                 let mut stored: HashMap<String, i64> = HashMap::with_capacity(batch.len());
-                // One multi-row statement per chunk: a round trip per row to the database costs
-                // more than the row itself.
-                for chunk in batch.chunks(INSERT_CHUNK) {
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len(), $numbered)));
-                    for n in chunk {
-                        query = query
-                            .bind(&n.dedupe_key)
-                            .bind(n.received_at)
-                            .bind(&n.entity)
-                            .bind(&n.message)
-                            .bind(n.record_id.to_string())
-                            .bind(n.version)
-                            .bind(&n.correlation_id)
-                            .bind(i64::from(n.data_missing))
-                            .bind(n.body.bytes())
-                            .bind(n.body.codec().as_str())
-                            // Ready to plan as soon as it is stored.
-                            .bind(n.received_at);
-                    }
-                    for row in query.fetch_all(&mut *tx).await? {
+                if batch.len() <= INSERT_CHUNK {
+                    // One statement is a transaction of its own (autocommit): all rows or none,
+                    // committed (and on SQLite fsync'd) before it returns, without the BEGIN and
+                    // COMMIT round trips.
+                    for row in Self::insert_query(batch).fetch_all(&self.intake).await? {
                         stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
                     }
+                } else {
+                    let mut tx = self.intake.begin_with($begin).await?;
+                    for chunk in batch.chunks(INSERT_CHUNK) {
+                        for row in Self::insert_query(chunk).fetch_all(&mut *tx).await? {
+                            stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
+                        }
+                    }
+                    tx.commit().await?;
                 }
-                tx.commit().await?;
                 // The first of several equal keys in a batch was stored; the others are repeats.
                 Ok(batch
                     .iter()

@@ -95,12 +95,34 @@ pub async fn run_upgrade(store: &Store) {
 pub async fn run_all(store: &Store) {
     schema_is_up_to_date_after_migrate(store).await;
     duplicates_are_recognised_within_and_across_batches(store).await;
+    a_group_commit_larger_than_one_statement_is_one_transaction(store).await;
     claims_lease_each_notification_to_one_worker(store).await;
     commit_is_compare_and_swap(store).await;
     commit_settles_the_notification_atomically(store).await;
     writes_coalesce_per_marketo_record(store).await;
     failed_notifications_retry_then_dead_letter_and_can_be_redriven(store).await;
     controls_and_lead_ids_round_trip(store).await;
+}
+
+/// Over `INSERT_CHUNK` rows take several statements in one transaction; a repeat in a later
+/// statement of the same batch is still recognised.
+async fn a_group_commit_larger_than_one_statement_is_one_transaction(store: &Store) {
+    let mut batch: Vec<NewNotification> = (0..1100)
+        .map(|i| notification(&format!("big-{i:04}"), Uuid::new_v4()))
+        .collect();
+    batch.push(notification("big-0003", Uuid::new_v4()));
+    let out = store.insert_notifications(&batch).await.unwrap();
+    assert_eq!(out.len(), 1101);
+    assert!(out[..1100].iter().all(|r| matches!(r, Received::Stored(_))));
+    assert_eq!(out[1100], Received::Duplicate);
+    let pending = store
+        .list_notifications(Some(NotificationStatus::Pending), None, 2000)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1100);
+    for n in pending {
+        store.discard_notification(n.id).await.unwrap();
+    }
 }
 
 async fn schema_is_up_to_date_after_migrate(store: &Store) {
