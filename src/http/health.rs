@@ -23,10 +23,29 @@ pub struct Readiness {
     pub checks: std::collections::BTreeMap<&'static str, String>,
 }
 
-/// Liveness: the process is up. No I/O.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is up", body = Health)))]
-pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok" })
+/// Liveness: the process is up and can still store notifications. No I/O. Only a failed fsync
+/// of the inbox makes it fail: then nothing but a restart (SQLite's recovery reading what is
+/// really on disk) makes intake trustworthy again, which is what a failing liveness probe gets.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The process is up", body = Health),
+        (status = 503, description = "An fsync of the inbox failed: intake refuses notifications until restarted", body = Health),
+    )
+)]
+pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    if state.intake.has_failed() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "intake_failed",
+            }),
+        )
+    } else {
+        (StatusCode::OK, Json(Health { status: "ok" }))
+    }
 }
 
 /// Readiness: store reachable and migrated, not draining, Marketo not in a configuration error.

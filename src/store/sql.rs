@@ -134,22 +134,44 @@ macro_rules! sql_store {
     ($Store:ident, $Db:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal, numbered = $numbered:literal) => {
         #[derive(Clone)]
         pub struct $Store {
-            /// Intake's commits: durable before the 2xx (fsync on every commit).
+            /// Intake's inserts. Durable before the 2xx: on PostgreSQL by the commit itself; on
+            /// SQLite by [`Self::sync_intake`], which intake's group commit calls after the
+            /// insert and before answering (see `wal`).
             intake: sqlx::Pool<$Db>,
             /// Everything else. On SQLite its commits skip the fsync (`synchronous = NORMAL`):
             /// each is re-derivable from the durable inbox, so a power cut can only make work
             /// happen again, never lose it; intake's next fsync persists them anyway.
             pool: sqlx::Pool<$Db>,
+            /// SQLite's write-ahead log, when intake's durability is an explicit fsync of it.
+            wal: Option<std::sync::Arc<std::path::Path>>,
         }
 
         impl $Store {
             pub fn new(pool: sqlx::Pool<$Db>) -> Self {
-                $Store { intake: pool.clone(), pool }
+                $Store { intake: pool.clone(), pool, wal: None }
             }
 
-            /// Separate pools for intake and for the rest (see the fields).
-            pub fn with_intake_pool(intake: sqlx::Pool<$Db>, pool: sqlx::Pool<$Db>) -> Self {
-                $Store { intake, pool }
+            /// Separate pools for intake and for the rest (see the fields); `wal` is the log
+            /// file that [`Self::sync_intake`] makes durable.
+            pub fn with_intake_pool(intake: sqlx::Pool<$Db>, pool: sqlx::Pool<$Db>, wal: Option<std::path::PathBuf>) -> Self {
+                $Store { intake, pool, wal: wal.map(std::sync::Arc::from) }
+            }
+
+            /// Makes every insert that has returned so far durable. A commit in WAL mode has
+            /// written its frames to the log when it returns; fsync of the log makes them
+            /// survive a power cut, exactly what `synchronous = FULL` does inside the commit.
+            /// Done here instead, it overlaps the next group's insert. A log that does not
+            /// exist has been checkpointed (and synced) into the database and removed.
+            pub async fn sync_intake(&self) -> Result<(), StoreError> {
+                let Some(wal) = self.wal.clone() else { return Ok(()) };
+                let synced = tokio::task::spawn_blocking(move || match std::fs::File::open(&*wal) {
+                    Ok(file) => file.sync_data(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                })
+                .await
+                .map_err(|e| StoreError::Sync(format!("the sync task failed: {e}")))?;
+                synced.map_err(|e| StoreError::Sync(e.to_string()))
             }
 
             pub fn pool(&self) -> &sqlx::Pool<$Db> {

@@ -41,3 +41,50 @@ async fn sqlite_upgrade_keeps_stored_bodies() {
     let (store, _dir) = fresh_sqlite().await;
     suite::run_upgrade(&store).await;
 }
+
+/// The answer waits for the fsync of the log, and a failed fsync stops intake for good (until
+/// a restart): a FIFO in place of the log blocks the sync until the test opens its other end,
+/// and then fails it (a pipe cannot be fsync'd).
+#[tokio::test]
+async fn intake_answers_only_after_the_log_sync_and_stops_when_it_fails() {
+    use super::{GroupCommitter, IntakeError, NewNotification, PackedBody, SqliteStore};
+    let (store, dir) = fresh_sqlite().await;
+    store.migrate().await.unwrap();
+    let fifo = dir.path().join("fake-wal");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let Store::Sqlite(s) = &store else { unreachable!() };
+    let store = Store::Sqlite(SqliteStore::with_intake_pool(
+        s.pool().clone(),
+        s.pool().clone(),
+        Some(fifo.clone()),
+    ));
+    let (intake, _tasks) = GroupCommitter::start(store.clone(), 16, 1);
+    let notification = |key: &str| NewNotification {
+        dedupe_key: key.into(),
+        entity: "opportunity".into(),
+        message: "Update".into(),
+        record_id: uuid::Uuid::new_v4(),
+        version: 1,
+        correlation_id: None,
+        data_missing: false,
+        body: PackedBody::pack(b"{}"),
+        received_at: 1,
+    };
+    let pending = tokio::spawn({
+        let intake = intake.clone();
+        async move { intake.submit(notification("a")).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "answered before the log was synced");
+    // Unblock the syncer's open of the FIFO; its fsync then fails.
+    let _writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let answer = pending.await.unwrap();
+    assert!(matches!(answer, Err(IntakeError::Store(_))), "{answer:?}");
+    assert!(intake.has_failed());
+    let later = intake.submit(notification("b")).await;
+    assert!(
+        matches!(later, Err(IntakeError::Store(ref e)) if e.contains("restart")),
+        "{later:?}"
+    );
+}
