@@ -8,7 +8,6 @@ pub mod pusher;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use rand::RngExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -129,12 +128,7 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 }
             })
         };
-        futures::stream::iter(claimed)
-            .for_each_concurrent(4, |entry| {
-                let ctx = ctx.clone();
-                async move { planner::process(&ctx, entry).await }
-            })
-            .await;
+        planner::process_batch(&ctx, claimed).await;
         renewer.abort();
     }
     if let Err(e) = ctx.store.release_leases(&ctx.owner).await {
