@@ -385,6 +385,16 @@ impl MarketoClient {
         }
     }
 
+    /// Calls that could start now without waiting for the rate window or a concurrency permit.
+    pub fn free_calls(&self) -> usize {
+        self.inner.limiter.free_calls()
+    }
+
+    /// When the rate window frees its next place, if it is full of finished calls.
+    pub fn next_free_call_at(&self) -> Option<std::time::Instant> {
+        self.inner.limiter.next_free_at()
+    }
+
     pub fn usage(&self) -> Usage {
         let l = &self.inner.limiter;
         Usage {

@@ -206,6 +206,42 @@ impl Limiter {
         Ok(permit)
     }
 
+    /// Calls that could start right now without waiting: a free place in the rate window and a
+    /// free concurrency permit. The pusher binds records to a call only when one can go, so
+    /// records that would wait for a slot wait in the store instead, where more can join them.
+    pub fn free_calls(&self) -> usize {
+        let now = Instant::now();
+        let log = self.log();
+        let counted = log
+            .slots
+            .iter()
+            .filter(|s| s.ended.is_none_or(|e| now.duration_since(e) < self.window))
+            .count();
+        self.calls
+            .saturating_sub(counted)
+            .min(self.concurrency.available_permits())
+    }
+
+    /// When the next place in the rate window frees up, if every place is taken by a finished
+    /// call (None while one is free, or while only calls in flight hold them).
+    pub fn next_free_at(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let log = self.log();
+        let counted = log
+            .slots
+            .iter()
+            .filter(|s| s.ended.is_none_or(|e| now.duration_since(e) < self.window))
+            .count();
+        if counted < self.calls {
+            return None;
+        }
+        log.slots
+            .iter()
+            .filter_map(|s| s.ended.map(|e| e + self.window))
+            .filter(|at| *at > now)
+            .min()
+    }
+
     /// Marketo answered 607: stop calling until the reset.
     pub fn mark_exhausted(&self) {
         self.daily().exhausted = true;
