@@ -385,9 +385,10 @@ impl MarketoClient {
         }
     }
 
-    /// Calls that could start now without waiting for the rate window or a concurrency permit.
-    pub fn free_calls(&self) -> usize {
-        self.inner.limiter.free_calls()
+    /// Calls that could start without waiting for a concurrency permit, and for the rate window
+    /// at most `ahead`.
+    pub fn free_calls(&self, ahead: Duration) -> usize {
+        self.inner.limiter.free_calls(ahead)
     }
 
     /// When the rate window frees its next place, if it is full of finished calls.

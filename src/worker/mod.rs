@@ -182,7 +182,9 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 if let Some(at) = outcome.next_slot {
                     // Every call the rate limit allows is taken: nothing can go before then, so
                     // new writes wait in the store (where they coalesce and fill batches).
-                    let at = tokio::time::Instant::from_std(at).min(tokio::time::Instant::now() + poll);
+                    let at =
+                        tokio::time::Instant::from_std(at.checked_sub(pusher::PREPARE_AHEAD).unwrap_or(at))
+                            .min(tokio::time::Instant::now() + poll);
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep_until(at) => {}

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -19,6 +20,11 @@ const CYCLE_LIMIT: i64 = 10_000;
 /// A partial batch that keeps growing is sent at the latest this many lingers after its oldest
 /// record was planned, so a steady trickle of changes is not held back indefinitely.
 const MAX_WAIT_LINGERS: i64 = 10;
+
+/// How long before a place in the rate window frees up the pusher starts preparing the call
+/// that takes it (reading and batching ready writes takes tens of milliseconds with thousands
+/// pending); the call then waits in the limiter for the exact moment.
+pub const PREPARE_AHEAD: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Control key: pushing paused (`"true"`), shared by every replica through the store.
 pub const PAUSED: &str = "paused";
@@ -91,7 +97,7 @@ impl Gate {
             now: now_ms(),
             linger: i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX),
             batch: ctx.config.marketo.batch_size.max(1),
-            calls: ctx.marketo.free_calls(),
+            calls: ctx.marketo.free_calls(PREPARE_AHEAD),
         }
     }
 
@@ -131,7 +137,7 @@ impl Gate {
 /// One push cycle: settles what can go now and says when to look again.
 pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError> {
     let mut outcome = CycleOutcome::default();
-    if ctx.marketo.free_calls() == 0 {
+    if ctx.marketo.free_calls(PREPARE_AHEAD) == 0 {
         outcome.next_slot = ctx.marketo.next_free_call_at();
         return Ok(outcome);
     }
@@ -144,7 +150,9 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     let mut by_phase: BTreeMap<u8, Vec<(StoredWrite, MarketoWrite)>> = BTreeMap::new();
     let mut settled = Vec::new();
     for stored in ready {
-        match serde_json::from_value::<MarketoWrite>(stored.payload.clone()) {
+        // Read from the parsed payload in place: a clone of thousands of payloads per cycle
+        // showed in the time to the first call.
+        match MarketoWrite::deserialize(&stored.payload) {
             // The phase follows from the write itself (the stored column is the same number).
             Ok(w) => by_phase.entry(w.phase()).or_default().push((stored, w)),
             Err(e) => settled.push((
