@@ -5,7 +5,8 @@
 //! and records per second against the ceiling the rate limit allows.
 //!
 //! `cargo bench --bench pipeline` (add `-- --quick` for a smaller run, `--only live`, `--only
-//! backlog` or `--only intake` for one part, `--timeline` to list every Marketo call).
+//! backlog` or `--only intake` for one part, `--timeline` to list every Marketo call,
+//! `--linger-ms N` to try another `marketo.batch_linger_ms`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ struct Measured {
     calls: usize,
     minimum_calls: usize,
     seconds: f64,
+    /// When the first Marketo call was made, from the start of the clock.
+    first_call: f64,
 }
 
 /// Fewest calls that could carry the records Marketo received (each endpoint's records in full
@@ -38,10 +41,12 @@ fn measure(label: &'static str, sims: &Simulators, seconds: f64, since: usize, c
     let calls = sims.marketo.calls();
     let mut rest_calls = 0;
     let timeline = std::env::args().any(|a| a == "--timeline");
+    let mut first_call = None;
     for c in calls.iter().skip(since) {
         if c.path.starts_with("/identity") {
             continue;
         }
+        first_call.get_or_insert(c.at.saturating_duration_since(clock).as_secs_f64());
         rest_calls += 1;
         let records = match c.body.get("input").and_then(Value::as_array) {
             Some(a) => a.len(),
@@ -75,6 +80,7 @@ fn measure(label: &'static str, sims: &Simulators, seconds: f64, since: usize, c
         calls: rest_calls,
         minimum_calls,
         seconds,
+        first_call: first_call.unwrap_or_default(),
     }
 }
 
@@ -109,6 +115,10 @@ fn report(m: &Measured) {
         "  time                              {:>8.2} s (rate limit alone needs {:.2} s)",
         m.seconds, ideal
     );
+    // Call k+10 waits for call k's answer plus a window, so the last call comes at least
+    // (windows - 1) windows after the first calls: in the live run, after the records for
+    // them had arrived.
+    println!("  first Marketo call after          {:>8.2} s", m.first_call);
     println!(
         "  records/s achieved / ceiling      {:>8.0} / {:.0} = {:.0}%",
         achieved,
@@ -196,6 +206,15 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let mut config = sims.service_config(&format!("sqlite://{}", dir.path().join("p.db").display()), KEY);
     config.worker.paused = backlog;
+    // `--linger-ms N` tries another marketo.batch_linger_ms (default 1000): in the live run the
+    // last partial batches wait for it after the last notification is planned.
+    if let Some(ms) = std::env::args()
+        .skip_while(|a| a != "--linger-ms")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+    {
+        config.marketo.batch_linger_ms = ms;
+    }
     let app = start(
         config,
         StartOptions {
