@@ -296,7 +296,7 @@ impl Default for WorkerConfig {
             lease_secs: 300,
             max_attempts: 12,
             poll_interval_ms: 200,
-            claim_batch: 64,
+            claim_batch: 256,
             retry_base_ms: 2_000,
             retry_max_ms: 600_000,
         }

@@ -385,6 +385,17 @@ impl MarketoClient {
         }
     }
 
+    /// Calls that could start without waiting for a concurrency permit, and for the rate window
+    /// at most `ahead`.
+    pub fn free_calls(&self, ahead: Duration) -> usize {
+        self.inner.limiter.free_calls(ahead)
+    }
+
+    /// When the rate window frees its next place, if it is full of finished calls.
+    pub fn next_free_call_at(&self) -> Option<std::time::Instant> {
+        self.inner.limiter.next_free_at()
+    }
+
     pub fn usage(&self) -> Usage {
         let l = &self.inner.limiter;
         Usage {

@@ -206,6 +206,46 @@ impl Limiter {
         Ok(permit)
     }
 
+    /// Calls that could start right now without waiting: a free place in the rate window and a
+    /// free concurrency permit. The pusher binds records to a call only when one can go, so
+    /// records that would wait for a slot wait in the store instead, where more can join them.
+    ///
+    /// Places that free up within `ahead` count as free: a caller that needs `ahead` to prepare
+    /// its call (read and batch its records) can start preparing before the place frees, and
+    /// its call then waits here for the moment it may go.
+    pub fn free_calls(&self, ahead: Duration) -> usize {
+        let at = Instant::now() + ahead;
+        let log = self.log();
+        let counted = log
+            .slots
+            .iter()
+            .filter(|s| s.ended.is_none_or(|e| e + self.window > at))
+            .count();
+        self.calls
+            .saturating_sub(counted)
+            .min(self.concurrency.available_permits())
+    }
+
+    /// When the next place in the rate window frees up, if every place is taken by a finished
+    /// call (None while one is free, or while only calls in flight hold them).
+    pub fn next_free_at(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let log = self.log();
+        let counted = log
+            .slots
+            .iter()
+            .filter(|s| s.ended.is_none_or(|e| now.duration_since(e) < self.window))
+            .count();
+        if counted < self.calls {
+            return None;
+        }
+        log.slots
+            .iter()
+            .filter_map(|s| s.ended.map(|e| e + self.window))
+            .filter(|at| *at > now)
+            .min()
+    }
+
     /// Marketo answered 607: stop calling until the reset.
     pub fn mark_exhausted(&self) {
         self.daily().exhausted = true;
@@ -234,5 +274,39 @@ impl Limiter {
 
     pub fn wait_seconds(&self) -> f64 {
         self.wait_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn free_calls_count_the_places_that_free_up_in_time() {
+        let window = Duration::from_millis(400);
+        let limiter = Arc::new(Limiter::new(2, window, 5, 1000));
+        assert_eq!(limiter.free_calls(Duration::ZERO), 2);
+        assert_eq!(limiter.next_free_at(), None);
+        let a = limiter.acquire().await.unwrap();
+        let b = limiter.acquire().await.unwrap();
+        // In flight: their places are taken until an answer plus a window, whatever `ahead`.
+        assert_eq!(limiter.free_calls(window * 10), 0);
+        assert_eq!(limiter.next_free_at(), None);
+        drop((a, b));
+        let answered = Instant::now();
+        assert_eq!(limiter.free_calls(Duration::ZERO), 0);
+        assert_eq!(
+            limiter.free_calls(window * 2),
+            2,
+            "both free up within two windows"
+        );
+        let next = limiter.next_free_at().unwrap();
+        assert!(next > answered && next <= answered + window, "{next:?}");
+        // A call prepared ahead of time waits here for its place.
+        let c = limiter.acquire().await.unwrap();
+        assert!(answered.elapsed() >= window - Duration::from_millis(5));
+        drop(c);
     }
 }

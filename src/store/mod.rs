@@ -137,7 +137,7 @@ pub struct RoleRow {
     pub category: i32,
 }
 
-/// Which rows to load for one notification.
+/// Which rows to load for one notification or a batch of them.
 #[derive(Debug, Clone, Default)]
 pub struct RowKeys {
     pub opportunity_ids: Vec<Uuid>,
@@ -178,11 +178,29 @@ pub struct PlannedWrite {
     pub payload: String,
 }
 
-/// Everything one processed notification changes, committed in one transaction.
+/// Notifications a commit settles as done, all leased to `owner`.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    pub ids: Vec<i64>,
+    pub owner: String,
+}
+
+impl Settle {
+    pub fn one(id: i64, owner: &str) -> Settle {
+        Settle {
+            ids: vec![id],
+            owner: owner.to_owned(),
+        }
+    }
+}
+
+/// Everything one planned notification (or a batch of them) changes, committed in one
+/// transaction.
 #[derive(Debug, Clone, Default)]
 pub struct Commit {
-    /// The notification to settle as done (with the lease owner that claimed it).
-    pub settle: Option<(i64, String)>,
+    /// The notifications to settle as done; the commit fails with `LeaseLost` unless every one
+    /// of them is still leased to the owner.
+    pub settle: Option<Settle>,
     pub opportunities: Vec<RowWrite>,
     pub connections: Vec<RowWrite>,
     pub contacts: Vec<RowWrite>,
@@ -579,10 +597,15 @@ impl Store {
         dispatch!(self, s => s.stats(now).await)
     }
 
+    /// Pending notifications and pending Marketo writes: much cheaper than `stats`, which reads
+    /// every inbox row for the oldest arrival.
+    pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
+        dispatch!(self, s => s.pending_counts().await)
+    }
+
     /// True when nothing is left to do: no pending notification and no pending write.
     pub async fn is_idle(&self) -> Result<bool, StoreError> {
-        let s = self.stats(now_ms()).await?;
-        Ok(s.inbox_pending == 0 && s.writes_pending == 0)
+        Ok(self.pending_counts().await? == (0, 0))
     }
 }
 

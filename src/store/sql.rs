@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::body::PackedBody;
 use super::{
     Commit, CommitError, InboxEntry, LoadedRows, NewNotification, NotificationStatus, Received, RoleRow,
-    RowKeys, SchemaState, Settlement, StateRow, StoreError, StoreStats, StoredWrite, WriteOutcome,
+    RowKeys, RowWrite, SchemaState, Settlement, StateRow, StoreError, StoreStats, StoredWrite, WriteOutcome,
     WriteStatus,
 };
 
@@ -49,6 +49,100 @@ fn insert_sql(rows: usize, numbered: bool) -> String {
     sql.push_str(" ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key");
     sql
 }
+
+/// Values per `IN (…)` list: far below both backends' parameter limits, and small enough that
+/// the statement text stays short.
+const IN_CHUNK: usize = 500;
+
+/// `$first, $first+1, …` for `n` values: the inside of an `IN (…)` list, built only from
+/// placeholder numbers, never from data.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `query` with `{}` replaced by an `IN` list of `n` placeholders starting at `$first`.
+fn with_in_list(query: &str, first: usize, n: usize) -> String {
+    query.replacen("{}", &placeholders(first, n), 1)
+}
+
+/// Distinct ids as the text the tables key them by.
+fn id_texts(ids: &[Uuid]) -> Vec<String> {
+    let mut texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    texts.sort();
+    texts.dedup();
+    texts
+}
+
+/// Rows per multi-row statement of a commit or a settlement (at most 5 parameters each).
+const ROW_CHUNK: usize = 200;
+
+/// `($first, …), (…), …`: `rows` tuples of `cols` placeholders, numbered from `$first`. Built
+/// only from placeholder numbers, never from data.
+fn value_tuples(first: usize, rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(first + r * cols, cols)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `query` with `{}` replaced by `rows` tuples of `cols` placeholders from `$2` (`$1` is the
+/// statement's one scalar, the time).
+fn with_tuples(query: &str, rows: usize, cols: usize) -> String {
+    query.replacen("{}", &value_tuples(2, rows, cols), 1)
+}
+
+// Multi-row statements of a commit: the rows arrive as a `VALUES` list named by a CTE (portable
+// between SQLite ≥ 3.33 and PostgreSQL, unlike column aliases on a subquery). A compare-and-swap
+// update matches `revision`; an insert of a row that must not exist yet does nothing on a
+// conflict. Either way the count of rows changed tells whether every row was as expected.
+// `WHERE true` keeps SQLite from reading `ON CONFLICT` as a join constraint.
+const OPPORTUNITY_UPDATE: &str = "WITH v(id, rev, state, projection, idx) AS (VALUES {}) \
+     UPDATE opportunities SET revision = opportunities.revision + 1, state = v.state, projection = v.projection, \
+     customer_contact_id = v.idx, updated_at = $1 FROM v WHERE opportunities.id = v.id AND opportunities.revision = v.rev";
+const OPPORTUNITY_INSERT: &str = "WITH v(id, state, projection, idx) AS (VALUES {}) \
+     INSERT INTO opportunities (id, revision, state, projection, customer_contact_id, updated_at) \
+     SELECT id, 1, state, projection, idx, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
+const CONNECTION_UPDATE: &str = "WITH v(id, rev, state, idx) AS (VALUES {}) \
+     UPDATE connections SET revision = connections.revision + 1, state = v.state, opportunity_id = v.idx, \
+     updated_at = $1 FROM v WHERE connections.id = v.id AND connections.revision = v.rev";
+const CONNECTION_INSERT: &str = "WITH v(id, state, idx) AS (VALUES {}) \
+     INSERT INTO connections (id, revision, state, opportunity_id, updated_at) \
+     SELECT id, 1, state, idx, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
+const CONTACT_UPDATE: &str = "WITH v(id, rev, state) AS (VALUES {}) \
+     UPDATE contacts SET revision = contacts.revision + 1, state = v.state, updated_at = $1 \
+     FROM v WHERE contacts.id = v.id AND contacts.revision = v.rev";
+const CONTACT_INSERT: &str = "WITH v(id, state) AS (VALUES {}) \
+     INSERT INTO contacts (id, revision, state, updated_at) \
+     SELECT id, 1, state, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
+// Coalescing: one row per Marketo record; a newer plan replaces the payload and bumps the
+// revision (keys must be distinct within one statement). A plan equal to the payload Marketo
+// already took, or to the one still waiting, changes nothing: many opportunities plan the same
+// company (or lead), and pushing it again would only spend calls.
+const WRITE_UPSERT: &str = "WITH v(key, opp, phase, payload) AS (VALUES {}) \
+     INSERT INTO marketo_writes (key, opportunity_id, phase, payload, revision, status, attempts, \
+     next_attempt_at, last_error, updated_at) SELECT key, opp, phase, payload, 1, 'pending', 0, $1, NULL, $1 \
+     FROM v WHERE true ON CONFLICT (key) DO UPDATE SET opportunity_id = excluded.opportunity_id, \
+     phase = excluded.phase, payload = excluded.payload, revision = marketo_writes.revision + 1, \
+     status = 'pending', attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
+     updated_at = excluded.updated_at \
+     WHERE marketo_writes.payload <> excluded.payload OR marketo_writes.status NOT IN ('pending', 'done')";
+// Settling pushed writes: `revision = v.rev` leaves alone a write a newer plan replaced
+// meanwhile; it is still pending and will be pushed on its own.
+const WRITES_DONE: &str = "WITH v(key, rev) AS (VALUES {}) \
+     UPDATE marketo_writes SET status = 'done', last_error = NULL, updated_at = $1 \
+     FROM v WHERE marketo_writes.key = v.key AND marketo_writes.revision = v.rev";
+const WRITES_RETRY: &str = "WITH v(key, rev, counted, at, error) AS (VALUES {}) \
+     UPDATE marketo_writes SET attempts = marketo_writes.attempts + v.counted, next_attempt_at = v.at, \
+     last_error = v.error, updated_at = $1 FROM v WHERE marketo_writes.key = v.key AND marketo_writes.revision = v.rev";
+const WRITES_DEAD: &str = "WITH v(key, rev, error) AS (VALUES {}) \
+     UPDATE marketo_writes SET status = 'dead', attempts = marketo_writes.attempts + 1, last_error = v.error, \
+     updated_at = $1 FROM v WHERE marketo_writes.key = v.key AND marketo_writes.revision = v.rev";
+const LEADS_UPSERT: &str = "WITH v(contact, lead) AS (VALUES {}) \
+     INSERT INTO marketo_leads (contact_id, lead_id, updated_at) SELECT contact, lead, $1 FROM v WHERE true \
+     ON CONFLICT (contact_id) DO UPDATE SET lead_id = excluded.lead_id, updated_at = excluded.updated_at";
 
 fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("bad uuid {s:?}: {e}")))
@@ -268,6 +362,9 @@ macro_rules! sql_store {
                     .collect())
             }
 
+            /// Oldest ready first, in the order of the `(status, next_attempt_at)` index, so the
+            /// scan stops after `limit` claimable rows instead of reading (for the lease check)
+            /// and sorting every pending one.
             pub async fn claim_notifications(
                 &self,
                 owner: &str,
@@ -279,7 +376,7 @@ macro_rules! sql_store {
                 let rows = sqlx::query(concat!(
                     "UPDATE inbox SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1 \
                      WHERE id IN (SELECT id FROM inbox WHERE status = 'pending' AND next_attempt_at <= $3 \
-                     AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY id LIMIT $4",
+                     AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY next_attempt_at, id LIMIT $4",
                     $skip_locked,
                     ") RETURNING id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
                      data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec"
@@ -299,16 +396,17 @@ macro_rules! sql_store {
             pub async fn renew_leases(&self, owner: &str, ids: &[i64], until: i64) -> Result<u64, StoreError> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 let mut n = 0;
-                for id in ids {
-                    n += sqlx::query(
-                        "UPDATE inbox SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'pending'",
-                    )
-                    .bind(until)
-                    .bind(id)
-                    .bind(owner)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+                for chunk in ids.chunks(IN_CHUNK) {
+                    let sql = with_in_list(
+                        "UPDATE inbox SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
+                        3,
+                        chunk.len(),
+                    );
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(until).bind(owner);
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    n += q.execute(&mut *tx).await?.rows_affected();
                 }
                 tx.commit().await?;
                 Ok(n)
@@ -326,83 +424,69 @@ macro_rules! sql_store {
                 .rows_affected())
             }
 
+            /// Loads the rows `keys` name with one `IN (…)` query per kind of key (per
+            /// `IN_CHUNK` values): a batch of notifications costs a handful of round trips, not
+            /// one per row.
             pub async fn load_rows(&self, keys: &RowKeys) -> Result<LoadedRows, StoreError> {
                 let mut conn = self.pool.acquire().await?;
                 let mut out = LoadedRows::default();
                 let mut seen_opportunities = std::collections::BTreeSet::new();
                 let mut seen_connections = std::collections::BTreeSet::new();
-                for id in &keys.opportunity_ids {
-                    if let Some(r) = sqlx::query("SELECT id, revision, state, projection FROM opportunities WHERE id = $1")
-                        .bind(id.to_string())
-                        .fetch_optional(&mut *conn)
-                        .await?
-                    {
-                        let row = state_row(&r, true)?;
-                        if seen_opportunities.insert(row.id) {
-                            out.opportunities.push(row);
+                let mut seen_contacts = std::collections::BTreeSet::new();
+                let lookups: [(&[Uuid], &str, u8); 6] = [
+                    (&keys.opportunity_ids, "SELECT id, revision, state, projection FROM opportunities WHERE id IN ({})", 0),
+                    (
+                        &keys.opportunities_with_customer,
+                        "SELECT id, revision, state, projection FROM opportunities WHERE customer_contact_id IN ({})",
+                        0,
+                    ),
+                    (&keys.connection_ids, "SELECT id, revision, state FROM connections WHERE id IN ({})", 1),
+                    (
+                        &keys.connections_of_opportunities,
+                        "SELECT id, revision, state FROM connections WHERE opportunity_id IN ({})",
+                        1,
+                    ),
+                    (&keys.contact_ids, "SELECT id, revision, state FROM contacts WHERE id IN ({})", 2),
+                    (&keys.role_ids, "SELECT id, name, category FROM connection_roles WHERE id IN ({})", 3),
+                ];
+                for (ids, query, kind) in lookups {
+                    for chunk in id_texts(ids).chunks(IN_CHUNK) {
+                        let sql = with_in_list(query, 1, chunk.len());
+                        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for id in chunk {
+                            q = q.bind(id);
                         }
-                    }
-                }
-                for contact in &keys.opportunities_with_customer {
-                    let rows = sqlx::query(
-                        "SELECT id, revision, state, projection FROM opportunities WHERE customer_contact_id = $1",
-                    )
-                    .bind(contact.to_string())
-                    .fetch_all(&mut *conn)
-                    .await?;
-                    for r in &rows {
-                        let row = state_row(r, true)?;
-                        if seen_opportunities.insert(row.id) {
-                            out.opportunities.push(row);
+                        for r in q.fetch_all(&mut *conn).await? {
+                            match kind {
+                                0 => {
+                                    let row = state_row(&r, true)?;
+                                    if seen_opportunities.insert(row.id) {
+                                        out.opportunities.push(row);
+                                    }
+                                }
+                                1 => {
+                                    let row = state_row(&r, false)?;
+                                    if seen_connections.insert(row.id) {
+                                        out.connections.push(row);
+                                    }
+                                }
+                                2 => {
+                                    let row = state_row(&r, false)?;
+                                    if seen_contacts.insert(row.id) {
+                                        out.contacts.push(row);
+                                    }
+                                }
+                                _ => {
+                                    let id: String = r.try_get("id")?;
+                                    out.roles.push(RoleRow {
+                                        id: parse_uuid(&id)?,
+                                        name: r.try_get("name")?,
+                                        category: i32::try_from(r.try_get::<i64, _>("category")?)
+                                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                                    });
+                                }
+                            }
                         }
-                    }
-                }
-                for id in &keys.connection_ids {
-                    if let Some(r) = sqlx::query("SELECT id, revision, state FROM connections WHERE id = $1")
-                        .bind(id.to_string())
-                        .fetch_optional(&mut *conn)
-                        .await?
-                    {
-                        let row = state_row(&r, false)?;
-                        if seen_connections.insert(row.id) {
-                            out.connections.push(row);
-                        }
-                    }
-                }
-                for opportunity in &keys.connections_of_opportunities {
-                    let rows = sqlx::query("SELECT id, revision, state FROM connections WHERE opportunity_id = $1")
-                        .bind(opportunity.to_string())
-                        .fetch_all(&mut *conn)
-                        .await?;
-                    for r in &rows {
-                        let row = state_row(r, false)?;
-                        if seen_connections.insert(row.id) {
-                            out.connections.push(row);
-                        }
-                    }
-                }
-                for id in &keys.contact_ids {
-                    if let Some(r) = sqlx::query("SELECT id, revision, state FROM contacts WHERE id = $1")
-                        .bind(id.to_string())
-                        .fetch_optional(&mut *conn)
-                        .await?
-                    {
-                        out.contacts.push(state_row(&r, false)?);
-                    }
-                }
-                for id in &keys.role_ids {
-                    if let Some(r) = sqlx::query("SELECT id, name, category FROM connection_roles WHERE id = $1")
-                        .bind(id.to_string())
-                        .fetch_optional(&mut *conn)
-                        .await?
-                    {
-                        let id: String = r.try_get("id")?;
-                        out.roles.push(RoleRow {
-                            id: parse_uuid(&id)?,
-                            name: r.try_get("name")?,
-                            category: i32::try_from(r.try_get::<i64, _>("category")?)
-                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                        });
                     }
                 }
                 Ok(out)
@@ -411,102 +495,100 @@ macro_rules! sql_store {
             pub async fn commit(&self, commit: &Commit) -> Result<(), CommitError> {
                 let now = super::now_ms();
                 let mut tx = self.pool.begin_with($begin).await?;
-                if let Some((id, owner)) = &commit.settle {
-                    let n = sqlx::query(
-                        "UPDATE inbox SET status = 'done', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
-                         last_error = NULL WHERE id = $2 AND lease_owner = $3 AND status = 'pending'",
-                    )
-                    .bind(now)
-                    .bind(id)
-                    .bind(owner)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if n != 1 {
-                        return Err(CommitError::LeaseLost);
+                if let Some(settle) = &commit.settle {
+                    let mut ids = settle.ids.clone();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    for chunk in ids.chunks(IN_CHUNK) {
+                        let sql = with_in_list(
+                            "UPDATE inbox SET status = 'done', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
+                             last_error = NULL WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
+                            3,
+                            chunk.len(),
+                        );
+                        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).bind(&settle.owner);
+                        for id in chunk {
+                            q = q.bind(id);
+                        }
+                        // Every one of them, or none: a notification whose lease went to another
+                        // worker must not be settled by this plan.
+                        if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                            return Err(CommitError::LeaseLost);
+                        }
                     }
                 }
-                for w in &commit.opportunities {
-                    let n = match w.expected_revision {
-                        Some(rev) => sqlx::query(
-                            "UPDATE opportunities SET revision = revision + 1, state = $1, projection = $2, \
-                             customer_contact_id = $3, updated_at = $4 WHERE id = $5 AND revision = $6",
-                        )
-                        .bind(&w.state)
-                        .bind(&w.projection)
-                        .bind(w.index.map(|u| u.to_string()))
-                        .bind(now)
-                        .bind(w.id.to_string())
-                        .bind(rev)
-                        .execute(&mut *tx)
-                        .await?,
-                        None => sqlx::query(
-                            "INSERT INTO opportunities (id, revision, state, projection, customer_contact_id, updated_at) \
-                             VALUES ($1, 1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-                        )
-                        .bind(w.id.to_string())
-                        .bind(&w.state)
-                        .bind(&w.projection)
-                        .bind(w.index.map(|u| u.to_string()))
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?,
-                    };
-                    if n.rows_affected() != 1 {
+                // One statement per kind of row and chunk, not one per row: on SQLite the write
+                // lock is held for the whole transaction, and intake waits for it.
+                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
+                    commit.opportunities.iter().partition(|w| w.expected_revision.is_some());
+                for chunk in updates.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(OPPORTUNITY_UPDATE, chunk.len(), 5))).bind(now);
+                    for w in chunk {
+                        q = q
+                            .bind(w.id.to_string())
+                            .bind(w.expected_revision)
+                            .bind(&w.state)
+                            .bind(&w.projection)
+                            .bind(w.index.map(|u| u.to_string()));
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
                         return Err(CommitError::Conflict);
                     }
                 }
-                for w in &commit.connections {
-                    let n = match w.expected_revision {
-                        Some(rev) => sqlx::query(
-                            "UPDATE connections SET revision = revision + 1, state = $1, opportunity_id = $2, \
-                             updated_at = $3 WHERE id = $4 AND revision = $5",
-                        )
-                        .bind(&w.state)
-                        .bind(w.index.map(|u| u.to_string()))
-                        .bind(now)
-                        .bind(w.id.to_string())
-                        .bind(rev)
-                        .execute(&mut *tx)
-                        .await?,
-                        None => sqlx::query(
-                            "INSERT INTO connections (id, revision, state, opportunity_id, updated_at) \
-                             VALUES ($1, 1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
-                        )
-                        .bind(w.id.to_string())
-                        .bind(&w.state)
-                        .bind(w.index.map(|u| u.to_string()))
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?,
-                    };
-                    if n.rows_affected() != 1 {
+                for chunk in inserts.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(OPPORTUNITY_INSERT, chunk.len(), 4))).bind(now);
+                    for w in chunk {
+                        q = q
+                            .bind(w.id.to_string())
+                            .bind(&w.state)
+                            .bind(&w.projection)
+                            .bind(w.index.map(|u| u.to_string()));
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
                         return Err(CommitError::Conflict);
                     }
                 }
-                for w in &commit.contacts {
-                    let n = match w.expected_revision {
-                        Some(rev) => sqlx::query(
-                            "UPDATE contacts SET revision = revision + 1, state = $1, updated_at = $2 \
-                             WHERE id = $3 AND revision = $4",
-                        )
-                        .bind(&w.state)
-                        .bind(now)
-                        .bind(w.id.to_string())
-                        .bind(rev)
-                        .execute(&mut *tx)
-                        .await?,
-                        None => sqlx::query(
-                            "INSERT INTO contacts (id, revision, state, updated_at) VALUES ($1, 1, $2, $3) \
-                             ON CONFLICT (id) DO NOTHING",
-                        )
-                        .bind(w.id.to_string())
-                        .bind(&w.state)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?,
-                    };
-                    if n.rows_affected() != 1 {
+                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
+                    commit.connections.iter().partition(|w| w.expected_revision.is_some());
+                for chunk in updates.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONNECTION_UPDATE, chunk.len(), 4))).bind(now);
+                    for w in chunk {
+                        q = q
+                            .bind(w.id.to_string())
+                            .bind(w.expected_revision)
+                            .bind(&w.state)
+                            .bind(w.index.map(|u| u.to_string()));
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                for chunk in inserts.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONNECTION_INSERT, chunk.len(), 3))).bind(now);
+                    for w in chunk {
+                        q = q.bind(w.id.to_string()).bind(&w.state).bind(w.index.map(|u| u.to_string()));
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
+                    commit.contacts.iter().partition(|w| w.expected_revision.is_some());
+                for chunk in updates.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONTACT_UPDATE, chunk.len(), 3))).bind(now);
+                    for w in chunk {
+                        q = q.bind(w.id.to_string()).bind(w.expected_revision).bind(&w.state);
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                for chunk in inserts.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONTACT_INSERT, chunk.len(), 2))).bind(now);
+                    for w in chunk {
+                        q = q.bind(w.id.to_string()).bind(&w.state);
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
                         return Err(CommitError::Conflict);
                     }
                 }
@@ -523,23 +605,29 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                for w in &commit.writes {
-                    // Coalescing: one row per Marketo record; a newer plan replaces the payload.
-                    sqlx::query(
-                        "INSERT INTO marketo_writes (key, opportunity_id, phase, payload, revision, status, attempts, \
-                         next_attempt_at, last_error, updated_at) VALUES ($1, $2, $3, $4, 1, 'pending', 0, $5, NULL, $5) \
-                         ON CONFLICT (key) DO UPDATE SET opportunity_id = excluded.opportunity_id, phase = excluded.phase, \
-                         payload = excluded.payload, revision = marketo_writes.revision + 1, status = 'pending', \
-                         attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
-                         updated_at = excluded.updated_at",
-                    )
-                    .bind(&w.key)
-                    .bind(w.opportunity_id.map(|u| u.to_string()))
-                    .bind(w.phase)
-                    .bind(&w.payload)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                // Several plans of one record in one commit: the last one wins, as if committed
+                // one after the other.
+                let mut last_of_key: HashMap<&str, usize> = HashMap::with_capacity(commit.writes.len());
+                for (i, w) in commit.writes.iter().enumerate() {
+                    last_of_key.insert(w.key.as_str(), i);
+                }
+                let writes: Vec<&super::PlannedWrite> = commit
+                    .writes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, w)| last_of_key.get(w.key.as_str()) == Some(i))
+                    .map(|(_, w)| w)
+                    .collect();
+                for chunk in writes.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 4))).bind(now);
+                    for w in chunk {
+                        q = q
+                            .bind(&w.key)
+                            .bind(w.opportunity_id.map(|u| u.to_string()))
+                            .bind(w.phase)
+                            .bind(&w.payload);
+                    }
+                    q.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -595,17 +683,21 @@ macro_rules! sql_store {
             }
 
             pub async fn write_statuses(&self, keys: &[String]) -> Result<HashMap<String, WriteStatus>, StoreError> {
+                let mut keys: Vec<&String> = keys.iter().collect();
+                keys.sort();
+                keys.dedup();
                 let mut conn = self.pool.acquire().await?;
                 let mut out = HashMap::new();
-                for key in keys {
-                    if let Some(r) = sqlx::query("SELECT status FROM marketo_writes WHERE key = $1")
-                        .bind(key)
-                        .fetch_optional(&mut *conn)
-                        .await?
-                    {
+                for chunk in keys.chunks(IN_CHUNK) {
+                    let sql = with_in_list("SELECT key, status FROM marketo_writes WHERE key IN ({})", 1, chunk.len());
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for key in chunk {
+                        q = q.bind(*key);
+                    }
+                    for r in q.fetch_all(&mut *conn).await? {
                         let s: String = r.try_get("status")?;
                         if let Some(status) = WriteStatus::parse(&s) {
-                            out.insert(key.clone(), status);
+                            out.insert(r.try_get("key")?, status);
                         }
                     }
                 }
@@ -614,49 +706,46 @@ macro_rules! sql_store {
 
             pub async fn settle_writes(&self, settled: &[(String, i64, WriteOutcome)]) -> Result<(), StoreError> {
                 let now = super::now_ms();
+                let mut done = Vec::new();
+                let mut retry = Vec::new();
+                let mut dead = Vec::new();
+                for item in settled {
+                    match &item.2 {
+                        WriteOutcome::Done => done.push(item),
+                        WriteOutcome::Retry { .. } => retry.push(item),
+                        WriteOutcome::Dead { .. } => dead.push(item),
+                    }
+                }
                 let mut tx = self.pool.begin_with($begin).await?;
-                for (key, revision, outcome) in settled {
-                    // `revision = $n`: a newer plan replaced the payload meanwhile; it is still
-                    // pending and will be pushed on its own.
-                    match outcome {
-                        WriteOutcome::Done => {
-                            sqlx::query(
-                                "UPDATE marketo_writes SET status = 'done', last_error = NULL, updated_at = $1 \
-                                 WHERE key = $2 AND revision = $3",
-                            )
-                            .bind(now)
-                            .bind(key)
-                            .bind(revision)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        WriteOutcome::Retry { at, error, count_attempt } => {
-                            sqlx::query(
-                                "UPDATE marketo_writes SET attempts = attempts + $1, next_attempt_at = $2, last_error = $3, \
-                                 updated_at = $4 WHERE key = $5 AND revision = $6",
-                            )
-                            .bind(i64::from(*count_attempt))
-                            .bind(at)
-                            .bind(error)
-                            .bind(now)
-                            .bind(key)
-                            .bind(revision)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        WriteOutcome::Dead { error } => {
-                            sqlx::query(
-                                "UPDATE marketo_writes SET status = 'dead', attempts = attempts + 1, last_error = $1, \
-                                 updated_at = $2 WHERE key = $3 AND revision = $4",
-                            )
-                            .bind(error)
-                            .bind(now)
-                            .bind(key)
-                            .bind(revision)
-                            .execute(&mut *tx)
-                            .await?;
+                for chunk in done.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DONE, chunk.len(), 2))).bind(now);
+                    for (key, revision, _) in chunk {
+                        q = q.bind(key).bind(revision);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                for chunk in retry.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_RETRY, chunk.len(), 5))).bind(now);
+                    for (key, revision, outcome) in chunk {
+                        if let WriteOutcome::Retry { at, error, count_attempt } = outcome {
+                            q = q
+                                .bind(key)
+                                .bind(revision)
+                                .bind(i64::from(*count_attempt))
+                                .bind(at)
+                                .bind(error);
                         }
                     }
+                    q.execute(&mut *tx).await?;
+                }
+                for chunk in dead.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DEAD, chunk.len(), 3))).bind(now);
+                    for (key, revision, outcome) in chunk {
+                        if let WriteOutcome::Dead { error } = outcome {
+                            q = q.bind(key).bind(revision).bind(error);
+                        }
+                    }
+                    q.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -665,13 +754,19 @@ macro_rules! sql_store {
             pub async fn lead_ids(&self, contact_ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, StoreError> {
                 let mut conn = self.pool.acquire().await?;
                 let mut out = HashMap::new();
-                for id in contact_ids {
-                    if let Some(r) = sqlx::query("SELECT lead_id FROM marketo_leads WHERE contact_id = $1")
-                        .bind(id.to_string())
-                        .fetch_optional(&mut *conn)
-                        .await?
-                    {
-                        out.insert(*id, r.try_get::<i64, _>("lead_id")?);
+                for chunk in id_texts(contact_ids).chunks(IN_CHUNK) {
+                    let sql = with_in_list(
+                        "SELECT contact_id, lead_id FROM marketo_leads WHERE contact_id IN ({})",
+                        1,
+                        chunk.len(),
+                    );
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    for r in q.fetch_all(&mut *conn).await? {
+                        let contact: String = r.try_get("contact_id")?;
+                        out.insert(parse_uuid(&contact)?, r.try_get::<i64, _>("lead_id")?);
                     }
                 }
                 Ok(out)
@@ -679,17 +774,19 @@ macro_rules! sql_store {
 
             pub async fn save_lead_ids(&self, leads: &[(Uuid, i64)]) -> Result<(), StoreError> {
                 let now = super::now_ms();
-                let mut tx = self.pool.begin_with($begin).await?;
+                // One row per contact (a statement may not upsert one row twice): the last wins.
+                let mut by_contact: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
                 for (contact, lead) in leads {
-                    sqlx::query(
-                        "INSERT INTO marketo_leads (contact_id, lead_id, updated_at) VALUES ($1, $2, $3) \
-                         ON CONFLICT (contact_id) DO UPDATE SET lead_id = excluded.lead_id, updated_at = excluded.updated_at",
-                    )
-                    .bind(contact.to_string())
-                    .bind(lead)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                    by_contact.insert(contact.to_string(), *lead);
+                }
+                let rows: Vec<(String, i64)> = by_contact.into_iter().collect();
+                let mut tx = self.pool.begin_with($begin).await?;
+                for chunk in rows.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(LEADS_UPSERT, chunk.len(), 2))).bind(now);
+                    for (contact, lead) in chunk {
+                        q = q.bind(contact).bind(lead);
+                    }
+                    q.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -830,6 +927,17 @@ macro_rules! sql_store {
                     .fetch_optional(&self.pool)
                     .await?;
                 row.map(|r| state_row(&r, true)).transpose()
+            }
+
+            /// Pending notifications and pending writes, counted on the status indexes alone.
+            pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
+                let row = sqlx::query(
+                    "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') AS inbox, \
+                     (SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending') AS writes",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok((row.try_get("inbox")?, row.try_get("writes")?))
             }
 
             pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{
     Commit, CommitError, NewNotification, NotificationStatus, PackedBody, PlannedWrite, Received, RowKeys,
-    RowWrite, SchemaState, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
+    RowWrite, SchemaState, Settle, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
 };
 
 fn notification(key: &str, record: Uuid) -> NewNotification {
@@ -100,6 +100,8 @@ pub async fn run_all(store: &Store) {
     commit_is_compare_and_swap(store).await;
     commit_settles_the_notification_atomically(store).await;
     writes_coalesce_per_marketo_record(store).await;
+    a_plan_equal_to_what_marketo_holds_or_awaits_is_not_pushed_again(store).await;
+    a_batch_commit_settles_and_swaps_all_rows_or_none(store).await;
     failed_notifications_retry_then_dead_letter_and_can_be_redriven(store).await;
     controls_and_lead_ids_round_trip(store).await;
 }
@@ -307,7 +309,7 @@ async fn commit_settles_the_notification_atomically(store: &Store) {
     let id = claimed[0].id;
     let opp = Uuid::new_v4();
     let lost = Commit {
-        settle: Some((id, "someone-else".into())),
+        settle: Some(Settle::one(id, "someone-else")),
         writes: vec![write(&format!("opportunity:{opp}"), opp, "{}")],
         ..Commit::default()
     };
@@ -317,7 +319,7 @@ async fn commit_settles_the_notification_atomically(store: &Store) {
         "nothing written without the lease"
     );
     let ok = Commit {
-        settle: Some((id, "w1".into())),
+        settle: Some(Settle::one(id, "w1")),
         ..lost
     };
     store.commit(&ok).await.unwrap();
@@ -406,6 +408,148 @@ async fn writes_coalesce_per_marketo_record(store: &Store) {
         .unwrap();
     let w = &store.list_writes(None, Some(opp), 10).await.unwrap()[0];
     assert_eq!(w.status, WriteStatus::Done);
+}
+
+async fn a_plan_equal_to_what_marketo_holds_or_awaits_is_not_pushed_again(store: &Store) {
+    let opp = Uuid::new_v4();
+    let key = format!("company:{opp}");
+    let plan = |payload: &str| Commit {
+        writes: vec![write(&key, opp, payload)],
+        ..Commit::default()
+    };
+    let current = || async { store.list_writes(None, Some(opp), 10).await.unwrap().remove(0) };
+    store.commit(&plan(r#"{"a":1}"#)).await.unwrap();
+    store.commit(&plan(r#"{"a":1}"#)).await.unwrap();
+    let w = current().await;
+    assert_eq!(
+        (w.status, w.revision),
+        (WriteStatus::Pending, 1),
+        "the same plan twice is one write"
+    );
+    store
+        .settle_writes(&[(key.clone(), 1, WriteOutcome::Done)])
+        .await
+        .unwrap();
+    store.commit(&plan(r#"{"a":1}"#)).await.unwrap();
+    let w = current().await;
+    assert_eq!(
+        (w.status, w.revision),
+        (WriteStatus::Done, 1),
+        "Marketo has it already"
+    );
+    store.commit(&plan(r#"{"a":2}"#)).await.unwrap();
+    let w = current().await;
+    assert_eq!(
+        (w.status, w.revision),
+        (WriteStatus::Pending, 2),
+        "a change is pushed"
+    );
+    store
+        .settle_writes(&[(key.clone(), 2, WriteOutcome::Dead { error: "1003".into() })])
+        .await
+        .unwrap();
+    store.commit(&plan(r#"{"a":2}"#)).await.unwrap();
+    let w = current().await;
+    assert_eq!(
+        (w.status, w.revision),
+        (WriteStatus::Pending, 3),
+        "a dead letter planned again is tried again"
+    );
+}
+
+async fn a_batch_commit_settles_and_swaps_all_rows_or_none(store: &Store) {
+    let r = Uuid::new_v4();
+    store
+        .insert_notifications(&[
+            notification("batch-1", r),
+            notification("batch-2", r),
+            notification("batch-3", r),
+        ])
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_notifications("w1", now_ms(), 60_000, 2)
+        .await
+        .unwrap();
+    let other = store
+        .claim_notifications("w2", now_ms(), 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!((claimed.len(), other.len()), (2, 1));
+    let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let row = |id, rev: Option<i64>, state: &str| RowWrite {
+        id,
+        expected_revision: rev,
+        state: state.into(),
+        projection: None,
+        index: None,
+    };
+    let first = Commit {
+        opportunities: vec![row(a, None, "a1"), row(b, None, "b1")],
+        connections: vec![row(c, None, "c1")],
+        contacts: vec![row(c, None, "k1")],
+        ..Commit::default()
+    };
+    store.commit(&first).await.unwrap();
+    // One notification of the batch belongs to another worker: nothing of the commit happens.
+    let stolen = Commit {
+        settle: Some(Settle {
+            ids: vec![ids[0], other[0].id],
+            owner: "w1".into(),
+        }),
+        opportunities: vec![row(a, Some(1), "a2")],
+        ..Commit::default()
+    };
+    assert!(matches!(store.commit(&stolen).await, Err(CommitError::LeaseLost)));
+    // One stale revision among several: nothing of the commit happens either.
+    let stale = Commit {
+        settle: Some(Settle {
+            ids: ids.clone(),
+            owner: "w1".into(),
+        }),
+        opportunities: vec![row(a, Some(1), "a2"), row(b, Some(7), "b2")],
+        ..Commit::default()
+    };
+    assert!(matches!(store.commit(&stale).await, Err(CommitError::Conflict)));
+    let loaded = store
+        .load_rows(&RowKeys {
+            opportunity_ids: vec![a, b, a],
+            connection_ids: vec![c],
+            contact_ids: vec![c],
+            ..RowKeys::default()
+        })
+        .await
+        .unwrap();
+    let mut states: Vec<(String, i64)> = loaded
+        .opportunities
+        .iter()
+        .map(|r| (r.state.clone(), r.revision))
+        .collect();
+    states.sort();
+    assert_eq!(states, vec![("a1".into(), 1), ("b1".into(), 1)]);
+    assert_eq!((loaded.connections.len(), loaded.contacts.len()), (1, 1));
+    for id in &ids {
+        assert_eq!(
+            store.notification(*id).await.unwrap().unwrap().status,
+            NotificationStatus::Pending
+        );
+    }
+    let good = Commit {
+        opportunities: vec![row(a, Some(1), "a2"), row(b, Some(1), "b2")],
+        connections: vec![row(c, Some(1), "c2")],
+        contacts: vec![row(c, Some(1), "k2")],
+        ..stale
+    };
+    store.commit(&good).await.unwrap();
+    for id in &ids {
+        assert_eq!(
+            store.notification(*id).await.unwrap().unwrap().status,
+            NotificationStatus::Done
+        );
+    }
+    assert_eq!(store.opportunity_row(b).await.unwrap().unwrap().revision, 2);
+    store.discard_notification(other[0].id).await.unwrap();
 }
 
 async fn failed_notifications_retry_then_dead_letter_and_can_be_redriven(store: &Store) {

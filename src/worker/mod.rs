@@ -8,7 +8,6 @@ pub mod pusher;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use rand::RngExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -129,12 +128,7 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 }
             })
         };
-        futures::stream::iter(claimed)
-            .for_each_concurrent(4, |entry| {
-                let ctx = ctx.clone();
-                async move { planner::process(&ctx, entry).await }
-            })
-            .await;
+        planner::process_batch(&ctx, claimed).await;
         renewer.abort();
     }
     if let Err(e) = ctx.store.release_leases(&ctx.owner).await {
@@ -178,18 +172,42 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
             continue;
         }
         if ctx.is_paused().await {
-            sleep_or_cancel(&shutdown, poll.max(Duration::from_millis(500))).await;
+            // One indexed read per poll: a resume is noticed within the poll interval.
+            sleep_or_cancel(&shutdown, poll).await;
             continue;
         }
         match pusher::push_cycle(&ctx).await {
-            Ok(0) => {
+            Ok(outcome) if outcome.settled > 0 => {}
+            Ok(outcome) => {
+                if let Some(at) = outcome.next_slot {
+                    // Every call the rate limit allows is taken: nothing can go before then, so
+                    // new writes wait in the store (where they coalesce and fill batches).
+                    let at =
+                        tokio::time::Instant::from_std(at.checked_sub(pusher::PREPARE_AHEAD).unwrap_or(at))
+                            .min(tokio::time::Instant::now() + poll);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                    continue;
+                }
+                // Held partial batches fill up: look again when one is due, when new writes
+                // were planned (at most every `batch_linger_ms`, 100 ms at most: each look
+                // reads every ready write), or at the poll interval.
+                let mut wait = poll;
+                if let Some(due) = outcome.due_at {
+                    wait = wait.min(Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)));
+                }
+                let throttle = Duration::from_millis(ctx.config.marketo.batch_linger_ms.min(100)).min(wait);
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
-                    _ = ctx.pusher_wakeup.notified() => {}
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = async {
+                        tokio::time::sleep(throttle).await;
+                        ctx.pusher_wakeup.notified().await;
+                    } => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
-            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "push cycle failed; retrying");
                 sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;

@@ -1,11 +1,17 @@
-//! Planning: a claimed notification → decoded event → rules over the stored state → new state,
-//! projections and Marketo writes, committed together with the notification's settlement in one
-//! transaction. Commits are compare-and-swap on row revisions, so concurrent workers (threads or
-//! replicas) touching one opportunity serialise: the loser reloads and re-applies. Because the
-//! rules' merge is order-independent, the result equals in-order application.
+//! Planning: claimed notifications → decoded events → rules over the stored state → new state,
+//! projections and Marketo writes, committed together with the notifications' settlement in one
+//! transaction. A claimed batch is planned as a whole: its rows are loaded in a few queries, its
+//! events merged in version order, each touched opportunity projected once, and one commit
+//! settles every notification of it; a batch that cannot be planned falls back to one
+//! notification at a time, so a failure is charged to the notification that caused it.
+//!
+//! Commits are compare-and-swap on row revisions, so concurrent workers (threads or replicas)
+//! touching one opportunity serialise: the loser reloads and re-applies. Because the rules'
+//! merge is order-independent, the result equals in-order application.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::StreamExt;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -16,9 +22,13 @@ use crate::dynamics::{
 };
 use crate::rules::{self, ConnectionRoleInfo, ContactState, Lookup, Projection, World};
 use crate::store::{
-    Commit, CommitError, InboxEntry, LoadedRows, PlannedWrite, RoleRow, RowKeys, RowWrite, Settlement,
-    StoreError, now_ms,
+    Commit, CommitError, InboxEntry, LoadedRows, PlannedWrite, RoleRow, RowKeys, RowWrite, Settle,
+    Settlement, StoreError, now_ms,
 };
+
+/// Dataverse reads one lookup round makes at once (the in-process limit; Dataverse's own service
+/// protection answers 429 beyond its limits, which the Web API client waits out).
+const LOOKUP_CONCURRENCY: usize = 8;
 
 /// Why a notification could not be planned now.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +54,81 @@ impl PlanError {
     }
 }
 
+/// The event a stored notification carries.
+fn decode(entry: &InboxEntry) -> Result<DynamicsEvent, PlanError> {
+    let body = entry.body.as_deref().unwrap_or_default();
+    decode_notification(body.as_bytes(), entry.data_missing)
+        .map(|n| n.event)
+        .map_err(|e| PlanError::Undecodable(e.to_string()))
+}
+
+/// Processes a claimed batch to the end: every notification committed, rescheduled or
+/// dead-lettered. Notifications that need a Web API read of their own row (sent without data)
+/// or do not decode, and every notification of a batch that fails as a whole, go one at a time.
+pub async fn process_batch(ctx: &WorkerContext, entries: Vec<InboxEntry>) {
+    let mut together: Vec<(InboxEntry, DynamicsEvent)> = Vec::new();
+    let mut alone: Vec<InboxEntry> = Vec::new();
+    for entry in entries {
+        match decode(&entry) {
+            Ok(event) if !(event.data_missing && event.message != MessageKind::Delete) => {
+                together.push((entry, event));
+            }
+            _ => alone.push(entry),
+        }
+    }
+    if together.len() == 1 {
+        alone.extend(together.drain(..).map(|(entry, _)| entry));
+    }
+    if !together.is_empty() {
+        // Version order (then arrival order): the merge does not depend on it, but a reader of
+        // the plan can rely on it.
+        together.sort_by_key(|(entry, event)| (event.version, entry.id));
+        let started = now_ms();
+        let settle = Settle {
+            ids: together.iter().map(|(entry, _)| entry.id).collect(),
+            owner: ctx.owner.clone(),
+        };
+        let events: Vec<DynamicsEvent> = together.iter().map(|(_, event)| event.clone()).collect();
+        let span = tracing::info_span!("plan_batch", notifications = together.len());
+        match plan_and_commit(ctx, &events, Some(settle))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(writes) => {
+                let now = now_ms();
+                metrics::counter!("oppsync_worker_notifications_total", "outcome" => "applied")
+                    .increment(together.len() as u64);
+                for (entry, _) in &together {
+                    metrics::histogram!("oppsync_worker_lag_seconds")
+                        .record((now - entry.received_at) as f64 / 1000.0);
+                    tracing::debug!(
+                        parent: &span,
+                        inbox_id = entry.id,
+                        correlation_id = entry.correlation_id.as_deref().unwrap_or(""),
+                        "notification applied"
+                    );
+                }
+                tracing::info!(
+                    parent: &span,
+                    writes,
+                    took_ms = now - started,
+                    "notifications applied"
+                );
+            }
+            Err(e) => {
+                // Whatever went wrong (a lookup, a lease, a row), planning each on its own
+                // settles the others and charges the failure to the one that caused it.
+                tracing::info!(parent: &span, error = %e, "batch not planned as a whole; planning one at a time");
+                alone.extend(together.into_iter().map(|(entry, _)| entry));
+            }
+        }
+    }
+    alone.sort_by_key(|e| e.id);
+    for entry in alone {
+        process(ctx, entry).await;
+    }
+}
+
 /// Processes one claimed notification to the end: committed, rescheduled or dead-lettered.
 pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
     let span = tracing::info_span!(
@@ -55,7 +140,7 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
         record_id = %entry.record_id,
     );
     let started = now_ms();
-    match plan_and_commit(ctx, &entry).instrument(span.clone()).await {
+    match plan_one(ctx, &entry).instrument(span.clone()).await {
         Ok(writes) => {
             metrics::counter!("oppsync_worker_notifications_total", "outcome" => "applied").increment(1);
             metrics::histogram!("oppsync_worker_lag_seconds")
@@ -96,11 +181,8 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
     }
 }
 
-async fn plan_and_commit(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usize, PlanError> {
-    let body = entry.body.as_deref().unwrap_or_default();
-    let notification = decode_notification(body.as_bytes(), entry.data_missing)
-        .map_err(|e| PlanError::Undecodable(e.to_string()))?;
-    let mut event = notification.event;
+async fn plan_one(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usize, PlanError> {
+    let mut event = decode(entry)?;
     if event.data_missing && event.message != MessageKind::Delete {
         match read_row(ctx, &event).await? {
             Some(full) => event = full,
@@ -108,18 +190,35 @@ async fn plan_and_commit(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usiz
                 // The row is gone from Dynamics already; its Delete notification will follow.
                 tracing::info!("row no longer exists in Dynamics; nothing to apply");
                 let commit = Commit {
-                    settle: Some((entry.id, ctx.owner.clone())),
+                    settle: Some(Settle::one(entry.id, &ctx.owner)),
                     ..Commit::default()
                 };
                 return commit_once(ctx, &commit).await.map(|_| 0);
             }
         }
     }
-    // Compare-and-swap loop: a conflict means another worker changed a row we read.
+    plan_and_commit(
+        ctx,
+        std::slice::from_ref(&event),
+        Some(Settle::one(entry.id, &ctx.owner)),
+    )
+    .await
+}
+
+/// Loads, applies `events` (in the given order), projects and commits, settling `settle`.
+/// Compare-and-swap loop: a conflict means another worker changed a row we read.
+async fn plan_and_commit(
+    ctx: &WorkerContext,
+    events: &[DynamicsEvent],
+    settle: Option<Settle>,
+) -> Result<usize, PlanError> {
     for _ in 0..8 {
-        let mut step = PlanStep::load(ctx, &event).await?;
-        step.apply_and_project(ctx, &event).await?;
-        let (commit, writes) = step.into_commit(Some((entry.id, ctx.owner.clone())))?;
+        let mut step = PlanStep::load(ctx, events).await?;
+        for event in events {
+            step.apply(event)?;
+        }
+        step.project(ctx).await?;
+        let (commit, writes) = step.into_commit(settle.clone())?;
         match ctx.store.commit(&commit).await {
             Ok(()) => {
                 if writes > 0 {
@@ -157,23 +256,9 @@ pub async fn resync_opportunity(ctx: &WorkerContext, id: Uuid) -> Result<Option<
         return Ok(None);
     };
     let event = rules::full_row_event(EntityKind::Opportunity, id, row.modified_on, row.attributes);
-    for _ in 0..8 {
-        let mut step = PlanStep::load(ctx, &event).await?;
-        step.apply_and_project(ctx, &event).await?;
-        let (commit, writes) = step.into_commit(None)?;
-        match ctx.store.commit(&commit).await {
-            Ok(()) => {
-                ctx.pusher_wakeup.notify_one();
-                return Ok(Some(writes));
-            }
-            Err(CommitError::Conflict) => continue,
-            Err(CommitError::LeaseLost) => return Err(PlanError::LeaseLost),
-            Err(CommitError::Store(e)) => return Err(e.into()),
-        }
-    }
-    Err(PlanError::Unresolved(
-        "too many concurrent changes to the same rows".into(),
-    ))
+    let writes = plan_and_commit(ctx, std::slice::from_ref(&event), None).await?;
+    ctx.pusher_wakeup.notify_one();
+    Ok(Some(writes))
 }
 
 /// A full row read for a notification that arrived without its data (payload over 256 KB).
@@ -221,7 +306,7 @@ pub fn contact_attributes(c: &ContactRecord) -> Attributes {
     a
 }
 
-/// The rows loaded for one event, the world built from them, and what changed.
+/// The rows loaded for a batch of events, the world built from them, and what changed.
 struct PlanStep {
     world: World,
     revisions: Revisions,
@@ -230,6 +315,8 @@ struct PlanStep {
     changed_connections: BTreeSet<Uuid>,
     changed_contacts: BTreeSet<Uuid>,
     new_roles: Vec<ConnectionRoleInfo>,
+    /// Opportunities the applied events may have changed the projection of.
+    affected: BTreeSet<Uuid>,
     planned: BTreeMap<Uuid, Projection>,
     /// Opportunities a Web API read found gone from Dynamics.
     gone: BTreeSet<Uuid>,
@@ -250,22 +337,39 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, PlanError> {
     serde_json::to_string(value).map_err(|e| PlanError::Corrupt(e.to_string()))
 }
 
+/// What a lookup still needs from the Web API after the store had its say.
+enum Fetch {
+    Contact(Uuid),
+    Role(Uuid),
+    Opportunity(Uuid),
+}
+
+/// A Web API answer for a [`Fetch`].
+enum Fetched {
+    Contact(Uuid, Option<ContactRecord>),
+    Role(Uuid, Option<crate::dynamics::webapi::ConnectionRoleRecord>),
+    Opportunity(Uuid, Option<crate::dynamics::webapi::RowRecord>),
+}
+
 impl PlanStep {
-    /// Loads what the event touches: its opportunity with every connection, for a contact the
-    /// opportunities it is the customer of, and the contacts and roles those reference.
-    async fn load(ctx: &WorkerContext, event: &DynamicsEvent) -> Result<PlanStep, PlanError> {
+    /// Loads what the events touch: each one's opportunity with every connection, for a contact
+    /// the opportunities it is the customer of, and the contacts and roles those reference. The
+    /// keys of the whole batch go together, so a batch costs three rounds of queries.
+    async fn load(ctx: &WorkerContext, events: &[DynamicsEvent]) -> Result<PlanStep, PlanError> {
         let mut keys = RowKeys::default();
-        if let Some(opp) = rules::event_opportunity(event) {
-            keys.opportunity_ids.push(opp);
-            keys.connections_of_opportunities.push(opp);
-        }
-        match event.entity {
-            EntityKind::Connection => keys.connection_ids.push(event.record_id),
-            EntityKind::Contact => {
-                keys.contact_ids.push(event.record_id);
-                keys.opportunities_with_customer.push(event.record_id);
+        for event in events {
+            if let Some(opp) = rules::event_opportunity(event) {
+                keys.opportunity_ids.push(opp);
+                keys.connections_of_opportunities.push(opp);
             }
-            EntityKind::Opportunity => {}
+            match event.entity {
+                EntityKind::Connection => keys.connection_ids.push(event.record_id),
+                EntityKind::Contact => {
+                    keys.contact_ids.push(event.record_id);
+                    keys.opportunities_with_customer.push(event.record_id);
+                }
+                EntityKind::Opportunity => {}
+            }
         }
         let mut rows = ctx.store.load_rows(&keys).await?;
         let mut step = PlanStep {
@@ -276,6 +380,7 @@ impl PlanStep {
             changed_connections: BTreeSet::new(),
             changed_contacts: BTreeSet::new(),
             new_roles: Vec::new(),
+            affected: BTreeSet::new(),
             planned: BTreeMap::new(),
             gone: BTreeSet::new(),
         };
@@ -284,6 +389,7 @@ impl PlanStep {
         // names neither side) and of contacts, with their connections; then every contact and
         // role those reference.
         let mut more = RowKeys::default();
+        let asked: BTreeSet<Uuid> = keys.connections_of_opportunities.iter().copied().collect();
         let known: BTreeSet<Uuid> = step.world.opportunities.keys().copied().collect();
         let mut opportunities: BTreeSet<Uuid> = step.world.opportunities.keys().copied().collect();
         opportunities.extend(
@@ -296,7 +402,7 @@ impl PlanStep {
             if !known.contains(opp) {
                 more.opportunity_ids.push(*opp);
             }
-            if !keys.connections_of_opportunities.contains(opp) {
+            if !asked.contains(opp) {
                 more.connections_of_opportunities.push(*opp);
             }
         }
@@ -361,19 +467,21 @@ impl PlanStep {
         Ok(())
     }
 
-    /// Applies the event, resolves every lookup the projections need, and projects each
-    /// opportunity whose projection may have changed.
-    async fn apply_and_project(
-        &mut self,
-        ctx: &WorkerContext,
-        event: &DynamicsEvent,
-    ) -> Result<(), PlanError> {
+    /// Merges one event into the world and notes what it changed.
+    fn apply(&mut self, event: &DynamicsEvent) -> Result<(), PlanError> {
         let applied =
             rules::apply(&mut self.world, event).map_err(|e| PlanError::Unresolved(e.to_string()))?;
         self.changed_opportunities.extend(&applied.opportunities_changed);
         self.changed_connections.extend(&applied.connections_changed);
         self.changed_contacts.extend(&applied.contacts_changed);
-        let mut pending: BTreeSet<Uuid> = applied.opportunities.clone();
+        self.affected.extend(&applied.opportunities);
+        Ok(())
+    }
+
+    /// Resolves every lookup the projections need and projects each opportunity whose
+    /// projection may have changed, once, from the world after every event of the batch.
+    async fn project(&mut self, ctx: &WorkerContext) -> Result<(), PlanError> {
+        let mut pending: BTreeSet<Uuid> = std::mem::take(&mut self.affected);
         // An opportunity that was never planned (e.g. its earlier plan was blocked) is planned now.
         for (id, projection) in &self.projections {
             if projection.is_none() && self.world.opportunities.contains_key(id) {
@@ -408,13 +516,11 @@ impl PlanStep {
             if round == 3 {
                 break;
             }
-            for lookup in lookups {
-                // What a lookup changed is projected again, even if it was planned already.
-                for id in self.resolve(ctx, &lookup).await? {
-                    if !self.gone.contains(&id) {
-                        self.planned.remove(&id);
-                        pending.insert(id);
-                    }
+            // What a lookup changed is projected again, even if it was planned already.
+            for id in self.resolve(ctx, &lookups).await? {
+                if !self.gone.contains(&id) {
+                    self.planned.remove(&id);
+                    pending.insert(id);
                 }
             }
         }
@@ -424,76 +530,152 @@ impl PlanStep {
         )))
     }
 
-    /// Performs one lookup through the Web API and merges its result; returns opportunities to
-    /// (re)project.
-    async fn resolve(&mut self, ctx: &WorkerContext, lookup: &Lookup) -> Result<BTreeSet<Uuid>, PlanError> {
-        match lookup {
-            Lookup::Contact(id) => {
-                // Known to the store but not loaded (e.g. the customer just changed to it).
-                if !self.world.contacts.contains_key(id) {
-                    let rows = ctx
-                        .store
-                        .load_rows(&RowKeys {
-                            contact_ids: vec![*id],
-                            ..RowKeys::default()
-                        })
-                        .await?;
-                    self.absorb(&rows)?;
-                    if self.world.contacts.get(id).is_some_and(ContactState::is_complete) {
-                        return Ok(self.opportunities_of(*id));
-                    }
-                }
-                let contact = match ctx.dataverse.contact(*id).await? {
-                    Some(c) => ContactState::from_row(*id, &contact_attributes(&c), c.modified_on),
-                    // Deleted in Dynamics: no parent account, no email (a full, empty row).
-                    None => ContactState::from_row(*id, &Attributes::new(), crate::dynamics::Version::MIN),
-                };
-                let affected = self.world.merge_contact(&contact);
-                self.changed_contacts.insert(*id);
-                Ok(affected)
-            }
-            Lookup::ConnectionRole(id) => {
-                let rows = ctx
-                    .store
-                    .load_rows(&RowKeys {
-                        role_ids: vec![*id],
-                        ..RowKeys::default()
-                    })
-                    .await?;
-                self.absorb(&rows)?;
-                let info = match self.world.roles.get(id).cloned() {
-                    Some(known) => known,
-                    None => self.read_role(ctx, *id).await?,
-                };
-                Ok(self
-                    .world
-                    .connections
-                    .values()
-                    .filter(|c| c.role_id == Some(info.id))
-                    .filter_map(rules::connection_opportunity)
-                    .collect())
-            }
-            Lookup::OpportunityRow(id) => {
-                if !self.world.opportunities.contains_key(id) {
-                    let keys = RowKeys {
-                        opportunity_ids: vec![*id],
-                        connections_of_opportunities: vec![*id],
-                        ..RowKeys::default()
-                    };
-                    let rows = ctx.store.load_rows(&keys).await?;
-                    self.absorb(&rows)?;
-                    if self
-                        .world
-                        .opportunities
-                        .get(id)
-                        .is_some_and(|o| o.seen_in_full || o.is_deleted())
+    /// Performs one round of lookups and merges the results; returns opportunities to
+    /// (re)project. The store is asked first, in one load for all of them; what it cannot
+    /// answer is read through the Web API, several reads at once.
+    async fn resolve(
+        &mut self,
+        ctx: &WorkerContext,
+        lookups: &BTreeSet<Lookup>,
+    ) -> Result<BTreeSet<Uuid>, PlanError> {
+        let mut keys = RowKeys::default();
+        // Contacts and opportunities not loaded yet (e.g. a customer that just changed to
+        // them); roles are looked up in the store every time, as they are cached there.
+        let absent_contacts: BTreeSet<Uuid> = lookups
+            .iter()
+            .filter_map(|l| match l {
+                Lookup::Contact(id) if !self.world.contacts.contains_key(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let absent_opportunities: BTreeSet<Uuid> = lookups
+            .iter()
+            .filter_map(|l| match l {
+                Lookup::OpportunityRow(id) if !self.world.opportunities.contains_key(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        keys.contact_ids.extend(&absent_contacts);
+        keys.opportunity_ids.extend(&absent_opportunities);
+        keys.connections_of_opportunities.extend(&absent_opportunities);
+        keys.role_ids.extend(lookups.iter().filter_map(|l| match l {
+            Lookup::ConnectionRole(id) => Some(*id),
+            _ => None,
+        }));
+        let rows = ctx.store.load_rows(&keys).await?;
+        self.absorb(&rows)?;
+
+        let mut affected = BTreeSet::new();
+        let mut fetches = Vec::new();
+        for lookup in lookups {
+            match lookup {
+                Lookup::Contact(id) => {
+                    if absent_contacts.contains(id)
+                        && self.world.contacts.get(id).is_some_and(ContactState::is_complete)
                     {
-                        return Ok(BTreeSet::from([*id]));
+                        affected.extend(self.opportunities_of(*id));
+                    } else {
+                        fetches.push(Fetch::Contact(*id));
                     }
                 }
-                self.read_opportunity(ctx, *id).await
+                Lookup::ConnectionRole(id) => match self.world.roles.get(id) {
+                    Some(_) => affected.extend(self.opportunities_with_role(*id)),
+                    None => fetches.push(Fetch::Role(*id)),
+                },
+                Lookup::OpportunityRow(id) => {
+                    if absent_opportunities.contains(id)
+                        && self
+                            .world
+                            .opportunities
+                            .get(id)
+                            .is_some_and(|o| o.seen_in_full || o.is_deleted())
+                    {
+                        affected.insert(*id);
+                    } else {
+                        fetches.push(Fetch::Opportunity(*id));
+                    }
+                }
             }
         }
+        let columns = ctx.config.sync.opportunity_attributes();
+        let fetched: Vec<Result<Fetched, WebApiError>> = futures::stream::iter(fetches)
+            .map(|fetch| {
+                let columns = &columns;
+                async move {
+                    Ok(match fetch {
+                        Fetch::Contact(id) => Fetched::Contact(id, ctx.dataverse.contact(id).await?),
+                        Fetch::Role(id) => Fetched::Role(id, ctx.dataverse.connection_role(id).await?),
+                        Fetch::Opportunity(id) => {
+                            Fetched::Opportunity(id, ctx.dataverse.opportunity(id, columns).await?)
+                        }
+                    })
+                }
+            })
+            .buffered(LOOKUP_CONCURRENCY)
+            .collect()
+            .await;
+        for result in fetched {
+            match result? {
+                Fetched::Contact(id, record) => {
+                    let contact = match record {
+                        Some(c) => ContactState::from_row(id, &contact_attributes(&c), c.modified_on),
+                        // Deleted in Dynamics: no parent account, no email (a full, empty row).
+                        None => ContactState::from_row(id, &Attributes::new(), crate::dynamics::Version::MIN),
+                    };
+                    affected.extend(self.world.merge_contact(&contact));
+                    self.changed_contacts.insert(id);
+                }
+                Fetched::Role(id, record) => {
+                    let info = match record {
+                        Some(r) => ConnectionRoleInfo {
+                            id,
+                            name: r.name,
+                            category: r.category,
+                        },
+                        // A role that no longer exists cannot make a stakeholder.
+                        None => ConnectionRoleInfo {
+                            id,
+                            name: String::new(),
+                            category: -1,
+                        },
+                    };
+                    self.world.roles.insert(id, info.clone());
+                    self.new_roles.push(info);
+                    affected.extend(self.opportunities_with_role(id));
+                }
+                Fetched::Opportunity(id, record) => match record {
+                    Some(row) => {
+                        let event = rules::full_row_event(
+                            EntityKind::Opportunity,
+                            id,
+                            row.modified_on,
+                            row.attributes,
+                        );
+                        let applied = rules::apply(&mut self.world, &event)
+                            .map_err(|e| PlanError::Unresolved(e.to_string()))?;
+                        self.changed_opportunities.extend(&applied.opportunities_changed);
+                        affected.extend(applied.opportunities);
+                        affected.insert(id);
+                    }
+                    None => {
+                        // Gone from Dynamics: its Delete notification will follow; push nothing now.
+                        tracing::info!(opportunity_id = %id, "opportunity no longer exists in Dynamics");
+                        self.planned.insert(id, Projection::deleted(id));
+                        self.gone.insert(id);
+                    }
+                },
+            }
+        }
+        Ok(affected)
+    }
+
+    fn opportunities_with_role(&self, role: Uuid) -> BTreeSet<Uuid> {
+        self.world
+            .connections
+            .values()
+            .filter(|c| c.role_id == Some(role))
+            .filter_map(rules::connection_opportunity)
+            .collect()
     }
 
     fn opportunities_of(&self, contact: Uuid) -> BTreeSet<Uuid> {
@@ -512,49 +694,7 @@ impl PlanStep {
         as_customer.chain(as_stakeholder).collect()
     }
 
-    async fn read_role(&mut self, ctx: &WorkerContext, id: Uuid) -> Result<ConnectionRoleInfo, PlanError> {
-        let info = match ctx.dataverse.connection_role(id).await? {
-            Some(r) => ConnectionRoleInfo {
-                id,
-                name: r.name,
-                category: r.category,
-            },
-            // A role that no longer exists cannot make a stakeholder.
-            None => ConnectionRoleInfo {
-                id,
-                name: String::new(),
-                category: -1,
-            },
-        };
-        self.world.roles.insert(id, info.clone());
-        self.new_roles.push(info.clone());
-        Ok(info)
-    }
-
-    async fn read_opportunity(&mut self, ctx: &WorkerContext, id: Uuid) -> Result<BTreeSet<Uuid>, PlanError> {
-        let columns = ctx.config.sync.opportunity_attributes();
-        match ctx.dataverse.opportunity(id, &columns).await? {
-            Some(row) => {
-                let event =
-                    rules::full_row_event(EntityKind::Opportunity, id, row.modified_on, row.attributes);
-                let applied = rules::apply(&mut self.world, &event)
-                    .map_err(|e| PlanError::Unresolved(e.to_string()))?;
-                self.changed_opportunities.extend(&applied.opportunities_changed);
-                let mut affected = applied.opportunities;
-                affected.insert(id);
-                Ok(affected)
-            }
-            None => {
-                // Gone from Dynamics: its Delete notification will follow; push nothing now.
-                tracing::info!(opportunity_id = %id, "opportunity no longer exists in Dynamics");
-                self.planned.insert(id, Projection::deleted(id));
-                self.gone.insert(id);
-                Ok(BTreeSet::new())
-            }
-        }
-    }
-
-    fn into_commit(self, settle: Option<(i64, String)>) -> Result<(Commit, usize), PlanError> {
+    fn into_commit(self, settle: Option<Settle>) -> Result<(Commit, usize), PlanError> {
         let mut commit = Commit {
             settle,
             ..Commit::default()

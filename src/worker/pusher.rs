@@ -3,8 +3,9 @@
 //! as few, full batches as the client can make, and each write settles: done, retry later, or a
 //! dead letter with Marketo's code and message.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -16,20 +17,144 @@ use crate::store::{RowKeys, StoreError, StoredWrite, WriteOutcome, WriteStatus, 
 /// Most writes one cycle looks at.
 const CYCLE_LIMIT: i64 = 10_000;
 
+/// A partial batch that keeps growing is sent at the latest this many lingers after its oldest
+/// record was planned, so a steady trickle of changes is not held back indefinitely.
+const MAX_WAIT_LINGERS: i64 = 10;
+
+/// How long before a place in the rate window frees up the pusher starts preparing the call
+/// that takes it (reading and batching ready writes takes tens of milliseconds with thousands
+/// pending); the call then waits in the limiter for the exact moment.
+pub const PREPARE_AHEAD: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Control key: pushing paused (`"true"`), shared by every replica through the store.
 pub const PAUSED: &str = "paused";
 
-/// One push cycle. Returns how many writes settled (0: nothing ready or everything held).
-pub async fn push_cycle(ctx: &WorkerContext) -> Result<usize, StoreError> {
+/// What one push cycle did, and when another one may find something to send.
+#[derive(Debug, Default)]
+pub struct CycleOutcome {
+    /// Writes settled (done, retry later, dead).
+    pub settled: usize,
+    /// Nothing went because every call the limiter allows is taken: look again then.
+    pub next_slot: Option<std::time::Instant>,
+    /// A partial batch held back to fill up is due then (epoch ms).
+    pub due_at: Option<i64>,
+}
+
+impl CycleOutcome {
+    fn due(&mut self, at: Option<i64>) {
+        self.due_at = match (self.due_at, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Decides how much of a group of ready writes (one Marketo endpoint) goes out now. Full
+/// batches go whenever a call is free. The partial rest waits to fill up: it goes when nothing
+/// has joined the group for `batch_linger_ms` and nothing in it waits for a write of an earlier
+/// phase (so no more records are coming), when its oldest record has waited `MAX_WAIT_LINGERS`
+/// lingers, or when it must go for a dependent batch to go. Calls that could not start now are
+/// not made: their records stay in the store, where newer plans of the same records coalesce.
+struct Gate {
+    now: i64,
+    linger: i64,
+    batch: usize,
+    /// Calls that may still start this cycle.
+    calls: usize,
+}
+
+/// One group's ready writes as the gate sees them.
+struct Group {
+    /// Writes that may go now (their dependencies are done), oldest first.
+    ready: usize,
+    oldest: Option<i64>,
+    /// The newest plan in the group, including writes still waiting for a dependency.
+    newest: Option<i64>,
+    /// Some write of the group waits for a dependency: more records will join.
+    blocked: bool,
+}
+
+impl Group {
+    fn of(times: impl IntoIterator<Item = i64>) -> Group {
+        let mut g = Group {
+            ready: 0,
+            oldest: None,
+            newest: None,
+            blocked: false,
+        };
+        for t in times {
+            g.ready += 1;
+            g.oldest = Some(g.oldest.map_or(t, |o: i64| o.min(t)));
+            g.newest = Some(g.newest.map_or(t, |n: i64| n.max(t)));
+        }
+        g
+    }
+}
+
+impl Gate {
+    fn new(ctx: &WorkerContext) -> Gate {
+        Gate {
+            now: now_ms(),
+            linger: i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX),
+            batch: ctx.config.marketo.batch_size.max(1),
+            calls: ctx.marketo.free_calls(PREPARE_AHEAD),
+        }
+    }
+
+    /// How many of the group's ready writes (oldest first) go now; notes when a held partial
+    /// batch becomes due.
+    fn take(&mut self, group: &Group, forced: bool, outcome: &mut CycleOutcome) -> usize {
+        if group.ready == 0 {
+            return 0;
+        }
+        let full = group.ready / self.batch;
+        let rest = group.ready % self.batch;
+        let quiet_at = group.newest.map(|n| n.saturating_add(self.linger));
+        let latest_at = group
+            .oldest
+            .map(|o| o.saturating_add(self.linger.saturating_mul(MAX_WAIT_LINGERS)));
+        let quiet = !group.blocked && quiet_at.is_some_and(|at| at <= self.now);
+        let waited = latest_at.is_some_and(|at| at <= self.now);
+        let rest_goes = rest > 0 && (forced || quiet || waited);
+        let wanted = full + usize::from(rest_goes);
+        let calls = wanted.min(self.calls);
+        self.calls -= calls;
+        if rest > 0 && !rest_goes {
+            let quiet_at = if group.blocked { None } else { quiet_at };
+            outcome.due(match (quiet_at, latest_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            });
+        }
+        if calls == wanted {
+            if rest_goes { group.ready } else { full * self.batch }
+        } else {
+            calls * self.batch
+        }
+    }
+}
+
+/// One push cycle: settles what can go now and says when to look again.
+pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError> {
+    let mut outcome = CycleOutcome::default();
+    if ctx.marketo.free_calls(PREPARE_AHEAD) == 0 {
+        outcome.next_slot = ctx.marketo.next_free_call_at();
+        return Ok(outcome);
+    }
+    let started = now_ms();
     let ready = ctx.store.ready_writes(now_ms(), CYCLE_LIMIT).await?;
     if ready.is_empty() {
-        return Ok(0);
+        return Ok(outcome);
     }
-    let mut by_phase: BTreeMap<i64, Vec<(StoredWrite, MarketoWrite)>> = BTreeMap::new();
+    tracing::debug!(ready = ready.len(), read_ms = now_ms() - started, "push cycle");
+    let mut by_phase: BTreeMap<u8, Vec<(StoredWrite, MarketoWrite)>> = BTreeMap::new();
     let mut settled = Vec::new();
     for stored in ready {
-        match serde_json::from_value::<MarketoWrite>(stored.payload.clone()) {
-            Ok(w) => by_phase.entry(stored.phase).or_default().push((stored, w)),
+        // Read from the parsed payload in place: a clone of thousands of payloads per cycle
+        // showed in the time to the first call.
+        match MarketoWrite::deserialize(&stored.payload) {
+            // The phase follows from the write itself (the stored column is the same number).
+            Ok(w) => by_phase.entry(w.phase()).or_default().push((stored, w)),
             Err(e) => settled.push((
                 stored.key,
                 stored.revision,
@@ -38,35 +163,88 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<usize, StoreError> {
         }
     }
     ctx.store.settle_writes(&settled).await?;
-    let mut count = settled.len();
-    let linger = i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX);
-    let now = now_ms();
-    let mut ready_phases = Vec::new();
-    for (phase, writes) in by_phase {
-        // A partial batch waits to fill up (at most batch_linger_ms); later phases wait with
-        // it, so the dependency order (companies, leads, opportunities, roles, deletes) holds.
-        let oldest = writes.iter().map(|(s, _)| s.updated_at).min().unwrap_or(now);
-        if writes.len() < ctx.config.marketo.batch_size && now - oldest < linger {
-            break;
-        }
-        ready_phases.push((phase, writes));
+    outcome.settled = settled.len();
+    let mut phase = |p: u8| by_phase.remove(&p).unwrap_or_default();
+    let (mut companies, mut leads, mut opportunities) = (phase(0), phase(1), phase(2));
+    let (role_upserts, role_deletes, opportunity_deletes) = (phase(3), phase(4), phase(5));
+
+    // Companies before the opportunities that name them, leads beside them (they depend on
+    // nothing here: fewer phase barriers leave fewer rate-window slots unused); roles need
+    // both, so they follow, and an opportunity's delete follows its role deletes.
+    let mut gate = Gate::new(ctx);
+    let opportunities_group = Group::of(opportunities.iter().map(|(s, _)| s.updated_at));
+    let companies_group = Group::of(companies.iter().map(|(s, _)| s.updated_at));
+    let leads_group = Group::of(leads.iter().map(|(s, _)| s.updated_at));
+    // Opportunities decide first whether they go; if they do, every company goes ahead of them
+    // (companies rarely fill a batch, and an opportunity may not precede its company).
+    let mut probe = Gate {
+        calls: usize::MAX,
+        ..Gate::new(ctx)
+    };
+    let opportunities_go = probe.take(&opportunities_group, false, &mut CycleOutcome::default()) > 0;
+    let n = gate.take(&companies_group, opportunities_go, &mut outcome);
+    // A company that does not fit this cycle holds back the opportunities that name it.
+    let held_companies: HashSet<String> = companies.iter().skip(n).map(|(s, _)| s.key.clone()).collect();
+    companies.truncate(n);
+    let n = gate.take(&leads_group, false, &mut outcome);
+    leads.truncate(n);
+    if !held_companies.is_empty() {
+        opportunities.retain(|(_, w)| match w {
+            MarketoWrite::UpsertOpportunity { fields, .. } => fields
+                .get("externalCompanyId")
+                .and_then(Value::as_str)
+                .is_none_or(|c| !held_companies.contains(&format!("company:{c}"))),
+            _ => true,
+        });
     }
-    // Leads depend on nothing here, so they go out beside companies → opportunities: fewer
-    // phase barriers leave fewer rate-window slots unused. Roles need both, so they follow.
-    let (mut first, mut leads, mut rest) = (Vec::new(), Vec::new(), Vec::new());
-    for (phase, writes) in ready_phases {
-        match writes.first().map(|(_, w)| w) {
-            Some(MarketoWrite::EnsureLead { .. }) => leads.push(writes),
-            Some(MarketoWrite::UpsertCompany { .. } | MarketoWrite::UpsertOpportunity { .. }) => {
-                first.push(writes)
-            }
-            _ => rest.push((phase, writes)),
-        }
-    }
+    let n = gate.take(
+        &Group::of(opportunities.iter().map(|(s, _)| s.updated_at)),
+        false,
+        &mut outcome,
+    );
+    opportunities.truncate(n);
+    let first: Vec<_> = [companies, opportunities]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect();
+    let leads: Vec<_> = [leads].into_iter().filter(|p| !p.is_empty()).collect();
     let (a, b) = tokio::join!(push_in_order(ctx, first), push_in_order(ctx, leads));
-    count += a? + b?;
-    count += push_in_order(ctx, rest.into_iter().map(|(_, w)| w).collect()).await?;
-    Ok(count)
+    outcome.settled += a? + b?;
+
+    // Roles: decided after the writes above settled, with the calls free by then.
+    let mut gate = Gate::new(ctx);
+    let mut held_role_opportunities: HashSet<String> = HashSet::new();
+    for writes in [role_upserts, role_deletes] {
+        if writes.is_empty() {
+            continue;
+        }
+        let keys: Vec<(String, Option<String>)> = writes
+            .iter()
+            .map(|(s, _)| (s.key.clone(), s.opportunity_id.clone()))
+            .collect();
+        let outcomes = push_roles(ctx, writes, Some(&mut gate), &mut outcome).await?;
+        let done: HashSet<&String> = outcomes.iter().map(|(k, _, _)| k).collect();
+        held_role_opportunities.extend(
+            keys.iter()
+                .filter(|(k, _)| !done.contains(k))
+                .filter_map(|(_, o)| o.clone()),
+        );
+        outcome.settled += outcomes.len();
+        ctx.store.settle_writes(&outcomes).await?;
+    }
+    // An opportunity's delete waits for its role deletes (Marketo refuses to delete an
+    // opportunity that still has roles).
+    let (deletes, waiting): (Vec<_>, Vec<_>) = opportunity_deletes.into_iter().partition(|(s, _)| {
+        s.opportunity_id
+            .as_ref()
+            .is_none_or(|o| !held_role_opportunities.contains(o))
+    });
+    let mut group = Group::of(deletes.iter().map(|(s, _)| s.updated_at));
+    group.blocked = !waiting.is_empty();
+    let mut deletes = deletes;
+    deletes.truncate(gate.take(&group, false, &mut outcome));
+    outcome.settled += push_in_order(ctx, [deletes].into_iter().filter(|p| !p.is_empty()).collect()).await?;
+    Ok(outcome)
 }
 
 /// Pushes phases one after the other, settling each before the next starts.
@@ -127,7 +305,9 @@ async fn push_phase(
             let result = ctx.marketo.sync_opportunities(records).await;
             Ok(settle_call(ctx, &writes, result))
         }
-        MarketoWrite::UpsertRole { .. } | MarketoWrite::DeleteRole { .. } => push_roles(ctx, writes).await,
+        MarketoWrite::UpsertRole { .. } | MarketoWrite::DeleteRole { .. } => {
+            push_roles(ctx, writes, None, &mut CycleOutcome::default()).await
+        }
         MarketoWrite::DeleteOpportunity { .. } => {
             let ids: Vec<String> = writes
                 .iter()
@@ -379,10 +559,13 @@ async fn ensure_leads(
 }
 
 /// Role upserts wait for their opportunity and lead; role deletes need the lead id (a role whose
-/// contact never got a lead was never created, so its delete is already done).
+/// contact never got a lead was never created, so its delete is already done). With a `gate`,
+/// only what it lets through goes now (without, everything that may go).
 async fn push_roles(
     ctx: &WorkerContext,
     writes: Vec<(StoredWrite, MarketoWrite)>,
+    gate: Option<&mut Gate>,
+    outcome: &mut CycleOutcome,
 ) -> Result<Settled, StoreError> {
     let mut contacts = Vec::new();
     let mut dependency_keys = Vec::new();
@@ -406,6 +589,8 @@ async fn push_roles(
     let leads = ctx.store.lead_ids(&contacts).await?;
     let statuses = ctx.store.write_statuses(&dependency_keys).await?;
     let mut settled = Vec::new();
+    // When the role writes still waiting for their opportunity or lead were planned.
+    let mut blocked: Vec<i64> = Vec::new();
     let mut upserts: Vec<(&(StoredWrite, MarketoWrite), RoleRecord)> = Vec::new();
     let mut deletes: Vec<(&(StoredWrite, MarketoWrite), RoleRecord)> = Vec::new();
     for item in &writes {
@@ -438,8 +623,10 @@ async fn push_roles(
                         )),
                     )),
                     // Marketo refuses a role whose opportunity or lead does not exist yet.
-                    (Some(WriteStatus::Pending), _, _) | (_, Some(WriteStatus::Pending), _) => {}
-                    (_, _, None) => {} // the lead is still being resolved
+                    (Some(WriteStatus::Pending), _, _) | (_, Some(WriteStatus::Pending), _) => {
+                        blocked.push(s.updated_at)
+                    }
+                    (_, _, None) => blocked.push(s.updated_at), // the lead is still being resolved
                     (_, _, Some(lead)) => upserts.push((
                         item,
                         RoleRecord {
@@ -469,6 +656,14 @@ async fn push_roles(
             },
             _ => {}
         }
+    }
+    if let Some(gate) = gate {
+        let mut group = Group::of(upserts.iter().map(|((s, _), _)| s.updated_at));
+        group.newest = group.newest.max(blocked.iter().copied().max());
+        group.blocked = !blocked.is_empty();
+        upserts.truncate(gate.take(&group, false, outcome));
+        let group = Group::of(deletes.iter().map(|((s, _), _)| s.updated_at));
+        deletes.truncate(gate.take(&group, false, outcome));
     }
     if !upserts.is_empty() {
         let records: Vec<RoleRecord> = upserts.iter().map(|(_, r)| r.clone()).collect();
