@@ -32,6 +32,9 @@ struct Measured {
     seconds: f64,
     /// When the first Marketo call was made, from the start of the clock.
     first_call: f64,
+    /// The earliest the last call could have gone, given when the earlier calls went: call k+10
+    /// waits for call k's answer plus a window.
+    paced_last_call: f64,
 }
 
 /// Fewest calls that could carry the records Marketo received (each endpoint's records in full
@@ -42,11 +45,14 @@ fn measure(label: &'static str, sims: &Simulators, seconds: f64, since: usize, c
     let mut rest_calls = 0;
     let timeline = std::env::args().any(|a| a == "--timeline");
     let mut first_call = None;
+    let mut times = Vec::new();
     for c in calls.iter().skip(since) {
         if c.path.starts_with("/identity") {
             continue;
         }
-        first_call.get_or_insert(c.at.saturating_duration_since(clock).as_secs_f64());
+        let at = c.at.saturating_duration_since(clock).as_secs_f64();
+        first_call.get_or_insert(at);
+        times.push(at);
         rest_calls += 1;
         let records = match c.body.get("input").and_then(Value::as_array) {
             Some(a) => a.len(),
@@ -72,6 +78,14 @@ fn measure(label: &'static str, sims: &Simulators, seconds: f64, since: usize, c
         }
         *per_endpoint.entry(key).or_default() += records;
     }
+    times.sort_by(f64::total_cmp);
+    let per_window = CALLS_PER_WINDOW as usize;
+    let paced_last_call = (1..)
+        .map_while(|k| {
+            let i = times.len().checked_sub(1 + k * per_window)?;
+            Some(times[i] + k as f64 * WINDOW.as_secs_f64())
+        })
+        .fold(0.0, f64::max);
     let records: usize = per_endpoint.values().sum();
     let minimum_calls = per_endpoint.values().map(|n| n.div_ceil(BATCH)).sum();
     Measured {
@@ -81,6 +95,7 @@ fn measure(label: &'static str, sims: &Simulators, seconds: f64, since: usize, c
         minimum_calls,
         seconds,
         first_call: first_call.unwrap_or_default(),
+        paced_last_call,
     }
 }
 
@@ -115,10 +130,13 @@ fn report(m: &Measured) {
         "  time                              {:>8.2} s (rate limit alone needs {:.2} s)",
         m.seconds, ideal
     );
-    // Call k+10 waits for call k's answer plus a window, so the last call comes at least
-    // (windows - 1) windows after the first calls: in the live run, after the records for
-    // them had arrived.
+    // Call k+10 waits for call k's answer plus a window: once the first calls have gone (in
+    // the live run, once the records for them had arrived), the last one can come no earlier.
     println!("  first Marketo call after          {:>8.2} s", m.first_call);
+    println!(
+        "  last call no earlier than         {:>8.2} s (given when the earlier calls went)",
+        m.paced_last_call
+    );
     println!(
         "  records/s achieved / ceiling      {:>8.0} / {:.0} = {:.0}%",
         achieved,

@@ -597,6 +597,11 @@ impl Store {
         dispatch!(self, s => s.stats(now).await)
     }
 
+    /// Notifications ready to be planned now, including those being planned.
+    pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.ready_notification_count(now).await)
+    }
+
     /// Pending notifications and pending Marketo writes: much cheaper than `stats`, which reads
     /// every inbox row for the oldest arrival.
     pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {

@@ -929,6 +929,16 @@ macro_rules! sql_store {
                 row.map(|r| state_row(&r, true)).transpose()
             }
 
+            /// Notifications ready to be planned now (claimed ones included), counted on the
+            /// `(status, next_attempt_at)` index alone.
+            pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
+                let row = sqlx::query("SELECT COUNT(*) AS n FROM inbox WHERE status = 'pending' AND next_attempt_at <= $1")
+                    .bind(now)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get("n")?)
+            }
+
             /// Pending notifications and pending writes, counted on the status indexes alone.
             pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
                 let row = sqlx::query(

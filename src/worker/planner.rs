@@ -213,13 +213,24 @@ async fn plan_and_commit(
     settle: Option<Settle>,
 ) -> Result<usize, PlanError> {
     for _ in 0..8 {
+        let t0 = now_ms();
         let mut step = PlanStep::load(ctx, events).await?;
+        let t1 = now_ms();
         for event in events {
             step.apply(event)?;
         }
         step.project(ctx).await?;
+        let t2 = now_ms();
         let (commit, writes) = step.into_commit(settle.clone())?;
-        match ctx.store.commit(&commit).await {
+        let result = ctx.store.commit(&commit).await;
+        // Where a plan's time goes; the commit includes waiting for SQLite's write lock.
+        tracing::debug!(
+            load_ms = t1 - t0,
+            project_ms = t2 - t1,
+            commit_ms = now_ms() - t2,
+            "plan timing"
+        );
+        match result {
             Ok(()) => {
                 if writes > 0 {
                     ctx.pusher_wakeup.notify_one();

@@ -51,16 +51,21 @@ impl CycleOutcome {
 
 /// Decides how much of a group of ready writes (one Marketo endpoint) goes out now. Full
 /// batches go whenever a call is free. The partial rest waits to fill up: it goes when nothing
-/// has joined the group for `batch_linger_ms` and nothing in it waits for a write of an earlier
-/// phase (so no more records are coming), when its oldest record has waited `MAX_WAIT_LINGERS`
+/// has joined the group for `batch_linger_ms`, nothing in it waits for a write of an earlier
+/// phase and no notification waits to be planned (so no more records are coming), when its
+/// oldest record has waited `MAX_WAIT_LINGERS`
 /// lingers, or when it must go for a dependent batch to go. Calls that could not start now are
 /// not made: their records stay in the store, where newer plans of the same records coalesce.
+#[derive(Clone, Copy)]
 struct Gate {
     now: i64,
     linger: i64,
     batch: usize,
     /// Calls that may still start this cycle.
     calls: usize,
+    /// Notifications are waiting to be planned: more records are coming even if none joined a
+    /// group lately (the planner may be slow, not the stream over).
+    planning: bool,
 }
 
 /// One group's ready writes as the gate sees them.
@@ -92,13 +97,15 @@ impl Group {
 }
 
 impl Gate {
-    fn new(ctx: &WorkerContext) -> Gate {
-        Gate {
-            now: now_ms(),
+    async fn new(ctx: &WorkerContext) -> Result<Gate, StoreError> {
+        let now = now_ms();
+        Ok(Gate {
+            now,
             linger: i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX),
             batch: ctx.config.marketo.batch_size.max(1),
             calls: ctx.marketo.free_calls(PREPARE_AHEAD),
-        }
+            planning: ctx.store.ready_notification_count(now).await? > 0,
+        })
     }
 
     /// How many of the group's ready writes (oldest first) go now; notes when a held partial
@@ -113,14 +120,20 @@ impl Gate {
         let latest_at = group
             .oldest
             .map(|o| o.saturating_add(self.linger.saturating_mul(MAX_WAIT_LINGERS)));
-        let quiet = !group.blocked && quiet_at.is_some_and(|at| at <= self.now);
+        let quiet = !group.blocked && !self.planning && quiet_at.is_some_and(|at| at <= self.now);
         let waited = latest_at.is_some_and(|at| at <= self.now);
         let rest_goes = rest > 0 && (forced || quiet || waited);
         let wanted = full + usize::from(rest_goes);
         let calls = wanted.min(self.calls);
         self.calls -= calls;
         if rest > 0 && !rest_goes {
-            let quiet_at = if group.blocked { None } else { quiet_at };
+            // Blocked or still planning: no quiet time to wait for (a new write or the poll
+            // brings the pusher back).
+            let quiet_at = if group.blocked || self.planning {
+                None
+            } else {
+                quiet_at
+            };
             outcome.due(match (quiet_at, latest_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -171,7 +184,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     // Companies before the opportunities that name them, leads beside them (they depend on
     // nothing here: fewer phase barriers leave fewer rate-window slots unused); roles need
     // both, so they follow, and an opportunity's delete follows its role deletes.
-    let mut gate = Gate::new(ctx);
+    let mut gate = Gate::new(ctx).await?;
     let opportunities_group = Group::of(opportunities.iter().map(|(s, _)| s.updated_at));
     let companies_group = Group::of(companies.iter().map(|(s, _)| s.updated_at));
     let leads_group = Group::of(leads.iter().map(|(s, _)| s.updated_at));
@@ -179,7 +192,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     // (companies rarely fill a batch, and an opportunity may not precede its company).
     let mut probe = Gate {
         calls: usize::MAX,
-        ..Gate::new(ctx)
+        ..gate
     };
     let opportunities_go = probe.take(&opportunities_group, false, &mut CycleOutcome::default()) > 0;
     let n = gate.take(&companies_group, opportunities_go, &mut outcome);
@@ -212,7 +225,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     outcome.settled += a? + b?;
 
     // Roles: decided after the writes above settled, with the calls free by then.
-    let mut gate = Gate::new(ctx);
+    let mut gate = Gate::new(ctx).await?;
     let mut held_role_opportunities: HashSet<String> = HashSet::new();
     for writes in [role_upserts, role_deletes] {
         if writes.is_empty() {
