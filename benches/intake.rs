@@ -2,7 +2,8 @@
 //! group commit with fsync) next to a bare axum handler that only parses the JSON, in one run,
 //! on the same machine, with the same load generator. Prints throughput, p50/p99/p99.9 and the
 //! ratio, in rounds that measure every target back to back, and the median ratio over the rounds.
-//! `cargo bench --bench intake` (add `-- --quick` for a short run).
+//! `cargo bench --bench intake` (add `-- --quick` for a short run, `--only sqlite` or `--only
+//! postgres` to measure one backend next to the bare handler, `--connections N` for one level).
 //!
 //! Backends: SQLite always; PostgreSQL too when it answers at OPPSYNC_TEST_PG_URL (default
 //! postgres://postgres@127.0.0.1:5432/test).
@@ -238,7 +239,16 @@ fn print(runs: &[Run], baseline: &Run) {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let duration = Duration::from_secs(if quick { 3 } else { 5 });
-    let levels: &[usize] = if quick { &[64] } else { &[16, 64, 256] };
+    // `--connections N` measures one level only.
+    let chosen: Option<usize> = std::env::args()
+        .skip_while(|a| a != "--connections")
+        .nth(1)
+        .and_then(|n| n.parse().ok());
+    let levels: Vec<usize> = match chosen {
+        Some(n) => vec![n],
+        None if quick => vec![64],
+        None => vec![16, 64, 256],
+    };
     let template = Arc::new(template());
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
 
@@ -253,7 +263,16 @@ async fn main() {
     )
     .await
     .unwrap_or_else(|e| panic!("start: {e}"));
-    let pg_url = postgres_url().await;
+    let only = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|o| o.to_ascii_lowercase());
+    let wanted = |backend: &str| only.as_deref().is_none_or(|o| o == backend);
+    let pg_url = if wanted("postgres") {
+        postgres_url().await
+    } else {
+        None
+    };
     let pg = match &pg_url {
         Some(url) => Some(
             start(
@@ -266,10 +285,11 @@ async fn main() {
             .await
             .unwrap_or_else(|e| panic!("start on PostgreSQL: {e}")),
         ),
-        None => {
+        None if wanted("postgres") => {
             println!("(PostgreSQL not reachable: its row is skipped)");
             None
         }
+        None => None,
     };
     let body_size = template.0.len();
     println!(
@@ -282,15 +302,15 @@ async fn main() {
     // this small machine) hits one round, not one target; the verdict is the median round.
     let rounds = if quick { 1 } else { 3 };
     let url = |addr: SocketAddr| format!("http://{addr}/webhooks/dynamics?code={KEY}");
-    let mut targets = vec![
-        ("bare axum (parse JSON only)", bare),
-        ("oppsync intake, SQLite (fsync)", sqlite.addr),
-    ];
+    let mut targets = vec![("bare axum (parse JSON only)", bare)];
+    if wanted("sqlite") {
+        targets.push(("oppsync intake, SQLite (fsync)", sqlite.addr));
+    }
     if let Some(pg) = &pg {
         targets.push(("oppsync intake, PostgreSQL", pg.addr));
     }
     let mut summary: Vec<(usize, &str, Vec<f64>)> = Vec::new();
-    for &connections in levels {
+    for &connections in &levels {
         println!("\n{connections} concurrent connections");
         for round in 1..=rounds {
             let mut all = Vec::new();

@@ -93,9 +93,8 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Store>
 pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<RunningApp> {
     let config = Arc::new(config);
     let store = open_store(&config, options.migrate).await?;
-    let committers = if store.backend() == "sqlite" { 1 } else { 4 };
-    let (intake, committer_tasks) =
-        GroupCommitter::start(store.clone(), config.store.group_commit_max, committers);
+    let (intake, committer_tasks) = GroupCommitter::start(store.clone(), config.store.group_commit_max)
+        .context("starting intake's group commit")?;
     let lifecycle = Arc::new(Lifecycle::default());
     let admin_auth = JwtVerifier::from_config(&config.admin).context("configuring the admin API")?;
     let listener = TcpListener::bind(&config.server.listen)

@@ -2,10 +2,11 @@
 //! committer stores many of them in a single transaction. Each request is answered only once
 //! the transaction that holds it is durable.
 //!
-//! Two stages, like a database's own log writer: committers insert groups; one syncer makes
-//! them durable (`Store::sync_intake`: an fsync of SQLite's log, nothing on PostgreSQL) and
-//! then answers them. While the syncer waits on the disk, the next group is being inserted, and
-//! one fsync covers every group inserted before it started.
+//! On SQLite, two stages, like a database's own log writer: a writer thread inserts groups;
+//! a syncer thread makes them durable (an fsync of SQLite's log) and then answers them. While
+//! the syncer waits on the disk, the next group is being inserted, and one fsync covers every
+//! group inserted before it started. Both are threads, not tasks: the insert and the fsync
+//! block, and a thread that only does that wakes faster than a task handing work to one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{NewNotification, Received, Store};
+use super::{INTAKE_COMMITTERS_PG, NewNotification, Received, SqliteInbox, Store};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IntakeError {
@@ -45,48 +46,41 @@ pub struct GroupCommitter {
 }
 
 impl GroupCommitter {
-    /// Starts `committers` tasks (1 for SQLite, which has one writer anyway; a few for
-    /// PostgreSQL), each committing up to `max_batch` notifications per transaction, and the
-    /// syncer.
-    pub fn start(store: Store, max_batch: usize, committers: usize) -> (GroupCommitter, JoinSet<()>) {
+    /// Starts the committers and the syncer for `store`, each group taking up to `max_batch`
+    /// notifications. SQLite: one writer thread on the inbox's own connection (SQLite has one
+    /// writer anyway) and one syncer thread; they end on their own once every handle is
+    /// dropped. PostgreSQL: one task per connection of intake's pool (in the returned set), whose commits
+    /// are durable by themselves. Fails only if a thread cannot be started.
+    pub fn start(store: Store, max_batch: usize) -> std::io::Result<(GroupCommitter, JoinSet<()>)> {
         let (tx, rx) = mpsc::channel::<Job>(max_batch.max(1) * 8);
-        let (sync_tx, sync_rx) = mpsc::unbounded_channel::<Committed>();
         let failed = Arc::new(AtomicBool::new(false));
-        let rx = Arc::new(Mutex::new(rx));
         let mut tasks = JoinSet::new();
-        for _ in 0..committers.max(1) {
-            let rx = rx.clone();
-            let store = store.clone();
-            let sync_tx = sync_tx.clone();
-            let failed = failed.clone();
-            tasks.spawn(async move {
-                loop {
-                    let batch = {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else { break };
-                        let mut batch = vec![first];
-                        while batch.len() < max_batch {
-                            match rx.try_recv() {
-                                Ok(job) => batch.push(job),
-                                Err(_) => break,
-                            }
-                        }
-                        batch
-                    };
-                    if failed.load(Ordering::Acquire) {
-                        refuse_after_failed_sync(batch);
-                        continue;
-                    }
-                    if let Some(committed) = commit_batch(&store, batch).await {
-                        // The syncer outlives the committers (it stops when they all have).
-                        let _ = sync_tx.send(committed);
-                    }
+        match &store {
+            Store::Sqlite(s) => {
+                let inbox = s.inbox().clone();
+                let (sync_tx, sync_rx) = std::sync::mpsc::channel::<Committed>();
+                // Named threads, not the blocking pool: they live as long as intake, and show
+                // under their names in `top -H` and profiles.
+                std::thread::Builder::new().name("intake-writer".into()).spawn({
+                    let inbox = inbox.clone();
+                    let failed = failed.clone();
+                    move || write_loop(&inbox, rx, sync_tx, &failed, max_batch)
+                })?;
+                let (answer_tx, answer_rx) = mpsc::unbounded_channel::<Answer>();
+                std::thread::Builder::new().name("intake-sync".into()).spawn({
+                    let failed = failed.clone();
+                    move || sync_loop(&inbox, sync_rx, answer_tx, &failed)
+                })?;
+                tasks.spawn(answer_loop(answer_rx));
+            }
+            Store::Postgres(_) => {
+                let rx = Arc::new(Mutex::new(rx));
+                for _ in 0..INTAKE_COMMITTERS_PG {
+                    tasks.spawn(commit_loop(store.clone(), rx.clone(), max_batch));
                 }
-            });
+            }
         }
-        drop(sync_tx);
-        tasks.spawn(sync_loop(store, sync_rx, failed.clone()));
-        (GroupCommitter { queue: tx, failed }, tasks)
+        Ok((GroupCommitter { queue: tx, failed }, tasks))
     }
 
     /// Whether an fsync failed: intake then refuses everything until restarted.
@@ -108,40 +102,71 @@ impl GroupCommitter {
     }
 }
 
-/// Inserts a group; on failure answers it at once (nothing of it was committed).
-async fn commit_batch(store: &Store, batch: Vec<Job>) -> Option<Committed> {
-    let (notifications, replies): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|j| (j.notification, j.reply)).unzip();
-    metrics::histogram!("oppsync_intake_group_commit_size").record(notifications.len() as f64);
-    // Two requests carrying the same dedupe key in one batch: the insert's ON CONFLICT makes
-    // the second a duplicate, exactly as if they had arrived in separate transactions.
-    match store.insert_notifications(&notifications).await {
-        Ok(results) => Some(Committed { replies, results }),
-        Err(e) => {
-            tracing::error!(error = %e, batch = notifications.len(), "group commit failed");
-            let err = IntakeError::Store(e.to_string());
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
+/// Splits a group into what is stored and who waits for it.
+fn unzip(batch: Vec<Job>) -> (Vec<NewNotification>, Vec<Reply>) {
+    metrics::histogram!("oppsync_intake_group_commit_size").record(batch.len() as f64);
+    batch.into_iter().map(|j| (j.notification, j.reply)).unzip()
+}
+
+fn refuse(replies: Vec<Reply>, err: &IntakeError) {
+    for reply in replies {
+        let _ = reply.send(Err(err.clone()));
+    }
+}
+
+/// SQLite's writer thread: takes whatever has queued (up to `max_batch`) as one group, inserts
+/// it in one transaction, hands it to the syncer. Ends when every handle is dropped and the
+/// queue is drained; the syncer then ends after answering what it was handed.
+fn write_loop(
+    inbox: &SqliteInbox,
+    mut queue: mpsc::Receiver<Job>,
+    synced: std::sync::mpsc::Sender<Committed>,
+    failed: &AtomicBool,
+    max_batch: usize,
+) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
-            None
+        }
+        let (notifications, replies) = unzip(batch);
+        if failed.load(Ordering::Acquire) {
+            refuse(replies, &failed_sync_error());
+            continue;
+        }
+        // Two requests carrying the same dedupe key in one group: the second is a duplicate,
+        // exactly as if they had arrived in separate transactions.
+        match inbox.insert(&notifications) {
+            Ok(results) => {
+                // The syncer outlives this loop (it stops when `synced` is dropped).
+                let _ = synced.send(Committed { replies, results });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = notifications.len(), "group commit failed");
+                refuse(replies, &IntakeError::Store(e.to_string()));
+            }
         }
     }
 }
 
-/// Takes every group committed so far, makes them durable with one sync, answers them.
-async fn sync_loop(store: Store, mut committed: mpsc::UnboundedReceiver<Committed>, failed: Arc<AtomicBool>) {
-    while let Some(first) = committed.recv().await {
+/// SQLite's syncer thread: takes every group committed so far, makes them durable with one
+/// fsync of the log, answers them. While it waits on the disk the writer inserts the next
+/// group.
+fn sync_loop(
+    inbox: &SqliteInbox,
+    committed: std::sync::mpsc::Receiver<Committed>,
+    answers: mpsc::UnboundedSender<Answer>,
+    failed: &AtomicBool,
+) {
+    while let Ok(first) = committed.recv() {
         let mut groups = vec![first];
-        while let Ok(more) = committed.try_recv() {
-            groups.push(more);
-        }
-        match store.sync_intake().await {
+        groups.extend(committed.try_iter());
+        match inbox.sync() {
             Ok(()) => {
-                for group in groups {
-                    for (reply, result) in group.replies.into_iter().zip(group.results) {
-                        let _ = reply.send(Ok(result));
-                    }
-                }
+                let _ = answers.send(Answer::Durable(groups));
             }
             Err(e) => {
                 // After a failed fsync the kernel may have dropped the unwritten pages and
@@ -151,12 +176,65 @@ async fn sync_loop(store: Store, mut committed: mpsc::UnboundedReceiver<Committe
                 // recovery reads what is really on disk.
                 failed.store(true, Ordering::Release);
                 tracing::error!(error = %e, "fsync of the inbox failed; intake refuses notifications until restarted");
-                let err = IntakeError::Store(e.to_string());
+                let _ = answers.send(Answer::Failed(groups, IntakeError::Store(e.to_string())));
+            }
+        }
+    }
+}
+
+/// What the syncer learnt of some committed groups.
+enum Answer {
+    Durable(Vec<Committed>),
+    Failed(Vec<Committed>, IntakeError),
+}
+
+/// Answers the waiting requests on the runtime: a wake from a task of the runtime is a push on
+/// its own queue, where a wake from the syncer thread would be a cross-thread hand-off per
+/// request. One message per fsync crosses instead.
+async fn answer_loop(mut answers: mpsc::UnboundedReceiver<Answer>) {
+    while let Some(answer) = answers.recv().await {
+        match answer {
+            Answer::Durable(groups) => {
                 for group in groups {
-                    for reply in group.replies {
-                        let _ = reply.send(Err(err.clone()));
+                    for (reply, result) in group.replies.into_iter().zip(group.results) {
+                        let _ = reply.send(Ok(result));
                     }
                 }
+            }
+            Answer::Failed(groups, err) => {
+                for group in groups {
+                    refuse(group.replies, &err);
+                }
+            }
+        }
+    }
+}
+
+/// A PostgreSQL committer: a commit there is durable when it returns, so it answers at once.
+async fn commit_loop(store: Store, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_batch: usize) {
+    loop {
+        let batch = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else { break };
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let (notifications, replies) = unzip(batch);
+        match store.insert_notifications(&notifications).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = notifications.len(), "group commit failed");
+                refuse(replies, &IntakeError::Store(e.to_string()));
             }
         }
     }
@@ -164,10 +242,4 @@ async fn sync_loop(store: Store, mut committed: mpsc::UnboundedReceiver<Committe
 
 fn failed_sync_error() -> IntakeError {
     IntakeError::Store("an earlier fsync of the inbox failed; restart oppsync".into())
-}
-
-fn refuse_after_failed_sync(batch: Vec<Job>) {
-    for job in batch {
-        let _ = job.reply.send(Err(failed_sync_error()));
-    }
 }

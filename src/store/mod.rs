@@ -1,10 +1,11 @@
 //! Durable storage: the inbox of notifications, what oppsync knows of Dynamics rows, and the
 //! pending Marketo writes. Two backends with one SQL text (`sql.rs`): SQLite (default, embedded,
-//! WAL with fsync on commit) and PostgreSQL (several replicas).
+//! WAL, intake fsync'd before it answers) and PostgreSQL (several replicas).
 
 mod body;
 mod group_commit;
 mod sql;
+mod sqlite_inbox;
 #[doc(hidden)]
 pub mod suite;
 
@@ -20,6 +21,11 @@ use uuid::Uuid;
 pub use body::{BodyCodec, PackedBody};
 pub use group_commit::{GroupCommitter, IntakeError};
 pub use sql::{PgStore, SqliteStore};
+pub use sqlite_inbox::SqliteInbox;
+
+/// Group committers on PostgreSQL, each with a connection of intake's own pool. (SQLite has one
+/// writer.)
+pub const INTAKE_COMMITTERS_PG: usize = 4;
 
 /// Milliseconds since the Unix epoch, the store's clock unit.
 pub fn now_ms() -> i64 {
@@ -33,6 +39,9 @@ pub fn now_ms() -> i64 {
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From intake's own SQLite connection (`SqliteInbox`).
+    #[error("database error: {0}")]
+    Sqlite(String),
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported store url (expected sqlite:// or postgres://)")]
@@ -371,45 +380,35 @@ impl Store {
                 // Multi-row statements keep a statement journal (to undo a half-done statement);
                 // in memory it costs a copy, on disk a write per page touched.
                 .pragma("temp_store", "memory");
-            // A 2xx means durable (DESIGN §3): intake's commits are made durable by an fsync
-            // of the write-ahead log before the answer, as `synchronous = FULL` would do inside
-            // each commit, but by the group committer (`SqliteStore::sync_intake`), so that the
-            // fsync of one group overlaps the insert of the next.
-            // One connection: SQLite has one writer anyway (and one committer feeds it), and a
-            // connection that wrote last keeps its page cache; alternating connections would
-            // each find the database changed and reload it.
-            let wal = std::path::absolute(options.get_filename())
-                .map(|db| {
-                    let mut wal = db.into_os_string();
-                    wal.push("-wal");
-                    std::path::PathBuf::from(wal)
-                })
-                .map_err(|e| StoreError::Sync(format!("cannot resolve the database path: {e}")))?;
-            let intake = SqlitePoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options.clone().synchronous(SqliteSynchronous::Normal))
-                .await?;
             // NORMAL in WAL mode: durable against a crash of the process, not of the machine,
-            // which only ever repeats re-derivable work (see `SqliteStore::pool`).
+            // which only ever repeats re-derivable work (see `SqliteStore`'s `pool`). Intake
+            // writes through its own connection, made durable by an explicit fsync before the
+            // 2xx (DESIGN §3; see `SqliteInbox`).
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options.synchronous(SqliteSynchronous::Normal))
+                .connect_with(options.clone().synchronous(SqliteSynchronous::Normal))
                 .await?;
-            Ok(Store::Sqlite(SqliteStore::with_intake_pool(
-                intake,
-                pool,
-                Some(wal),
-            )))
+            // The pool has created the file and put it in WAL mode.
+            let db = std::path::absolute(options.get_filename())
+                .map_err(|e| StoreError::Sqlite(format!("cannot resolve the database path: {e}")))?;
+            let inbox = SqliteInbox::open(&db)?;
+            Ok(Store::Sqlite(SqliteStore::new(pool, std::sync::Arc::new(inbox))))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+                .await?;
+            // Intake's own connections, one per committer: a webhook never waits for a
+            // connection the worker holds, so its answer stays fast while planning is busy.
+            let intake = PgPoolOptions::new()
+                .max_connections(INTAKE_COMMITTERS_PG as u32)
+                .acquire_timeout(Duration::from_secs(10))
                 .connect_with(options)
                 .await?;
-            Ok(Store::Postgres(PgStore::new(pool)))
+            Ok(Store::Postgres(PgStore::new(pool, intake)))
         } else {
             Err(StoreError::UnsupportedUrl)
         }
@@ -468,15 +467,9 @@ impl Store {
     }
 
     /// Stores a batch in one transaction: the group commit. Committed when this returns, but
-    /// on SQLite durable against a power cut only after [`Store::sync_intake`].
+    /// on SQLite durable against a power cut only after [`SqliteInbox::sync`].
     pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
         dispatch!(self, s => s.insert_notifications(batch).await)
-    }
-
-    /// Makes every insert returned so far durable (SQLite: fsync of the log; PostgreSQL: a
-    /// no-op, its commit is durable already).
-    pub async fn sync_intake(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.sync_intake().await)
     }
 
     /// Leases up to `limit` ready notifications to `owner` until `now + lease_ms`.

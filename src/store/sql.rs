@@ -11,24 +11,22 @@ use uuid::Uuid;
 use super::body::PackedBody;
 use super::{
     Commit, CommitError, InboxEntry, LoadedRows, NewNotification, NotificationStatus, Received, RoleRow,
-    RowKeys, RowWrite, SchemaState, Settlement, StateRow, StoreError, StoreStats, StoredWrite, WriteOutcome,
-    WriteStatus,
+    RowKeys, RowWrite, SchemaState, Settlement, SqliteInbox, StateRow, StoreError, StoreStats, StoredWrite,
+    WriteOutcome, WriteStatus,
 };
 
-/// Rows per multi-row insert: 11 parameters each, well below both backends' parameter limits
-/// (32,766 and 65,535), and above the default group commit size, so a group commit is usually
-/// one statement.
+/// Rows per multi-row insert (PostgreSQL): 11 parameters each, well below its parameter limit
+/// (65,535), and above the default group commit size, so a group commit is usually one
+/// statement.
 const INSERT_CHUNK: usize = 512;
 
-/// Parameters bound per row by `insert_notifications`, in this order.
+/// Parameters bound per row by `PgStore::insert_notifications`, in this order.
 const INSERT_COLUMNS: &str = "dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
                               data_missing, body, body_codec, next_attempt_at";
 
-/// `INSERT … VALUES (…), (…) ON CONFLICT DO NOTHING RETURNING …` for `rows` notifications. Built
-/// only from fixed fragments and placeholder numbers, never from data. `numbered`: `$1, $2, …`
-/// (PostgreSQL) or plain `?` (SQLite, which resolves a `$N` by a linear search over the
-/// statement's parameter names: quadratic in a statement of a thousand parameters).
-fn insert_sql(rows: usize, numbered: bool) -> String {
+/// `INSERT … VALUES ($1, …), (…) ON CONFLICT DO NOTHING RETURNING …` for `rows` notifications.
+/// Built only from fixed fragments and placeholder numbers, never from data.
+fn insert_sql(rows: usize) -> String {
     const PER_ROW: usize = 11;
     let mut sql = format!("INSERT INTO inbox (status, attempts, {INSERT_COLUMNS}) VALUES ");
     for r in 0..rows {
@@ -38,11 +36,7 @@ fn insert_sql(rows: usize, numbered: bool) -> String {
             ", ('pending', 0"
         });
         for p in r * PER_ROW + 1..=(r + 1) * PER_ROW {
-            if numbered {
-                sql.push_str(&format!(", ${p}"));
-            } else {
-                sql.push_str(", ?");
-            }
+            sql.push_str(&format!(", ${p}"));
         }
         sql.push(')');
     }
@@ -225,47 +219,21 @@ where
 }
 
 macro_rules! sql_store {
-    ($Store:ident, $Db:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal, numbered = $numbered:literal) => {
+    ($Store:ident, $Db:ty, intake = $Intake:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal) => {
         #[derive(Clone)]
         pub struct $Store {
-            /// Intake's inserts. Durable before the 2xx: on PostgreSQL by the commit itself; on
-            /// SQLite by [`Self::sync_intake`], which intake's group commit calls after the
-            /// insert and before answering (see `wal`).
-            intake: sqlx::Pool<$Db>,
-            /// Everything else. On SQLite its commits skip the fsync (`synchronous = NORMAL`):
-            /// each is re-derivable from the durable inbox, so a power cut can only make work
-            /// happen again, never lose it; intake's next fsync persists them anyway.
+            /// Everything but intake's inserts. On SQLite its commits skip the fsync
+            /// (`synchronous = NORMAL`): each is re-derivable from the durable inbox, so a
+            /// power cut can only make work happen again, never lose it; intake's next fsync
+            /// persists them anyway.
             pool: sqlx::Pool<$Db>,
-            /// SQLite's write-ahead log, when intake's durability is an explicit fsync of it.
-            wal: Option<std::sync::Arc<std::path::Path>>,
+            /// What intake writes through (see `insert_notifications` of each backend).
+            intake: $Intake,
         }
 
         impl $Store {
-            pub fn new(pool: sqlx::Pool<$Db>) -> Self {
-                $Store { intake: pool.clone(), pool, wal: None }
-            }
-
-            /// Separate pools for intake and for the rest (see the fields); `wal` is the log
-            /// file that [`Self::sync_intake`] makes durable.
-            pub fn with_intake_pool(intake: sqlx::Pool<$Db>, pool: sqlx::Pool<$Db>, wal: Option<std::path::PathBuf>) -> Self {
-                $Store { intake, pool, wal: wal.map(std::sync::Arc::from) }
-            }
-
-            /// Makes every insert that has returned so far durable. A commit in WAL mode has
-            /// written its frames to the log when it returns; fsync of the log makes them
-            /// survive a power cut, exactly what `synchronous = FULL` does inside the commit.
-            /// Done here instead, it overlaps the next group's insert. A log that does not
-            /// exist has been checkpointed (and synced) into the database and removed.
-            pub async fn sync_intake(&self) -> Result<(), StoreError> {
-                let Some(wal) = self.wal.clone() else { return Ok(()) };
-                let synced = tokio::task::spawn_blocking(move || match std::fs::File::open(&*wal) {
-                    Ok(file) => file.sync_data(),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(e),
-                })
-                .await
-                .map_err(|e| StoreError::Sync(format!("the sync task failed: {e}")))?;
-                synced.map_err(|e| StoreError::Sync(e.to_string()))
+            pub fn new(pool: sqlx::Pool<$Db>, intake: $Intake) -> Self {
+                $Store { pool, intake }
             }
 
             pub fn pool(&self) -> &sqlx::Pool<$Db> {
@@ -310,56 +278,6 @@ macro_rules! sql_store {
             pub async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT id FROM inbox LIMIT 1").fetch_optional(&self.pool).await?;
                 Ok(())
-            }
-
-            /// The multi-row insert of `chunk`, bound. Values are bound by value where they are
-            /// not already owned copies, so each row's bytes are copied once into the statement.
-            fn insert_query(chunk: &[NewNotification]) -> sqlx::query::Query<'_, $Db, <$Db as sqlx::Database>::Arguments> {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len(), $numbered)));
-                for n in chunk {
-                    query = query
-                        .bind(&n.dedupe_key)
-                        .bind(n.received_at)
-                        .bind(&n.entity)
-                        .bind(&n.message)
-                        .bind(n.record_id.to_string())
-                        .bind(n.version)
-                        .bind(&n.correlation_id)
-                        .bind(i64::from(n.data_missing))
-                        .bind(n.body.bytes())
-                        .bind(n.body.codec().as_str())
-                        // Ready to plan as soon as it is stored.
-                        .bind(n.received_at);
-                }
-                query
-            }
-
-            pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
-                let mut stored: HashMap<String, i64> = HashMap::with_capacity(batch.len());
-                if batch.len() <= INSERT_CHUNK {
-                    // One statement is a transaction of its own (autocommit): all rows or none,
-                    // committed (and on SQLite fsync'd) before it returns, without the BEGIN and
-                    // COMMIT round trips.
-                    for row in Self::insert_query(batch).fetch_all(&self.intake).await? {
-                        stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
-                    }
-                } else {
-                    let mut tx = self.intake.begin_with($begin).await?;
-                    for chunk in batch.chunks(INSERT_CHUNK) {
-                        for row in Self::insert_query(chunk).fetch_all(&mut *tx).await? {
-                            stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
-                        }
-                    }
-                    tx.commit().await?;
-                }
-                // The first of several equal keys in a batch was stored; the others are repeats.
-                Ok(batch
-                    .iter()
-                    .map(|n| match stored.remove(&n.dedupe_key) {
-                        Some(id) => Received::Stored(id),
-                        None => Received::Duplicate,
-                    })
-                    .collect())
             }
 
             /// Oldest ready first, in the order of the `(status, next_attempt_at)` index, so the
@@ -997,20 +915,93 @@ macro_rules! sql_store {
 sql_store!(
     SqliteStore,
     sqlx::Sqlite,
+    intake = std::sync::Arc<SqliteInbox>,
     migrations = "./migrations/sqlite",
     // IMMEDIATE takes the write lock up front: a deferred transaction that reads first and
     // writes later can fail with SQLITE_BUSY when another writer got in between.
     begin = "BEGIN IMMEDIATE",
-    skip_locked = "",
-    numbered = false
+    skip_locked = ""
 );
 
 sql_store!(
     PgStore,
     sqlx::Postgres,
+    intake = sqlx::PgPool,
     migrations = "./migrations/postgres",
     begin = "BEGIN",
     // Several replicas claim at once: each skips rows another has locked instead of waiting.
-    skip_locked = " FOR UPDATE SKIP LOCKED",
-    numbered = true
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 );
+
+impl SqliteStore {
+    /// Intake's writer: the inbox's own connection (see `sqlite_inbox`).
+    pub fn inbox(&self) -> &std::sync::Arc<SqliteInbox> {
+        &self.intake
+    }
+
+    /// Inserts a group in one transaction (SQLite: through intake's own connection, on a
+    /// blocking thread). Committed, but durable against a power cut only after
+    /// [`SqliteInbox::sync`].
+    pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
+        let inbox = self.intake.clone();
+        let batch = batch.to_vec();
+        tokio::task::spawn_blocking(move || inbox.insert(&batch))
+            .await
+            .map_err(|e| StoreError::Sqlite(format!("the insert task failed: {e}")))?
+    }
+}
+
+impl PgStore {
+    /// The multi-row insert of `chunk`, bound. Values are bound by value where they are
+    /// not already owned copies, so each row's bytes are copied once into the statement.
+    fn insert_query(
+        chunk: &[NewNotification],
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, <sqlx::Postgres as sqlx::Database>::Arguments> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len())));
+        for n in chunk {
+            query = query
+                .bind(&n.dedupe_key)
+                .bind(n.received_at)
+                .bind(&n.entity)
+                .bind(&n.message)
+                .bind(n.record_id.to_string())
+                .bind(n.version)
+                .bind(&n.correlation_id)
+                .bind(i64::from(n.data_missing))
+                .bind(n.body.bytes())
+                .bind(n.body.codec().as_str())
+                // Ready to plan as soon as it is stored.
+                .bind(n.received_at);
+        }
+        query
+    }
+
+    /// Inserts a group in one transaction, through intake's own pool (see `Store::connect`);
+    /// durable when it returns.
+    pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
+        let mut stored: HashMap<String, i64> = HashMap::with_capacity(batch.len());
+        if batch.len() <= INSERT_CHUNK {
+            // One statement is a transaction of its own (autocommit): all rows or none,
+            // committed durably before it returns, without the BEGIN and COMMIT round trips.
+            for row in Self::insert_query(batch).fetch_all(&self.intake).await? {
+                stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
+            }
+        } else {
+            let mut tx = self.intake.begin().await?;
+            for chunk in batch.chunks(INSERT_CHUNK) {
+                for row in Self::insert_query(chunk).fetch_all(&mut *tx).await? {
+                    stored.insert(row.try_get("dedupe_key")?, row.try_get("id")?);
+                }
+            }
+            tx.commit().await?;
+        }
+        // The first of several equal keys in a batch was stored; the others are repeats.
+        Ok(batch
+            .iter()
+            .map(|n| match stored.remove(&n.dedupe_key) {
+                Some(id) => Received::Stored(id),
+                None => Received::Duplicate,
+            })
+            .collect())
+    }
+}

@@ -47,19 +47,16 @@ async fn sqlite_upgrade_keeps_stored_bodies() {
 /// and then fails it (a pipe cannot be fsync'd).
 #[tokio::test]
 async fn intake_answers_only_after_the_log_sync_and_stops_when_it_fails() {
-    use super::{GroupCommitter, IntakeError, NewNotification, PackedBody, SqliteStore};
+    use super::{GroupCommitter, IntakeError, NewNotification, PackedBody, SqliteInbox, SqliteStore};
     let (store, dir) = fresh_sqlite().await;
     store.migrate().await.unwrap();
     let fifo = dir.path().join("fake-wal");
     let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
     let Store::Sqlite(s) = &store else { unreachable!() };
-    let store = Store::Sqlite(SqliteStore::with_intake_pool(
-        s.pool().clone(),
-        s.pool().clone(),
-        Some(fifo.clone()),
-    ));
-    let (intake, _tasks) = GroupCommitter::start(store.clone(), 16, 1);
+    let inbox = SqliteInbox::open_with_log(&dir.path().join("test.db"), fifo.clone()).unwrap();
+    let store = Store::Sqlite(SqliteStore::new(s.pool().clone(), std::sync::Arc::new(inbox)));
+    let (intake, _tasks) = GroupCommitter::start(store.clone(), 16).unwrap();
     let notification = |key: &str| NewNotification {
         dedupe_key: key.into(),
         entity: "opportunity".into(),
@@ -87,4 +84,44 @@ async fn intake_answers_only_after_the_log_sync_and_stops_when_it_fails() {
         matches!(later, Err(IntakeError::Store(ref e)) if e.contains("restart")),
         "{later:?}"
     );
+}
+
+/// A group is one transaction: a row that fails takes the rows before it in the group with it,
+/// and the connection is usable for the next group.
+#[tokio::test]
+async fn an_sqlite_group_that_fails_stores_none_of_its_rows() {
+    use super::{NewNotification, PackedBody, Received};
+    let (store, _dir) = fresh_sqlite().await;
+    store.migrate().await.unwrap();
+    let Store::Sqlite(s) = &store else { unreachable!() };
+    sqlx::query(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON inbox WHEN NEW.dedupe_key = 'boom' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let notification = |key: &str| NewNotification {
+        dedupe_key: key.into(),
+        entity: "opportunity".into(),
+        message: "Update".into(),
+        record_id: uuid::Uuid::new_v4(),
+        version: 1,
+        correlation_id: None,
+        data_missing: false,
+        body: PackedBody::pack(b"{}"),
+        received_at: 1,
+    };
+    let err = s
+        .inbox()
+        .insert(&[notification("first"), notification("boom")])
+        .unwrap_err();
+    assert!(err.to_string().contains("refused by the test"), "{err}");
+    assert!(store.list_notifications(None, None, 10).await.unwrap().is_empty());
+    let out = s
+        .inbox()
+        .insert(&[notification("first"), notification("first")])
+        .unwrap();
+    assert!(matches!(out[0], Received::Stored(_)), "{out:?}");
+    assert_eq!(out[1], Received::Duplicate);
 }

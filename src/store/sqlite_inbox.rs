@@ -1,0 +1,122 @@
+//! Intake's writer on SQLite: its own connection, used from one dedicated thread (see
+//! `group_commit`), with the insert prepared once and run row by row inside one transaction
+//! per group.
+//!
+//! Why not the sqlx pool the rest of the store uses: sqlx runs every statement on a worker
+//! thread of its own and copies each bound value there, and a multi-row insert is new SQL for
+//! every group size. Per notification that was a thread hand-off, two copies of the body and a
+//! share of a statement compile; here it is one bind of borrowed bytes into a cached
+//! statement. rusqlite links the same `libsqlite3-sys` as sqlx (kept in step in Cargo.toml),
+//! so both use one SQLite library and see each other's commits through the WAL.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use super::{NewNotification, Received, StoreError};
+
+/// The insert of one notification: a repeated dedupe key returns no row.
+const INSERT_ONE: &str = "INSERT INTO inbox (status, attempts, dedupe_key, received_at, entity, message, \
+     record_id, version, correlation_id, data_missing, body, body_codec, next_attempt_at) \
+     VALUES ('pending', 0, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2) \
+     ON CONFLICT (dedupe_key) DO NOTHING RETURNING id";
+
+/// The inbox's intake connection and the write-ahead log it appends to.
+pub struct SqliteInbox {
+    /// Locked by one writer at a time: the group commit thread, or a direct caller (tests,
+    /// tools) through [`super::Store::insert_notifications`].
+    conn: Mutex<rusqlite::Connection>,
+    wal: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteInbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteInbox")
+            .field("wal", &self.wal)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e.to_string())
+    }
+}
+
+impl SqliteInbox {
+    /// Opens the intake connection to the database file `db` (already created, in WAL mode, by
+    /// the sqlx pool). Its commits do not fsync (`synchronous = NORMAL`): [`Self::sync`] does,
+    /// once for every group committed before it started (see `group_commit`).
+    pub fn open(db: &Path) -> Result<SqliteInbox, StoreError> {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        Self::open_with_log(db, PathBuf::from(wal))
+    }
+
+    /// As [`Self::open`], with the file [`Self::sync`] makes durable named explicitly (tests put
+    /// a FIFO there to hold or fail the sync).
+    pub fn open_with_log(db: &Path, wal: PathBuf) -> Result<SqliteInbox, StoreError> {
+        let conn = rusqlite::Connection::open(db)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // journal_mode is a property of the file (WAL, set by the pool); the rest are per
+        // connection. The statement journal of a multi-row statement stays in memory.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+             PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
+        )?;
+        Ok(SqliteInbox {
+            conn: Mutex::new(conn),
+            wal,
+        })
+    }
+
+    /// Inserts a group in one transaction: all of it or none. A repeated dedupe key (stored
+    /// before, or earlier in the same group) is a duplicate. Blocking: call it from a thread
+    /// that may block.
+    pub fn insert(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
+        let mut conn = self.conn.lock();
+        // IMMEDIATE: take the write lock now (waiting up to the busy timeout for the worker's
+        // writes), not at the first insert, where a busy database could not be waited for.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(batch.len());
+        {
+            let mut insert = tx.prepare_cached(INSERT_ONE)?;
+            for n in batch {
+                let id: Option<i64> = insert
+                    .query_row(
+                        params![
+                            n.dedupe_key,
+                            n.received_at,
+                            n.entity,
+                            n.message,
+                            n.record_id.to_string(),
+                            n.version,
+                            n.correlation_id,
+                            i64::from(n.data_missing),
+                            n.body.bytes(),
+                            n.body.codec().as_str(),
+                        ],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                results.push(id.map_or(Received::Duplicate, Received::Stored));
+            }
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+
+    /// Makes every group committed so far durable: fsync of the write-ahead log, which is what
+    /// `synchronous = FULL` does inside each commit. A log that does not exist has been
+    /// checkpointed (and synced) into the database and removed. Blocking.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        match std::fs::File::open(&self.wal) {
+            Ok(file) => file.sync_data(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| StoreError::Sync(e.to_string()))
+    }
+}
