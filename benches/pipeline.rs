@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use oppsync::app::{StartOptions, start};
+use oppsync::app::{RunningApp, StartOptions, start};
+use oppsync::config::Config;
 use oppsync::dynamics::compose::NotificationBuilder;
 use oppsync::sim::env::Simulators;
 use oppsync::sim::marketo::MarketoSimConfig;
@@ -181,19 +182,37 @@ async fn post_all(url: &str, chunks: Vec<Vec<Wire>>) {
     }
 }
 
-/// How long intake alone (no planning, no pushing) takes to accept the same notifications: the
-/// floor under the live run's end-to-end time on this machine.
-async fn intake_alone(opportunities: usize) {
-    let sims = Simulators::start(MarketoSimConfig::default())
+/// The service under test: both simulators, the service on a fresh SQLite store in a temporary
+/// directory, and the bulk workload already encoded, ready to post.
+struct Service {
+    sims: Simulators,
+    app: RunningApp,
+    /// Keeps the store's directory until the run ends.
+    _dir: tempfile::TempDir,
+    url: String,
+    notifications: usize,
+    chunks: Vec<Vec<Wire>>,
+}
+
+/// Starts the simulators (Marketo with `marketo`) and the service (`configure` adjusts its
+/// configuration), and prepares the workload for `opportunities` opportunities.
+async fn start_service(
+    opportunities: usize,
+    marketo: MarketoSimConfig,
+    intake_only: bool,
+    configure: impl FnOnce(&mut Config),
+) -> Service {
+    let sims = Simulators::start(marketo)
         .await
         .unwrap_or_else(|e| panic!("simulators: {e}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let config = sims.service_config(&format!("sqlite://{}", dir.path().join("p.db").display()), KEY);
+    let mut config = sims.service_config(&format!("sqlite://{}", dir.path().join("p.db").display()), KEY);
+    configure(&mut config);
     let app = start(
         config,
         StartOptions {
             migrate: true,
-            intake_only: true,
+            intake_only,
         },
     )
     .await
@@ -201,54 +220,67 @@ async fn intake_alone(opportunities: usize) {
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
     let notifications = oppsync::sim::scenario::bulk_workload(opportunities, &mut org);
     let url = format!("{}/webhooks/dynamics?code={KEY}", app.url());
-    let chunks = wire_chunks(&notifications);
+    Service {
+        sims,
+        app,
+        _dir: dir,
+        url,
+        notifications: notifications.len(),
+        chunks: wire_chunks(&notifications),
+    }
+}
+
+impl Service {
+    /// Posts the whole workload; returns when the last notification was accepted.
+    async fn post(&mut self) {
+        post_all(&self.url, std::mem::take(&mut self.chunks)).await;
+    }
+}
+
+/// How long intake alone (no planning, no pushing) takes to accept the same notifications: the
+/// floor under the live run's end-to-end time on this machine.
+async fn intake_alone(opportunities: usize) {
+    let mut service = start_service(opportunities, MarketoSimConfig::default(), true, |_| {}).await;
     let started = Instant::now();
-    post_all(&url, chunks).await;
+    service.post().await;
     println!(
         "intake alone (no planning, no pushing): {} notifications accepted in {:.2} s",
-        notifications.len(),
+        service.notifications,
         started.elapsed().as_secs_f64()
     );
-    app.stop().await;
+    service.app.stop().await;
 }
 
 async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measured {
-    let sims = Simulators::start(MarketoSimConfig {
+    let marketo = MarketoSimConfig {
         calls_per_window: CALLS_PER_WINDOW,
         window: WINDOW,
         max_concurrent: 10,
         ..MarketoSimConfig::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("simulators: {e}"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let mut config = sims.service_config(&format!("sqlite://{}", dir.path().join("p.db").display()), KEY);
-    config.worker.paused = backlog;
+    };
     // `--linger-ms N` tries another marketo.batch_linger_ms (default 1000): in the live run the
     // last partial batches wait for it after the last notification is planned.
-    if let Some(ms) = std::env::args()
+    let linger_ms = std::env::args()
         .skip_while(|a| a != "--linger-ms")
         .nth(1)
-        .and_then(|v| v.parse().ok())
-    {
-        config.marketo.batch_linger_ms = ms;
-    }
-    let app = start(
-        config,
-        StartOptions {
-            migrate: true,
-            intake_only: false,
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("start: {e}"));
-    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
-    let notifications = oppsync::sim::scenario::bulk_workload(opportunities, &mut org);
-    let url = format!("{}/webhooks/dynamics?code={KEY}", app.url());
-    let chunks = wire_chunks(&notifications);
+        .and_then(|v| v.parse().ok());
+    let mut service = start_service(opportunities, marketo, false, |config| {
+        config.worker.paused = backlog;
+        if let Some(ms) = linger_ms {
+            config.marketo.batch_linger_ms = ms;
+        }
+    })
+    .await;
     let started = Instant::now();
-    post_all(&url, chunks).await;
+    service.post().await;
     let posted = started.elapsed().as_secs_f64();
+    let Service {
+        sims,
+        app,
+        notifications,
+        _dir: _store_dir,
+        ..
+    } = service;
     let store = app.state.store.clone();
     let mut since = 0;
     let mut clock = started;
@@ -260,7 +292,7 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
         }
         println!(
             "  ({} notifications posted in {:.1} s and planned in {:.1} s; pushing resumes now)",
-            notifications.len(),
+            notifications,
             posted,
             started.elapsed().as_secs_f64()
         );
@@ -270,7 +302,7 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
     } else {
         println!(
             "  ({} notifications posted in {:.1} s while the pipeline runs)",
-            notifications.len(),
+            notifications,
             posted
         );
     }
