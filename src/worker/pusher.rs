@@ -45,7 +45,8 @@ impl PrepareAhead {
 
     pub fn new() -> PrepareAhead {
         PrepareAhead {
-            micros: AtomicU64::new(Self::INITIAL.as_micros() as u64 * 2 / 3),
+            // The lead adds half again: start where the initial lead is exactly INITIAL.
+            micros: AtomicU64::new((Self::INITIAL.as_micros() as u64 * 2).div_ceil(3)),
         }
     }
 
