@@ -824,7 +824,10 @@ mod tests {
     #[test]
     fn a_partial_batch_goes_when_a_dependent_batch_needs_it_first() {
         let mut outcome = CycleOutcome::default();
-        assert_eq!(gate(10_000, 10, true).admit(&group(9_900, 20), true, &mut outcome), 20);
+        assert_eq!(
+            gate(10_000, 10, true).admit(&group(9_900, 20), true, &mut outcome),
+            20
+        );
     }
 
     #[test]
