@@ -6,7 +6,8 @@
 //!
 //! `cargo bench --bench pipeline` (add `-- --quick` for a smaller run, `--only live`, `--only
 //! backlog` or `--only intake` for one part, `--timeline` to list every Marketo call,
-//! `--linger-ms N` to try another `marketo.batch_linger_ms`).
+//! `--linger-ms N` to try another `marketo.batch_linger_ms`, `--claim-batch N` another
+//! `worker.claim_batch`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -305,6 +306,14 @@ async fn intake_alone(opportunities: usize) {
     service.app.stop().await;
 }
 
+/// The number given after `flag` on the command line, if any.
+fn number_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
+    std::env::args()
+        .skip_while(|a| a != flag)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+}
+
 async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measured {
     let marketo = MarketoSimConfig {
         calls_per_window: CALLS_PER_WINDOW,
@@ -314,14 +323,17 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
     };
     // `--linger-ms N` tries another marketo.batch_linger_ms (default 1000): in the live run the
     // last partial batches wait for it after the last notification is planned.
-    let linger_ms = std::env::args()
-        .skip_while(|a| a != "--linger-ms")
-        .nth(1)
-        .and_then(|v| v.parse().ok());
+    let linger_ms = number_after("--linger-ms");
+    // `--claim-batch N` tries another worker.claim_batch (default 256): smaller claims bring
+    // the first records to the pusher sooner, at a higher cost per notification.
+    let claim_batch = number_after("--claim-batch");
     let mut service = start_service(opportunities, marketo, false, |config| {
         config.worker.paused = backlog;
         if let Some(ms) = linger_ms {
             config.marketo.batch_linger_ms = ms;
+        }
+        if let Some(n) = claim_batch {
+            config.worker.claim_batch = n;
         }
     })
     .await;
@@ -356,8 +368,7 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
     } else {
         println!(
             "  ({} notifications posted in {:.1} s while the pipeline runs)",
-            notifications,
-            posted
+            notifications, posted
         );
     }
     let mut planned_after = None;
