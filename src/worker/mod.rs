@@ -30,6 +30,8 @@ pub struct WorkerContext {
     pub owner: String,
     /// Poked when a plan committed new writes, so the pusher need not wait for its poll.
     pub pusher_wakeup: Notify,
+    /// How far ahead of a free rate-window place the pusher starts preparing its call.
+    pub prepare_ahead: pusher::PrepareAhead,
 }
 
 impl WorkerContext {
@@ -50,6 +52,7 @@ impl WorkerContext {
             lifecycle,
             owner,
             pusher_wakeup: Notify::new(),
+            prepare_ahead: pusher::PrepareAhead::new(),
         }
     }
 
@@ -182,9 +185,9 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 if let Some(at) = outcome.next_slot {
                     // Every call the rate limit allows is taken: nothing can go before then, so
                     // new writes wait in the store (where they coalesce and fill batches).
-                    let at =
-                        tokio::time::Instant::from_std(at.checked_sub(pusher::PREPARE_AHEAD).unwrap_or(at))
-                            .min(tokio::time::Instant::now() + poll);
+                    let lead = ctx.prepare_ahead.lead();
+                    let at = tokio::time::Instant::from_std(at.checked_sub(lead).unwrap_or(at))
+                        .min(tokio::time::Instant::now() + poll);
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep_until(at) => {}

@@ -4,6 +4,8 @@
 //! dead letter with Marketo's code and message.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -18,13 +20,57 @@ use crate::store::{RowKeys, StoreError, StoredWrite, WriteOutcome, WriteStatus, 
 const CYCLE_LIMIT: i64 = 10_000;
 
 /// A partial batch that keeps growing is sent at the latest this many lingers after its oldest
-/// record was planned, so a steady trickle of changes is not held back indefinitely.
-const MAX_WAIT_LINGERS: i64 = 10;
+/// record was planned, so a steady trickle of changes is not held back indefinitely. Thirty, not
+/// ten: while a burst is still being planned (seconds, on a busy machine), ten lingers sent
+/// partial batches that more records were about to fill, which cost calls.
+const MAX_WAIT_LINGERS: i64 = 30;
 
 /// How long before a place in the rate window frees up the pusher starts preparing the call
-/// that takes it (reading and batching ready writes takes tens of milliseconds with thousands
-/// pending); the call then waits in the limiter for the exact moment.
-pub const PREPARE_AHEAD: std::time::Duration = std::time::Duration::from_millis(100);
+/// that takes it; the call then waits in the limiter for the exact moment. Preparing (reading
+/// and batching the ready writes) takes a few milliseconds with little pending and hundreds
+/// with thousands pending on a busy machine: too late leaves the place unused, too early binds
+/// records that later plans would have joined. So the lead follows the measured preparation
+/// time: it rises to a slow preparation at once and decays by a quarter per cycle, with a
+/// margin, bounded.
+#[derive(Debug)]
+pub struct PrepareAhead {
+    /// The smoothed preparation time, in microseconds.
+    micros: AtomicU64,
+}
+
+impl PrepareAhead {
+    const INITIAL: Duration = Duration::from_millis(100);
+    const MIN: Duration = Duration::from_millis(20);
+    const MAX: Duration = Duration::from_millis(500);
+
+    pub fn new() -> PrepareAhead {
+        PrepareAhead {
+            // The lead adds half again: start where the initial lead is exactly INITIAL.
+            micros: AtomicU64::new((Self::INITIAL.as_micros() as u64 * 2).div_ceil(3)),
+        }
+    }
+
+    /// How far ahead of a free place to start preparing: the smoothed preparation time plus
+    /// half again, within [`Self::MIN`, `Self::MAX`].
+    pub fn lead(&self) -> Duration {
+        let micros = self.micros.load(Ordering::Relaxed);
+        Duration::from_micros(micros.saturating_mul(3) / 2).clamp(Self::MIN, Self::MAX)
+    }
+
+    /// Notes how long one preparation took.
+    pub fn record(&self, took: Duration) {
+        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let decayed = self.micros.load(Ordering::Relaxed) / 4 * 3;
+        // One writer (the push loop): a plain load and store is enough.
+        self.micros.store(took.max(decayed), Ordering::Relaxed);
+    }
+}
+
+impl Default for PrepareAhead {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Control key: pushing paused (`"true"`), shared by every replica through the store.
 pub const PAUSED: &str = "paused";
@@ -41,7 +87,8 @@ pub struct CycleOutcome {
 }
 
 impl CycleOutcome {
-    fn due(&mut self, at: Option<i64>) {
+    /// Notes that a held partial batch becomes due at `at`: the earliest such time wins.
+    fn note_due(&mut self, at: Option<i64>) {
         self.due_at = match (self.due_at, at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -53,16 +100,16 @@ impl CycleOutcome {
 /// batches go whenever a call is free. The partial rest waits to fill up: it goes when nothing
 /// has joined the group for `batch_linger_ms`, nothing in it waits for a write of an earlier
 /// phase and no notification waits to be planned (so no more records are coming), when its
-/// oldest record has waited `MAX_WAIT_LINGERS`
-/// lingers, or when it must go for a dependent batch to go. Calls that could not start now are
-/// not made: their records stay in the store, where newer plans of the same records coalesce.
+/// oldest record has waited `MAX_WAIT_LINGERS` lingers, or when it must go for a dependent
+/// batch to go. Calls that could not start now are not made: their records stay in the store,
+/// where newer plans of the same records coalesce.
 #[derive(Clone, Copy)]
 struct Gate {
     now: i64,
     linger: i64,
     batch: usize,
     /// Calls that may still start this cycle.
-    calls: usize,
+    free_calls: usize,
     /// Notifications are waiting to be planned: more records are coming even if none joined a
     /// group lately (the planner may be slow, not the stream over).
     planning: bool,
@@ -103,29 +150,30 @@ impl Gate {
             now,
             linger: i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX),
             batch: ctx.config.marketo.batch_size.max(1),
-            calls: ctx.marketo.free_calls(PREPARE_AHEAD),
+            free_calls: ctx.marketo.free_calls(ctx.prepare_ahead.lead()),
             planning: ctx.store.ready_notification_count(now).await? > 0,
         })
     }
 
-    /// How many of the group's ready writes (oldest first) go now; notes when a held partial
-    /// batch becomes due.
-    fn take(&mut self, group: &Group, forced: bool, outcome: &mut CycleOutcome) -> usize {
+    /// How many of the group's ready writes (oldest first) go now, taking their calls from
+    /// `free_calls`; notes when a held partial batch becomes due. `needed_first`: a dependent
+    /// batch goes this cycle, so the partial rest goes too, quiet or not.
+    fn admit(&mut self, group: &Group, needed_first: bool, outcome: &mut CycleOutcome) -> usize {
         if group.ready == 0 {
             return 0;
         }
-        let full = group.ready / self.batch;
+        let full_batches = group.ready / self.batch;
         let rest = group.ready % self.batch;
         let quiet_at = group.newest.map(|n| n.saturating_add(self.linger));
-        let latest_at = group
+        let deadline = group
             .oldest
             .map(|o| o.saturating_add(self.linger.saturating_mul(MAX_WAIT_LINGERS)));
         let quiet = !group.blocked && !self.planning && quiet_at.is_some_and(|at| at <= self.now);
-        let waited = latest_at.is_some_and(|at| at <= self.now);
-        let rest_goes = rest > 0 && (forced || quiet || waited);
-        let wanted = full + usize::from(rest_goes);
-        let calls = wanted.min(self.calls);
-        self.calls -= calls;
+        let waited = deadline.is_some_and(|at| at <= self.now);
+        let rest_goes = rest > 0 && (needed_first || quiet || waited);
+        let calls_wanted = full_batches + usize::from(rest_goes);
+        let calls = calls_wanted.min(self.free_calls);
+        self.free_calls -= calls;
         if rest > 0 && !rest_goes {
             // Blocked or still planning: no quiet time to wait for (a new write or the poll
             // brings the pusher back).
@@ -134,13 +182,17 @@ impl Gate {
             } else {
                 quiet_at
             };
-            outcome.due(match (quiet_at, latest_at) {
+            outcome.note_due(match (quiet_at, deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             });
         }
-        if calls == wanted {
-            if rest_goes { group.ready } else { full * self.batch }
+        if calls == calls_wanted {
+            if rest_goes {
+                group.ready
+            } else {
+                full_batches * self.batch
+            }
         } else {
             calls * self.batch
         }
@@ -150,16 +202,17 @@ impl Gate {
 /// One push cycle: settles what can go now and says when to look again.
 pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError> {
     let mut outcome = CycleOutcome::default();
-    if ctx.marketo.free_calls(PREPARE_AHEAD) == 0 {
+    if ctx.marketo.free_calls(ctx.prepare_ahead.lead()) == 0 {
         outcome.next_slot = ctx.marketo.next_free_call_at();
         return Ok(outcome);
     }
-    let started = now_ms();
+    let started = Instant::now();
     let ready = ctx.store.ready_writes(now_ms(), CYCLE_LIMIT).await?;
     if ready.is_empty() {
         return Ok(outcome);
     }
-    tracing::debug!(ready = ready.len(), read_ms = now_ms() - started, "push cycle");
+    let read = started.elapsed();
+    let ready_count = ready.len();
     let mut by_phase: BTreeMap<u8, Vec<(StoredWrite, MarketoWrite)>> = BTreeMap::new();
     let mut settled = Vec::new();
     for stored in ready {
@@ -189,18 +242,23 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     let companies_group = Group::of(companies.iter().map(|(s, _)| s.updated_at));
     let leads_group = Group::of(leads.iter().map(|(s, _)| s.updated_at));
     // Opportunities decide first whether they go; if they do, every company goes ahead of them
-    // (companies rarely fill a batch, and an opportunity may not precede its company).
-    let mut probe = Gate {
-        calls: usize::MAX,
+    // (companies rarely fill a batch, and an opportunity may not precede its company). Asked of
+    // a gate with unlimited calls, so the question does not spend any.
+    let mut unlimited = Gate {
+        free_calls: usize::MAX,
         ..gate
     };
-    let opportunities_go = probe.take(&opportunities_group, false, &mut CycleOutcome::default()) > 0;
-    let n = gate.take(&companies_group, opportunities_go, &mut outcome);
+    let opportunities_go = unlimited.admit(&opportunities_group, false, &mut CycleOutcome::default()) > 0;
+    let companies_now = gate.admit(&companies_group, opportunities_go, &mut outcome);
     // A company that does not fit this cycle holds back the opportunities that name it.
-    let held_companies: HashSet<String> = companies.iter().skip(n).map(|(s, _)| s.key.clone()).collect();
-    companies.truncate(n);
-    let n = gate.take(&leads_group, false, &mut outcome);
-    leads.truncate(n);
+    let held_companies: HashSet<String> = companies
+        .iter()
+        .skip(companies_now)
+        .map(|(s, _)| s.key.clone())
+        .collect();
+    companies.truncate(companies_now);
+    let leads_now = gate.admit(&leads_group, false, &mut outcome);
+    leads.truncate(leads_now);
     if !held_companies.is_empty() {
         opportunities.retain(|(_, w)| match w {
             MarketoWrite::UpsertOpportunity { fields, .. } => fields
@@ -210,19 +268,30 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
             _ => true,
         });
     }
-    let n = gate.take(
+    let opportunities_now = gate.admit(
         &Group::of(opportunities.iter().map(|(s, _)| s.updated_at)),
         false,
         &mut outcome,
     );
-    opportunities.truncate(n);
-    let first: Vec<_> = [companies, opportunities]
+    opportunities.truncate(opportunities_now);
+    let companies_then_opportunities: Vec<_> = [companies, opportunities]
         .into_iter()
         .filter(|p| !p.is_empty())
         .collect();
     let leads: Vec<_> = [leads].into_iter().filter(|p| !p.is_empty()).collect();
-    let (a, b) = tokio::join!(push_in_order(ctx, first), push_in_order(ctx, leads));
-    outcome.settled += a? + b?;
+    let prepared = started.elapsed();
+    ctx.prepare_ahead.record(prepared);
+    tracing::debug!(
+        ready = ready_count,
+        read_ms = read.as_millis() as u64,
+        prepare_ms = prepared.as_millis() as u64,
+        "push cycle"
+    );
+    let (settled_in_order, settled_leads) = tokio::join!(
+        push_in_order(ctx, companies_then_opportunities),
+        push_in_order(ctx, leads)
+    );
+    outcome.settled += settled_in_order? + settled_leads?;
 
     // Roles: decided after the writes above settled, with the calls free by then.
     let mut gate = Gate::new(ctx).await?;
@@ -255,7 +324,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     let mut group = Group::of(deletes.iter().map(|(s, _)| s.updated_at));
     group.blocked = !waiting.is_empty();
     let mut deletes = deletes;
-    deletes.truncate(gate.take(&group, false, &mut outcome));
+    deletes.truncate(gate.admit(&group, false, &mut outcome));
     outcome.settled += push_in_order(ctx, [deletes].into_iter().filter(|p| !p.is_empty()).collect()).await?;
     Ok(outcome)
 }
@@ -674,9 +743,9 @@ async fn push_roles(
         let mut group = Group::of(upserts.iter().map(|((s, _), _)| s.updated_at));
         group.newest = group.newest.max(blocked.iter().copied().max());
         group.blocked = !blocked.is_empty();
-        upserts.truncate(gate.take(&group, false, outcome));
+        upserts.truncate(gate.admit(&group, false, outcome));
         let group = Group::of(deletes.iter().map(|((s, _), _)| s.updated_at));
-        deletes.truncate(gate.take(&group, false, outcome));
+        deletes.truncate(gate.admit(&group, false, outcome));
     }
     if !upserts.is_empty() {
         let records: Vec<RoleRecord> = upserts.iter().map(|(_, r)| r.clone()).collect();
@@ -691,4 +760,101 @@ async fn push_roles(
         settled.extend(settle_call(ctx, &items, result));
     }
     Ok(settled)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const LINGER: i64 = 1_000;
+
+    fn gate(now: i64, free_calls: usize, planning: bool) -> Gate {
+        Gate {
+            now,
+            linger: LINGER,
+            batch: 300,
+            free_calls,
+            planning,
+        }
+    }
+
+    /// `n` writes planned one millisecond apart, the first at `from`.
+    fn group(from: i64, n: usize) -> Group {
+        Group::of((0..n).map(|i| from + i as i64))
+    }
+
+    #[test]
+    fn full_batches_go_and_the_partial_rest_waits_while_records_keep_joining() {
+        let mut outcome = CycleOutcome::default();
+        let mut g = gate(10_000, 10, false);
+        // 650 ready, the newest planned 100 ms ago: two full batches go, 50 wait.
+        assert_eq!(g.admit(&group(9_250, 650), false, &mut outcome), 600);
+        assert_eq!(g.free_calls, 8);
+        // Due when quiet for a linger after the newest record.
+        assert_eq!(outcome.due_at, Some(9_250 + 649 + LINGER));
+    }
+
+    #[test]
+    fn a_quiet_partial_batch_goes_unless_notifications_wait_to_be_planned() {
+        let quiet = group(5_000, 50);
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(gate(7_000, 10, false).admit(&quiet, false, &mut outcome), 50);
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(gate(7_000, 10, true).admit(&quiet, false, &mut outcome), 0);
+        // Still planning: only the deadline is due, not the quiet time.
+        assert_eq!(outcome.due_at, Some(5_000 + MAX_WAIT_LINGERS * LINGER));
+    }
+
+    #[test]
+    fn a_partial_batch_that_keeps_growing_goes_after_thirty_lingers() {
+        // The oldest record 29 lingers old, the newest just planned: it waits.
+        let now = 100_000;
+        let growing = Group::of([now - 29 * LINGER, now - 1]);
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(gate(now, 10, true).admit(&growing, false, &mut outcome), 0);
+        assert_eq!(outcome.due_at, Some(now + LINGER));
+        // At thirty lingers it goes, planning or not.
+        let growing = Group::of([now - 30 * LINGER, now - 1]);
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(gate(now, 10, true).admit(&growing, false, &mut outcome), 2);
+    }
+
+    #[test]
+    fn a_partial_batch_goes_when_a_dependent_batch_needs_it_first() {
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(
+            gate(10_000, 10, true).admit(&group(9_900, 20), true, &mut outcome),
+            20
+        );
+    }
+
+    #[test]
+    fn no_more_calls_than_the_limiter_has_free() {
+        let mut outcome = CycleOutcome::default();
+        let mut g = gate(100_000, 2, false);
+        assert_eq!(g.admit(&group(1_000, 1_000), false, &mut outcome), 600);
+        assert_eq!(g.free_calls, 0);
+        assert_eq!(g.admit(&group(1_000, 300), false, &mut outcome), 0);
+    }
+
+    #[test]
+    fn prepare_ahead_follows_the_preparation_time_within_bounds() {
+        let ahead = PrepareAhead::new();
+        assert_eq!(ahead.lead(), PrepareAhead::INITIAL);
+        // A slow preparation raises the lead at once (with half again as margin).
+        ahead.record(Duration::from_millis(200));
+        assert_eq!(ahead.lead(), Duration::from_millis(300));
+        // Fast ones lower it a quarter per cycle, down to the floor.
+        ahead.record(Duration::from_millis(1));
+        assert_eq!(ahead.lead(), Duration::from_millis(225));
+        for _ in 0..30 {
+            ahead.record(Duration::from_millis(1));
+        }
+        assert_eq!(ahead.lead(), PrepareAhead::MIN);
+        // A preparation slower than the bound is capped.
+        ahead.record(Duration::from_secs(5));
+        assert_eq!(ahead.lead(), PrepareAhead::MAX);
+    }
 }
