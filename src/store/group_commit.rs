@@ -48,9 +48,10 @@ pub struct GroupCommitter {
 impl GroupCommitter {
     /// Starts the committers and the syncer for `store`, each group taking up to `max_batch`
     /// notifications. SQLite: one writer thread on the inbox's own connection (SQLite has one
-    /// writer anyway) and one syncer thread; they end on their own once every handle is
-    /// dropped. PostgreSQL: one task per connection of intake's pool (in the returned set), whose commits
-    /// are durable by themselves. Fails only if a thread cannot be started.
+    /// writer anyway), one syncer thread, and a task on the runtime that answers; the threads
+    /// end on their own once every handle is dropped. PostgreSQL: one task per connection of
+    /// intake's pool, whose commits are durable by themselves. The returned set holds the
+    /// tasks. Fails only if a thread cannot be started.
     pub fn start(store: Store, max_batch: usize) -> std::io::Result<(GroupCommitter, JoinSet<()>)> {
         let (tx, rx) = mpsc::channel::<Job>(max_batch.max(1) * 8);
         let failed = Arc::new(AtomicBool::new(false));
