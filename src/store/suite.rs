@@ -10,7 +10,8 @@ use super::{
     RowWrite, SchemaState, Settle, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
 };
 
-fn notification(key: &str, record: Uuid) -> NewNotification {
+/// A small notification stored under `key` (the other store tests use it too).
+pub(crate) fn notification(key: &str, record: Uuid) -> NewNotification {
     NewNotification {
         dedupe_key: key.to_owned(),
         entity: "opportunity".into(),

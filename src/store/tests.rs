@@ -47,7 +47,7 @@ async fn sqlite_upgrade_keeps_stored_bodies() {
 /// and then fails it (a pipe cannot be fsync'd).
 #[tokio::test]
 async fn intake_answers_only_after_the_log_sync_and_stops_when_it_fails() {
-    use super::{GroupCommitter, IntakeError, NewNotification, PackedBody, SqliteInbox, SqliteStore};
+    use super::{GroupCommitter, IntakeError, SqliteInbox, SqliteStore};
     let (store, dir) = fresh_sqlite().await;
     store.migrate().await.unwrap();
     let fifo = dir.path().join("fake-wal");
@@ -57,17 +57,7 @@ async fn intake_answers_only_after_the_log_sync_and_stops_when_it_fails() {
     let inbox = SqliteInbox::open_with_log(&dir.path().join("test.db"), fifo.clone()).unwrap();
     let store = Store::Sqlite(SqliteStore::new(s.pool().clone(), std::sync::Arc::new(inbox)));
     let (intake, _tasks) = GroupCommitter::start(store.clone(), 16).unwrap();
-    let notification = |key: &str| NewNotification {
-        dedupe_key: key.into(),
-        entity: "opportunity".into(),
-        message: "Update".into(),
-        record_id: uuid::Uuid::new_v4(),
-        version: 1,
-        correlation_id: None,
-        data_missing: false,
-        body: PackedBody::pack(b"{}"),
-        received_at: 1,
-    };
+    let notification = |key: &str| suite::notification(key, uuid::Uuid::new_v4());
     let pending = tokio::spawn({
         let intake = intake.clone();
         async move { intake.submit(notification("a")).await }
@@ -90,7 +80,7 @@ async fn intake_answers_only_after_the_log_sync_and_stops_when_it_fails() {
 /// and the connection is usable for the next group.
 #[tokio::test]
 async fn an_sqlite_group_that_fails_stores_none_of_its_rows() {
-    use super::{NewNotification, PackedBody, Received};
+    use super::Received;
     let (store, _dir) = fresh_sqlite().await;
     store.migrate().await.unwrap();
     let Store::Sqlite(s) = &store else { unreachable!() };
@@ -101,17 +91,7 @@ async fn an_sqlite_group_that_fails_stores_none_of_its_rows() {
     .execute(s.pool())
     .await
     .unwrap();
-    let notification = |key: &str| NewNotification {
-        dedupe_key: key.into(),
-        entity: "opportunity".into(),
-        message: "Update".into(),
-        record_id: uuid::Uuid::new_v4(),
-        version: 1,
-        correlation_id: None,
-        data_missing: false,
-        body: PackedBody::pack(b"{}"),
-        received_at: 1,
-    };
+    let notification = |key: &str| suite::notification(key, uuid::Uuid::new_v4());
     let err = s
         .inbox()
         .insert(&[notification("first"), notification("boom")])
