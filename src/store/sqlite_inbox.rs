@@ -23,6 +23,26 @@ const INSERT_ONE: &str = "INSERT INTO inbox (status, attempts, dedupe_key, recei
      VALUES ('pending', 0, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2) \
      ON CONFLICT (dedupe_key) DO NOTHING RETURNING id";
 
+/// Invocations of [`wait_for_the_write_lock`] polled at the fine interval first, and in all.
+const FINE_POLLS: i32 = 200;
+const MAX_POLLS: i32 = FINE_POLLS + 10_000;
+
+/// Busy handler of the intake connection, called while the worker's connection holds the write
+/// lock (a planner or pusher transaction, typically a few milliseconds). SQLite's own handler
+/// (behind `busy_timeout`) sleeps 1, 2, 5, 10, 15, 20, 25… ms between tries, so a lock released
+/// after 0.5 ms cost intake a millisecond or more per group, and tens under a busy worker. This
+/// one polls every 50 µs for the first 10 ms, then every millisecond: about 10 s in all, as the
+/// rest of the store waits, before the group fails (503, and Dynamics retries).
+fn wait_for_the_write_lock(polls_so_far: i32) -> bool {
+    let pause = if polls_so_far < FINE_POLLS {
+        Duration::from_micros(50)
+    } else {
+        Duration::from_millis(1)
+    };
+    std::thread::sleep(pause);
+    polls_so_far < MAX_POLLS
+}
+
 /// The inbox's intake connection and the write-ahead log it appends to.
 pub struct SqliteInbox {
     /// Locked by one writer at a time: the group commit thread, or a direct caller (tests,
@@ -59,7 +79,7 @@ impl SqliteInbox {
     /// a FIFO there to hold or fail the sync).
     pub fn open_with_log(db: &Path, wal: PathBuf) -> Result<SqliteInbox, StoreError> {
         let conn = rusqlite::Connection::open(db)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.busy_handler(Some(wait_for_the_write_lock))?;
         // journal_mode is a property of the file (WAL, set by the pool); the rest are per
         // connection. The statement journal of a multi-row statement stays in memory.
         conn.execute_batch(
