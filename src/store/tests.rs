@@ -105,3 +105,30 @@ async fn an_sqlite_group_that_fails_stores_none_of_its_rows() {
     assert!(matches!(out[0], Received::Stored(_)), "{out:?}");
     assert_eq!(out[1], Received::Duplicate);
 }
+
+/// While the worker's connection holds the write lock, intake's insert waits for it (its own
+/// busy handler) instead of failing.
+#[tokio::test]
+async fn an_sqlite_group_waits_for_the_write_lock_held_by_the_worker() {
+    use super::Received;
+    let (store, _dir) = fresh_sqlite().await;
+    store.migrate().await.unwrap();
+    let Store::Sqlite(s) = &store else { unreachable!() };
+    let mut worker = s.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+    sqlx::query("UPDATE inbox SET attempts = attempts WHERE id = 0")
+        .execute(&mut *worker)
+        .await
+        .unwrap();
+    let inbox = s.inbox().clone();
+    let insert = tokio::task::spawn_blocking(move || {
+        inbox.insert(&[suite::notification("waits", uuid::Uuid::new_v4())])
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !insert.is_finished(),
+        "the insert went ahead while the lock was held"
+    );
+    worker.commit().await.unwrap();
+    let out = insert.await.unwrap().unwrap();
+    assert!(matches!(out[0], Received::Stored(_)), "{out:?}");
+}
