@@ -391,6 +391,9 @@ impl Config {
         {
             p.push("store.url (OPPSYNC__STORE__URL): must start with sqlite:// or postgres://".into());
         }
+        if url.starts_with("sqlite:") && (url.contains(":memory:") || url.contains("mode=memory")) {
+            p.push("store.url (OPPSYNC__STORE__URL): an in-memory SQLite store would lose the inbox; name a file".into());
+        }
         if self.store.group_commit_max == 0 {
             p.push("store.group_commit_max: must be at least 1".into());
         }
@@ -577,6 +580,8 @@ mod tests {
             r#"
             [server]
             listen = "nowhere"
+            [store]
+            url = "sqlite::memory:"
             [webhook]
             auth = "http_header"
             [marketo]
@@ -588,6 +593,7 @@ mod tests {
         let all = err.problems.join("\n");
         for needle in [
             "server.listen",
+            "in-memory SQLite",
             "webhook.header_name",
             "webhook.keys",
             "marketo.batch_size",

@@ -372,6 +372,12 @@ impl Store {
     /// Connects (creating an SQLite file if needed). Does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         if url.starts_with("sqlite:") {
+            // Intake's connection must open the same database: a file, not memory.
+            if url.contains(":memory:") || url.contains("mode=memory") {
+                return Err(StoreError::Sqlite(
+                    "an in-memory SQLite store cannot be shared with intake's connection; use a file (sqlite://PATH)".into(),
+                ));
+            }
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)

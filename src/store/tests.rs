@@ -132,3 +132,13 @@ async fn an_sqlite_group_waits_for_the_write_lock_held_by_the_worker() {
     let out = insert.await.unwrap().unwrap();
     assert!(matches!(out[0], Received::Stored(_)), "{out:?}");
 }
+
+#[tokio::test]
+async fn an_in_memory_sqlite_store_is_refused_with_a_reason() {
+    let err = Store::connect("sqlite::memory:", 2)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("in-memory"), "{err}");
+}
