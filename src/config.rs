@@ -391,7 +391,7 @@ impl Config {
         {
             p.push("store.url (OPPSYNC__STORE__URL): must start with sqlite:// or postgres://".into());
         }
-        if url.starts_with("sqlite:") && (url.contains(":memory:") || url.contains("mode=memory")) {
+        if crate::store::is_in_memory_sqlite(url) {
             p.push("store.url (OPPSYNC__STORE__URL): an in-memory SQLite store would lose the inbox; name a file".into());
         }
         if self.store.group_commit_max == 0 {

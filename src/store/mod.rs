@@ -27,6 +27,12 @@ pub use sqlite_inbox::SqliteInbox;
 /// writer.)
 pub const INTAKE_COMMITTERS_PG: usize = 4;
 
+/// Whether an SQLite URL names an in-memory database (`sqlite::memory:`, `mode=memory`), which
+/// intake's own connection could not share and which would lose the inbox at exit.
+pub fn is_in_memory_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:") && (url.contains(":memory:") || url.contains("mode=memory"))
+}
+
 /// Milliseconds since the Unix epoch, the store's clock unit.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -373,7 +379,7 @@ impl Store {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         if url.starts_with("sqlite:") {
             // Intake's connection must open the same database: a file, not memory.
-            if url.contains(":memory:") || url.contains("mode=memory") {
+            if is_in_memory_sqlite(url) {
                 return Err(StoreError::Sqlite(
                     "an in-memory SQLite store cannot be shared with intake's connection; use a file (sqlite://PATH)".into(),
                 ));
