@@ -103,10 +103,29 @@ impl GroupCommitter {
     }
 }
 
-/// Splits a group into what is stored and who waits for it.
-fn unzip(batch: Vec<Job>) -> (Vec<NewNotification>, Vec<Reply>) {
+/// One group: `first` and whatever else has queued, up to `max_batch`, split into what is
+/// stored and who waits for it.
+fn group(
+    first: Job,
+    queue: &mut mpsc::Receiver<Job>,
+    max_batch: usize,
+) -> (Vec<NewNotification>, Vec<Reply>) {
+    let mut batch = vec![first];
+    while batch.len() < max_batch {
+        match queue.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
     metrics::histogram!("oppsync_intake_group_commit_size").record(batch.len() as f64);
     batch.into_iter().map(|j| (j.notification, j.reply)).unzip()
+}
+
+/// Answers a stored group, each request with its own result.
+fn deliver(replies: Vec<Reply>, results: Vec<Received>) {
+    for (reply, result) in replies.into_iter().zip(results) {
+        let _ = reply.send(Ok(result));
+    }
 }
 
 fn refuse(replies: Vec<Reply>, err: &IntakeError) {
@@ -126,14 +145,7 @@ fn write_loop(
     max_batch: usize,
 ) {
     while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let (notifications, replies) = unzip(batch);
+        let (notifications, replies) = group(first, &mut queue, max_batch);
         if failed.load(Ordering::Acquire) {
             refuse(replies, &failed_sync_error());
             continue;
@@ -197,9 +209,7 @@ async fn answer_loop(mut answers: mpsc::UnboundedReceiver<Answer>) {
         match answer {
             Answer::Durable(groups) => {
                 for group in groups {
-                    for (reply, result) in group.replies.into_iter().zip(group.results) {
-                        let _ = reply.send(Ok(result));
-                    }
+                    deliver(group.replies, group.results);
                 }
             }
             Answer::Failed(groups, err) => {
@@ -214,25 +224,13 @@ async fn answer_loop(mut answers: mpsc::UnboundedReceiver<Answer>) {
 /// A PostgreSQL committer: a commit there is durable when it returns, so it answers at once.
 async fn commit_loop(store: Store, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_batch: usize) {
     loop {
-        let batch = {
+        let (notifications, replies) = {
             let mut queue = queue.lock().await;
             let Some(first) = queue.recv().await else { break };
-            let mut batch = vec![first];
-            while batch.len() < max_batch {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            batch
+            group(first, &mut queue, max_batch)
         };
-        let (notifications, replies) = unzip(batch);
         match store.insert_notifications(&notifications).await {
-            Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result));
-                }
-            }
+            Ok(results) => deliver(replies, results),
             Err(e) => {
                 tracing::error!(error = %e, batch = notifications.len(), "group commit failed");
                 refuse(replies, &IntakeError::Store(e.to_string()));

@@ -80,8 +80,10 @@ impl SqliteInbox {
     pub fn open_with_log(db: &Path, wal: PathBuf) -> Result<SqliteInbox, StoreError> {
         let conn = rusqlite::Connection::open(db)?;
         conn.busy_handler(Some(wait_for_the_write_lock))?;
-        // journal_mode is a property of the file (WAL, set by the pool); the rest are per
-        // connection. The statement journal of a multi-row statement stays in memory.
+        // journal_mode is a property of the file, set to WAL by the pool already; asked again so
+        // this connection never writes a rollback journal whatever opened the file first. The
+        // rest are per connection: a statement that may abort keeps a statement journal, which
+        // temp_store keeps in memory rather than in a temporary file.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
              PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
