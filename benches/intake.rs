@@ -235,16 +235,20 @@ fn print(runs: &[Run], baseline: &Run) {
     }
 }
 
+/// The value given after `flag` on the command line, if any and if it parses.
+fn value_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
+    std::env::args()
+        .skip_while(|a| a != flag)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let duration = Duration::from_secs(if quick { 3 } else { 5 });
     // `--connections N` measures one level only.
-    let chosen: Option<usize> = std::env::args()
-        .skip_while(|a| a != "--connections")
-        .nth(1)
-        .and_then(|n| n.parse().ok());
-    let levels: Vec<usize> = match chosen {
+    let levels: Vec<usize> = match value_after("--connections") {
         Some(n) => vec![n],
         None if quick => vec![64],
         None => vec![16, 64, 256],
@@ -263,10 +267,7 @@ async fn main() {
     )
     .await
     .unwrap_or_else(|e| panic!("start: {e}"));
-    let only = std::env::args()
-        .skip_while(|a| a != "--only")
-        .nth(1)
-        .map(|o| o.to_ascii_lowercase());
+    let only = value_after::<String>("--only").map(|o| o.to_ascii_lowercase());
     let wanted = |backend: &str| only.as_deref().is_none_or(|o| o == backend);
     let pg_url = if wanted("postgres") {
         postgres_url().await

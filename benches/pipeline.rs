@@ -306,8 +306,8 @@ async fn intake_alone(opportunities: usize) {
     service.app.stop().await;
 }
 
-/// The number given after `flag` on the command line, if any.
-fn number_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
+/// The value given after `flag` on the command line, if any and if it parses.
+fn value_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
     std::env::args()
         .skip_while(|a| a != flag)
         .nth(1)
@@ -323,10 +323,10 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
     };
     // `--linger-ms N` tries another marketo.batch_linger_ms (default 1000): in the live run the
     // last partial batches wait for it after the last notification is planned.
-    let linger_ms = number_after("--linger-ms");
+    let linger_ms = value_after("--linger-ms");
     // `--claim-batch N` tries another worker.claim_batch (default 256): smaller claims bring
     // the first records to the pusher sooner, at a higher cost per notification.
-    let claim_batch = number_after("--claim-batch");
+    let claim_batch = value_after("--claim-batch");
     let mut service = start_service(opportunities, marketo, false, |config| {
         config.worker.paused = backlog;
         if let Some(ms) = linger_ms {
@@ -433,7 +433,7 @@ async fn main() {
         WINDOW.as_secs_f64()
     );
     // `--only live` or `--only backlog` runs one mode (e.g. under a profiler).
-    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let only: Option<String> = value_after("--only");
     if only.as_deref().is_none_or(|o| o == "live") {
         let live = run(
             "live: posted while the pipeline runs (end to end)",
