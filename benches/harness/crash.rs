@@ -166,6 +166,11 @@ async fn one_backend(
     let refused = Arc::new(AtomicUsize::new(0));
     let attempts = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(mode.pick(180, 600));
+    // The history is spread over at least this long, so the SIGKILLs (one every 0.4–1.5 s)
+    // land while notifications are still arriving: posted as fast as intake takes them, the
+    // 3,000 of the short mode were in within a second, and the run saw too few kills.
+    let load_floor = Duration::from_secs(mode.pick(3, 8));
+    let load_start = tokio::time::Instant::now();
     let mut clients = Vec::new();
     for _ in 0..16 {
         let (wires, next, acked, refused, attempts, url) = (
@@ -184,6 +189,8 @@ async fn one_backend(
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(w) = wires.get(i) else { return };
+                tokio::time::sleep_until(load_start + load_floor.mul_f64(i as f64 / wires.len() as f64))
+                    .await;
                 while Instant::now() < deadline {
                     attempts.fetch_add(1, Ordering::Relaxed);
                     let target = url.read().clone();
