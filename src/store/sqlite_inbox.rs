@@ -13,15 +13,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{TransactionBehavior, params};
 
 use super::{NewNotification, Received, StoreError};
 
-/// The insert of one notification: a repeated dedupe key returns no row.
+/// The insert of one notification: a repeated dedupe key changes no row. No `RETURNING id`:
+/// SQLite gathers a RETURNING statement's rows in a temporary b-tree, built and dropped per
+/// row; the new id is the connection's last insert rowid instead.
 const INSERT_ONE: &str = "INSERT INTO inbox (status, attempts, dedupe_key, received_at, entity, message, \
      record_id, version, correlation_id, data_missing, body, body_codec, next_attempt_at) \
      VALUES ('pending', 0, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2) \
-     ON CONFLICT (dedupe_key) DO NOTHING RETURNING id";
+     ON CONFLICT (dedupe_key) DO NOTHING";
 
 /// Invocations of [`wait_for_the_write_lock`] polled at the fine interval first, and in all.
 const FINE_POLLS: i32 = 200;
@@ -106,24 +108,22 @@ impl SqliteInbox {
         {
             let mut insert = tx.prepare_cached(INSERT_ONE)?;
             for n in batch {
-                let id: Option<i64> = insert
-                    .query_row(
-                        params![
-                            n.dedupe_key,
-                            n.received_at,
-                            n.entity,
-                            n.message,
-                            n.record_id.to_string(),
-                            n.version,
-                            n.correlation_id,
-                            i64::from(n.data_missing),
-                            n.body.bytes(),
-                            n.body.codec().as_str(),
-                        ],
-                        |row| row.get(0),
-                    )
-                    .optional()?;
-                results.push(id.map_or(Received::Duplicate, Received::Stored));
+                let inserted = insert.execute(params![
+                    n.dedupe_key,
+                    n.received_at,
+                    n.entity,
+                    n.message,
+                    n.record_id.to_string(),
+                    n.version,
+                    n.correlation_id,
+                    i64::from(n.data_missing),
+                    n.body.bytes(),
+                    n.body.codec().as_str(),
+                ])?;
+                results.push(match inserted {
+                    0 => Received::Duplicate,
+                    _ => Received::Stored(tx.last_insert_rowid()),
+                });
             }
         }
         tx.commit()?;

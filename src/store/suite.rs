@@ -152,13 +152,16 @@ async fn duplicates_are_recognised_within_and_across_batches(store: &Store) {
         .await
         .unwrap();
     assert_eq!(again, vec![Received::Duplicate]);
-    let Received::Stored(id) = out[0] else {
+    let (Received::Stored(id), Received::Stored(id_b)) = (out[0], out[1]) else {
         unreachable!()
     };
     let stored = store.notification(id).await.unwrap().unwrap();
     assert_eq!(stored.dedupe_key, "dup-a");
     assert_eq!(stored.status, NotificationStatus::Pending);
     assert_eq!(stored.body.as_deref(), Some("{}"));
+    // Each answer carries the id of its own row, not a neighbour's.
+    let stored_b = store.notification(id_b).await.unwrap().unwrap();
+    assert_eq!(stored_b.dedupe_key, "dup-b");
     // Leave a clean inbox for the next checks.
     for n in store
         .list_notifications(Some(NotificationStatus::Pending), None, 100)
