@@ -102,11 +102,27 @@ fn template() -> Template {
     (n.to_json(), n.headers(), marker)
 }
 
-/// `connections` clients post for `duration` (cycling through distinct bodies from `offset`).
+/// One HTTP client per connection, each keeping its single connection open between requests.
+/// Built (and connected, by the warm-up) before a measurement starts: building a client loads
+/// the system's root certificates, several milliseconds of CPU each, and a burst of 256 new
+/// connections can overflow the listen backlog (a one-second SYN retry), neither of which is
+/// intake.
+fn clients(connections: usize) -> Vec<reqwest::Client> {
+    (0..connections)
+        .map(|_| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap_or_else(|e| panic!("http client: {e}"))
+        })
+        .collect()
+}
+
+/// Each client posts in a loop for `duration`, every body a fresh change (new record id, now).
 async fn load(
     label: &str,
-    url: String,
-    connections: usize,
+    url: &str,
+    clients: &[reqwest::Client],
     duration: Duration,
     template: Arc<Template>,
 ) -> Run {
@@ -114,14 +130,11 @@ async fn load(
     let started = Instant::now();
     let cpu_before = process_cpu_us();
     let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let url = url.clone();
+    for http in clients {
+        let http = http.clone();
+        let url = url.to_owned();
         let template = template.clone();
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .build()
-                .unwrap_or_default();
             let mut latencies = Vec::new();
             let mut accepted = 0;
             while Instant::now() < deadline {
@@ -316,9 +329,10 @@ async fn main() {
         for round in 1..=rounds {
             let mut all = Vec::new();
             for (label, addr) in &targets {
+                let clients = clients(connections);
                 let warmup = Duration::from_millis(500);
-                let _ = load("warmup", url(*addr), connections, warmup, template.clone()).await;
-                all.push(load(label, url(*addr), connections, duration, template.clone()).await);
+                let _ = load("warmup", &url(*addr), &clients, warmup, template.clone()).await;
+                all.push(load(label, &url(*addr), &clients, duration, template.clone()).await);
             }
             println!("round {round} of {rounds}");
             print(&all, &all[0]);
