@@ -182,10 +182,8 @@ impl Gate {
             } else {
                 quiet_at
             };
-            outcome.note_due(match (quiet_at, deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            });
+            outcome.note_due(quiet_at);
+            outcome.note_due(deadline);
         }
         if calls == calls_wanted {
             if rest_goes {
