@@ -19,6 +19,10 @@ use crate::store::{RowKeys, StoreError, StoredWrite, WriteOutcome, WriteStatus, 
 /// Most writes one cycle looks at.
 const CYCLE_LIMIT: i64 = 10_000;
 
+/// Calls a batch of leads may take (`ensure_leads`): a lookup, then the creation of the leads
+/// not found.
+const LEAD_CALLS_PER_BATCH: usize = 2;
+
 /// A partial batch that keeps growing is sent at the latest this many lingers after its oldest
 /// record was planned, so a steady trickle of changes is not held back indefinitely. Thirty, not
 /// ten: while a burst is still being planned (seconds, on a busy machine), ten lingers sent
@@ -124,6 +128,8 @@ struct Group {
     newest: Option<i64>,
     /// Some write of the group waits for a dependency: more records will join.
     blocked: bool,
+    /// Calls one batch of the group may take.
+    calls_per_batch: usize,
 }
 
 impl Group {
@@ -133,6 +139,7 @@ impl Group {
             oldest: None,
             newest: None,
             blocked: false,
+            calls_per_batch: 1,
         };
         for t in times {
             g.ready += 1;
@@ -140,6 +147,14 @@ impl Group {
             g.newest = Some(g.newest.map_or(t, |n: i64| n.max(t)));
         }
         g
+    }
+
+    /// A group whose batches may take `calls` calls each.
+    fn costing(self, calls: usize) -> Group {
+        Group {
+            calls_per_batch: calls.max(1),
+            ..self
+        }
     }
 }
 
@@ -171,9 +186,14 @@ impl Gate {
         let quiet = !group.blocked && !self.planning && quiet_at.is_some_and(|at| at <= self.now);
         let waited = deadline.is_some_and(|at| at <= self.now);
         let rest_goes = rest > 0 && (needed_first || quiet || waited);
-        let calls_wanted = full_batches + usize::from(rest_goes);
-        let calls = calls_wanted.min(self.free_calls);
-        self.free_calls -= calls;
+        let batches_wanted = full_batches + usize::from(rest_goes);
+        // A batch is admitted only with every call it may take free, so none of its calls
+        // waits in the limiter for a later window, holding the cycle (and the calls of the
+        // next one) back. With a single call free it costs one, as the limiter may never
+        // have more free at once (a concurrency of one): the group is not starved.
+        let per_batch = group.calls_per_batch.min(self.free_calls).max(1);
+        let batches = batches_wanted.min(self.free_calls / per_batch);
+        self.free_calls -= batches * per_batch;
         if rest > 0 && !rest_goes {
             // Blocked or still planning: no quiet time to wait for (a new write or the poll
             // brings the pusher back).
@@ -185,14 +205,14 @@ impl Gate {
             outcome.note_due(quiet_at);
             outcome.note_due(deadline);
         }
-        if calls == calls_wanted {
+        if batches == batches_wanted {
             if rest_goes {
                 group.ready
             } else {
                 full_batches * self.batch
             }
         } else {
-            calls * self.batch
+            batches * self.batch
         }
     }
 }
@@ -238,7 +258,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     let mut gate = Gate::new(ctx).await?;
     let opportunities_group = Group::of(opportunities.iter().map(|(s, _)| s.updated_at));
     let companies_group = Group::of(companies.iter().map(|(s, _)| s.updated_at));
-    let leads_group = Group::of(leads.iter().map(|(s, _)| s.updated_at));
+    let leads_group = Group::of(leads.iter().map(|(s, _)| s.updated_at)).costing(LEAD_CALLS_PER_BATCH);
     // Opportunities decide first whether they go; if they do, every company goes ahead of them
     // (companies rarely fill a batch, and an opportunity may not precede its company). Asked of
     // a gate with unlimited calls, so the question does not spend any.
@@ -835,6 +855,31 @@ mod tests {
         assert_eq!(g.admit(&group(1_000, 1_000), false, &mut outcome), 600);
         assert_eq!(g.free_calls, 0);
         assert_eq!(g.admit(&group(1_000, 300), false, &mut outcome), 0);
+    }
+
+    #[test]
+    fn a_batch_taking_two_calls_goes_only_with_both_free_unless_one_is_all_there_is() {
+        let leads = || group(1_000, 1_000).costing(LEAD_CALLS_PER_BATCH);
+        let mut outcome = CycleOutcome::default();
+        // Seven calls free: three batches of two calls; the seventh call is left for others.
+        let mut g = gate(100_000, 7, false);
+        assert_eq!(g.admit(&leads(), false, &mut outcome), 900);
+        assert_eq!(g.free_calls, 1);
+        // One call free (or a concurrency of one): a batch goes at the cost of one call.
+        assert_eq!(g.admit(&leads(), false, &mut outcome), 300);
+        assert_eq!(g.free_calls, 0);
+        assert_eq!(g.admit(&leads(), false, &mut outcome), 0);
+        // A quiet partial rest counts as a batch too.
+        let mut g = gate(100_000, 4, false);
+        assert_eq!(
+            g.admit(
+                &group(1_000, 350).costing(LEAD_CALLS_PER_BATCH),
+                false,
+                &mut outcome
+            ),
+            350
+        );
+        assert_eq!(g.free_calls, 0);
     }
 
     #[test]
