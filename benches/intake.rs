@@ -1,7 +1,8 @@
 //! Intake benchmark: concurrent webhook posts against the real intake (decode, secret check,
 //! group commit with fsync) next to a bare axum handler that only parses the JSON, in one run,
 //! on the same machine, with the same load generator. Prints throughput, p50/p99/p99.9 and the
-//! ratio, in rounds that measure every target back to back, and the median ratio over the rounds.
+//! ratio, in rounds that measure the bare handler before and after each intake target, and the
+//! median ratio over the rounds.
 //! `cargo bench --bench intake` (add `-- --quick` for a short run, `--only sqlite` or `--only
 //! postgres` to measure one backend next to the bare handler, `--connections N` for one level).
 //!
@@ -220,21 +221,13 @@ async fn postgres_url() -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
-/// The static label of a target (the runs carry owned copies).
-fn targets_label(targets: &[(&'static str, SocketAddr)], label: &str) -> &'static str {
-    targets
-        .iter()
-        .find(|(l, _)| *l == label)
-        .map(|(l, _)| *l)
-        .unwrap_or("?")
-}
-
-fn print(runs: &[Run], baseline: &Run) {
+/// One line per run; `reference` is the bare handler's rate the run is compared with.
+fn print(runs: &[(Run, f64)]) {
     println!(
         "{:<34} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12}",
         "target", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "ratio", "CPU µs/req"
     );
-    for r in runs {
+    for (r, reference) in runs {
         println!(
             "{:<34} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7.0}% {:>12.0}",
             r.label,
@@ -242,7 +235,7 @@ fn print(runs: &[Run], baseline: &Run) {
             r.percentile(0.50),
             r.percentile(0.99),
             r.percentile(0.999),
-            100.0 * r.rate() / baseline.rate(),
+            100.0 * r.rate() / reference,
             r.cpu_us_per_request
         );
     }
@@ -313,39 +306,57 @@ async fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     // Each round measures every target back to back, so a disturbance (another process on
-    // this small machine) hits one round, not one target; the verdict is the median round.
+    // this small machine) hits one round more than one target; the verdict is the median round.
     let rounds = if quick { 1 } else { 3 };
     let url = |addr: SocketAddr| format!("http://{addr}/webhooks/dynamics?code={KEY}");
-    let mut targets = vec![("bare axum (parse JSON only)", bare)];
+    const BARE: &str = "bare axum (parse JSON only)";
+    let mut targets = Vec::new();
     if wanted("sqlite") {
         targets.push(("oppsync intake, SQLite (fsync)", sqlite.addr));
     }
     if let Some(pg) = &pg {
         targets.push(("oppsync intake, PostgreSQL", pg.addr));
     }
+    let measure = |label: &'static str, addr: SocketAddr, connections: usize| {
+        let template = template.clone();
+        async move {
+            let clients = clients(connections);
+            let warmup = Duration::from_millis(500);
+            let _ = load("warmup", &url(addr), &clients, warmup, template.clone()).await;
+            load(label, &url(addr), &clients, duration, template).await
+        }
+    };
     let mut summary: Vec<(usize, &str, Vec<f64>)> = Vec::new();
     for &connections in &levels {
         println!("\n{connections} concurrent connections");
         for round in 1..=rounds {
-            let mut all = Vec::new();
-            for (label, addr) in &targets {
-                let clients = clients(connections);
-                let warmup = Duration::from_millis(500);
-                let _ = load("warmup", &url(*addr), &clients, warmup, template.clone()).await;
-                all.push(load(label, &url(*addr), &clients, duration, template.clone()).await);
-            }
-            println!("round {round} of {rounds}");
-            print(&all, &all[0]);
-            for run in &all[1..] {
-                let ratio = run.rate() / all[0].rate();
+            // The bare handler runs before and after each intake target, and the target is
+            // compared with the mean of the two: the machine's speed drifts by tens of percent
+            // within minutes, and a drift then moves both sides of the ratio alike.
+            let mut bare_before = measure(BARE, bare, connections).await;
+            let mut lines = Vec::new();
+            for &(label, addr) in &targets {
+                let run = measure(label, addr, connections).await;
+                let bare_after = measure(BARE, bare, connections).await;
+                let reference = (bare_before.rate() + bare_after.rate()) / 2.0;
+                let before_rate = bare_before.rate();
+                lines.push((bare_before, before_rate));
                 match summary
                     .iter_mut()
-                    .find(|(c, l, _)| *c == connections && *l == run.label)
+                    .find(|(c, l, _)| *c == connections && *l == label)
                 {
-                    Some((_, _, ratios)) => ratios.push(ratio),
-                    None => summary.push((connections, targets_label(&targets, &run.label), vec![ratio])),
+                    Some((_, _, ratios)) => ratios.push(run.rate() / reference),
+                    None => summary.push((connections, label, vec![run.rate() / reference])),
                 }
+                lines.push((run, reference));
+                bare_before = bare_after;
             }
+            let last_rate = bare_before.rate();
+            lines.push((bare_before, last_rate));
+            println!(
+                "round {round} of {rounds} (each intake target against the mean of the bare runs around it)"
+            );
+            print(&lines);
         }
     }
     println!("\nmedian ratio to the bare handler over {rounds} round(s)");
