@@ -305,8 +305,8 @@ async fn main() {
         body_size,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    // Each round measures every target back to back, so a disturbance (another process on
-    // this small machine) hits one round more than one target; the verdict is the median round.
+    // Every round measures every target; the verdict is the median round, so a disturbance
+    // (another process on this small machine) that spoils one round does not decide it.
     let rounds = if quick { 1 } else { 3 };
     let url = |addr: SocketAddr| format!("http://{addr}/webhooks/dynamics?code={KEY}");
     const BARE: &str = "bare axum (parse JSON only)";

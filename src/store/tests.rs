@@ -64,7 +64,7 @@ async fn intake_answers_only_after_the_log_sync_and_stops_when_it_fails() {
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!pending.is_finished(), "answered before the log was synced");
-    // Unblock the syncer's open of the FIFO; its fsync then fails.
+    // Unblock the committer's open of the FIFO; its fsync then fails.
     let _writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     let answer = pending.await.unwrap();
     assert!(matches!(answer, Err(IntakeError::Store(_))), "{answer:?}");
