@@ -287,6 +287,12 @@ pub struct WorkerConfig {
     pub retry_base_ms: i64,
     /// Longest retry delay.
     pub retry_max_ms: i64,
+    /// A worker loop (planner or pusher) that panics or stops is restarted after a backoff
+    /// starting here (doubling per restart within ten minutes, at most a minute).
+    pub restart_base_ms: u64,
+    /// Restarts of one loop within ten minutes after which the worker is declared gone:
+    /// `/healthz` then fails, so Kubernetes restarts the pod.
+    pub restart_limit: u32,
 }
 
 impl Default for WorkerConfig {
@@ -299,6 +305,8 @@ impl Default for WorkerConfig {
             claim_batch: 256,
             retry_base_ms: 2_000,
             retry_max_ms: 600_000,
+            restart_base_ms: 1_000,
+            restart_limit: 5,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod dynamics;
+pub mod errors;
 pub mod http;
 pub mod marketo;
 pub mod openapi;

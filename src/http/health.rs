@@ -23,16 +23,18 @@ pub struct Readiness {
     pub checks: std::collections::BTreeMap<&'static str, String>,
 }
 
-/// Liveness: the process is up and can still store notifications. No I/O. Only a failed fsync
-/// of the inbox makes it fail: then nothing but a restart (SQLite's recovery reading what is
-/// really on disk) makes intake trustworthy again, which is what a failing liveness probe gets.
+/// Liveness: the process is up, can still store notifications, and its worker runs. No I/O.
+/// A failed fsync of the inbox makes it fail: then nothing but a restart (SQLite's recovery
+/// reading what is really on disk) makes intake trustworthy again, which is what a failing
+/// liveness probe gets. So does a worker whose loops kept failing and were given up: notifications
+/// would pile up unplanned behind a green probe.
 #[utoipa::path(
     get,
     path = "/healthz",
     tag = "health",
     responses(
         (status = 200, description = "The process is up", body = Health),
-        (status = 503, description = "An fsync of the inbox failed: intake refuses notifications until restarted", body = Health),
+        (status = 503, description = "An fsync of the inbox failed (`intake_failed`: intake refuses notifications until restarted), or the worker's loops kept failing and were given up (`worker_gone`)", body = Health),
     )
 )]
 pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
@@ -41,6 +43,13 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>
             StatusCode::SERVICE_UNAVAILABLE,
             Json(Health {
                 status: "intake_failed",
+            }),
+        )
+    } else if state.worker.as_ref().is_some_and(|w| w.health.is_gone()) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "worker_gone",
             }),
         )
     } else {

@@ -182,7 +182,7 @@ impl MarketoClient {
             .build()
             .map_err(|e| MarketoError::Configuration {
                 code: "client".into(),
-                message: e.to_string(),
+                message: crate::errors::chain(&e),
             })?;
         let tokens = TokenCache::new(
             http.clone(),
@@ -191,12 +191,18 @@ impl MarketoClient {
             secret,
             scaled(30.0, cfg.timeout_scale),
         );
-        let limiter = Arc::new(Limiter::new(
-            cfg.calls_per_20s,
-            Duration::from_secs_f64(cfg.window_secs.max(0.001)),
-            cfg.max_concurrent,
-            cfg.daily_quota,
-        ));
+        let limiter = Arc::new(
+            Limiter::new(
+                cfg.calls_per_20s,
+                Duration::from_secs_f64(cfg.window_secs.max(0.001)),
+                cfg.max_concurrent,
+                cfg.daily_quota,
+            )
+            .with_backoff(
+                Duration::from_millis(cfg.retry_base_delay_ms),
+                Duration::from_millis(cfg.retry_max_delay_ms),
+            ),
+        );
         Ok(MarketoClient {
             inner: Arc::new(Inner {
                 cfg: cfg.clone(),
@@ -529,6 +535,7 @@ impl MarketoClient {
             };
             let failure = match exchange {
                 Exchange::Envelope(envelope) if envelope.success => {
+                    self.inner.limiter.calm();
                     metrics::counter!("oppsync_marketo_calls_total", "endpoint" => endpoint.label(), "outcome" => "ok")
                         .increment(1);
                     return Ok(envelope);
@@ -554,7 +561,8 @@ impl MarketoClient {
                             }
                             continue;
                         }
-                        CodeClass::Token | CodeClass::Retry => MarketoError::Retryable { code, message },
+                        CodeClass::Token | CodeClass::Retry => MarketoError::retryable(code, message),
+                        CodeClass::Throttle => MarketoError::Throttled { code, message },
                         CodeClass::Quota => {
                             self.inner.limiter.mark_exhausted();
                             MarketoError::QuotaExhausted { message }
@@ -566,6 +574,11 @@ impl MarketoClient {
                 Exchange::Failed(e) => e,
             };
             count_call(endpoint, failure.code());
+            // A throttle answer pauses every caller (the limiter waits it out before the next
+            // call, this one's retry included) and slows the pace.
+            let pause = failure
+                .is_throttled()
+                .then(|| self.inner.limiter.throttled(failure.code()));
             if !failure.is_retryable() || attempt >= self.inner.cfg.max_retries {
                 if failure.is_retryable() {
                     tracing::warn!(
@@ -577,12 +590,15 @@ impl MarketoClient {
                 }
                 return Err(failure);
             }
-            let delay = self.backoff(attempt, failure.code());
+            let delay = match pause {
+                Some(_) => Duration::ZERO,
+                None => self.backoff(attempt),
+            };
             tracing::debug!(
                 endpoint = endpoint.label(),
                 code = failure.code(),
                 attempt,
-                delay_ms = delay.as_millis() as u64,
+                delay_ms = pause.unwrap_or(delay).as_millis() as u64,
                 "retrying marketo call"
             );
             tokio::time::sleep(delay).await;
@@ -617,7 +633,8 @@ impl MarketoClient {
             let code = format!("http_{}", status.as_u16());
             let message = format!("Marketo answered HTTP {status}");
             return Exchange::Failed(match status.as_u16() {
-                408 | 429 | 500..=599 => MarketoError::Retryable { code, message },
+                429 => MarketoError::Throttled { code, message },
+                408 | 500..=599 => MarketoError::retryable(code, message),
                 401 | 403 | 404 => MarketoError::Configuration { code, message },
                 _ => MarketoError::Rejected { code, message },
             });
@@ -625,16 +642,16 @@ impl MarketoClient {
         match serde_json::from_slice::<Envelope>(&body) {
             Ok(envelope) => Exchange::Envelope(envelope),
             // An HTML error page from a gateway at HTTP 200: transient more often than not.
-            Err(e) => Exchange::Failed(MarketoError::Retryable {
-                code: "invalid_response".into(),
-                message: format!("Marketo answered with something that is not its JSON envelope: {e}"),
-            }),
+            Err(e) => Exchange::Failed(MarketoError::retryable(
+                "invalid_response",
+                format!("Marketo answered with something that is not its JSON envelope: {e}"),
+            )),
         }
     }
 
-    /// Exponential backoff with jitter; a 606 also waits out one rate window, since someone
-    /// else sharing the instance filled it (§6, I3).
-    fn backoff(&self, attempt: u32, code: &str) -> Duration {
+    /// Exponential backoff with jitter before retrying a failed call. (Throttle answers wait
+    /// in the limiter instead, see `Limiter::throttled`.)
+    fn backoff(&self, attempt: u32) -> Duration {
         let cfg = &self.inner.cfg;
         let max = cfg.retry_max_delay_ms as f64;
         let exp = (cfg.retry_base_delay_ms as f64 * 2f64.powi(attempt.min(30) as i32)).min(max);
@@ -643,12 +660,7 @@ impl MarketoClient {
         } else {
             0.0
         };
-        let floor = if code == "606" {
-            (cfg.window_secs * 1000.0).min(max)
-        } else {
-            0.0
-        };
-        Duration::from_secs_f64(jittered.max(floor) / 1000.0)
+        Duration::from_secs_f64(jittered / 1000.0)
     }
 }
 

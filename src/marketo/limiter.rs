@@ -8,6 +8,12 @@
 //!   UTC−6 offset and do not follow daylight saving (spec §13 leaves it open), which at worst
 //!   resets an hour late in summer.
 //!
+//! - Throttling: the instance is shared (CRM sync, enrichment tools, forms spend the same
+//!   100 calls / 20 s), so Marketo may still say 606/615 when *others* fill it. Then no call
+//!   starts until a backoff has passed (a rate window for 606, growing while the answers keep
+//!   coming, jittered), and the pace drops to half the calls per window; each window without
+//!   throttling gives one call back (additive increase, multiplicative decrease).
+//!
 //! Waiting here is not an error and not an attempt; waits are counted for the metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,8 +42,24 @@ struct Daily {
     exhausted: bool,
 }
 
+/// How hard the instance pushed back lately.
+struct Pace {
+    /// Calls per window allowed now (`1..=calls`).
+    calls: usize,
+    /// No call starts before this.
+    paused_until: Option<Instant>,
+    /// Throttle answers in a row (reset by a call that went through).
+    consecutive: u32,
+    /// When the pace was last lowered or raised.
+    changed_at: Instant,
+}
+
 pub(crate) struct Limiter {
     calls: usize,
+    /// Backoff bounds after a throttle answer (the client's retry delays).
+    backoff_base: Duration,
+    backoff_max: Duration,
+    pace: Mutex<Pace>,
     window: Duration,
     quota: u32,
     concurrency: Arc<Semaphore>,
@@ -77,6 +99,14 @@ impl Limiter {
     pub fn new(calls: u32, window: Duration, max_concurrent: u32, quota: u32) -> Self {
         Limiter {
             calls: calls.max(1) as usize,
+            backoff_base: Duration::from_millis(1000),
+            backoff_max: Duration::from_secs(60),
+            pace: Mutex::new(Pace {
+                calls: calls.max(1) as usize,
+                paused_until: None,
+                consecutive: 0,
+                changed_at: Instant::now(),
+            }),
             window,
             quota,
             concurrency: Arc::new(Semaphore::new(max_concurrent.max(1) as usize)),
@@ -92,6 +122,75 @@ impl Limiter {
             waits: AtomicU64::new(0),
             wait_micros: AtomicU64::new(0),
         }
+    }
+
+    /// Bounds of the backoff after a throttle answer.
+    pub fn with_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max.max(base);
+        self
+    }
+
+    fn pace(&self) -> MutexGuard<'_, Pace> {
+        let mut p = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        // A quiet window gives one call of the pace back.
+        let now = Instant::now();
+        if p.calls < self.calls && p.consecutive == 0 && now.duration_since(p.changed_at) >= self.window {
+            let windows = (now.duration_since(p.changed_at).as_secs_f64() / self.window.as_secs_f64().max(1e-6)) as usize;
+            p.calls = (p.calls + windows.max(1)).min(self.calls);
+            p.changed_at = now;
+            metrics::gauge!("oppsync_marketo_pace_calls").set(p.calls as f64);
+        }
+        if p.paused_until.is_some_and(|u| u <= now) {
+            p.paused_until = None;
+        }
+        p
+    }
+
+    /// Marketo answered a throttle code (606, 615, 604, 608, HTTP 429): pause every caller for
+    /// a backoff and halve the pace. Returns the pause.
+    pub fn throttled(&self, code: &str) -> Duration {
+        let mut p = self.pace();
+        let now = Instant::now();
+        // 606 means the window is full: wait at least one window. Others start smaller.
+        let base = if code == "606" {
+            self.window.min(self.backoff_max).max(self.backoff_base)
+        } else {
+            self.backoff_base
+        };
+        let ceiling = base
+            .saturating_mul(1u32 << p.consecutive.min(10))
+            .min(self.backoff_max.max(base));
+        let pause = ceiling.mul_f64(rand::random_range(0.5..=1.0));
+        // Concurrent calls answered during one pause are one push-back, not several.
+        let already_paused = p.paused_until.is_some_and(|u| u > now);
+        if !already_paused {
+            p.consecutive = p.consecutive.saturating_add(1);
+            if code == "606" || code == "615" || code == "http_429" {
+                p.calls = (p.calls / 2).max(1);
+                p.changed_at = now;
+            }
+        }
+        let until = now + pause;
+        p.paused_until = Some(p.paused_until.map_or(until, |u| u.max(until)));
+        metrics::counter!("oppsync_marketo_throttled_total", "code" => code.to_owned()).increment(1);
+        metrics::gauge!("oppsync_marketo_pace_calls").set(p.calls as f64);
+        pause
+    }
+
+    /// A call went through: the throttle streak is over (the pace recovers window by window).
+    pub fn calm(&self) {
+        let mut p = self.pace();
+        if p.consecutive > 0 {
+            p.consecutive = 0;
+            p.changed_at = Instant::now();
+        }
+    }
+
+    /// Calls allowed per window now, and until when every caller waits.
+    fn pace_now(&self) -> (usize, Option<Instant>) {
+        let p = self.pace();
+        (p.calls, p.paused_until)
     }
 
     fn log(&self) -> MutexGuard<'_, Log> {
@@ -146,32 +245,35 @@ impl Limiter {
                     .clone()
                     .acquire_owned()
                     .await
-                    .map_err(|_| MarketoError::Retryable {
-                        code: "client_closed".into(),
-                        message: "the Marketo client is shutting down".into(),
+                    .map_err(|_| {
+                        MarketoError::retryable("client_closed", "the Marketo client is shutting down")
                     })?
             }
         };
         let id = loop {
+            let (pace, paused_until) = self.pace_now();
             let wake_at = {
                 let now = Instant::now();
                 let mut log = self.log();
                 let window = self.window;
                 log.slots
                     .retain(|s| s.ended.is_none_or(|e| now.duration_since(e) < window));
-                if log.slots.len() < self.calls {
+                if let Some(until) = paused_until.filter(|u| *u > now) {
+                    until
+                } else if log.slots.len() < pace {
                     let id = log.next_id;
                     log.next_id += 1;
                     log.slots.push(Slot { id, ended: None });
                     break id;
-                }
-                // The earliest finished call to leave the window; if every counted call is
-                // still in flight, look again shortly.
-                log.slots
+                } else {
+                    // The earliest finished call to leave the window; if every counted call is
+                    // still in flight, look again shortly.
+                    log.slots
                     .iter()
                     .filter_map(|s| s.ended.map(|e| e + window))
                     .min()
                     .unwrap_or(now + window / 20)
+                }
             };
             waited = true;
             tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)).await;
@@ -215,14 +317,17 @@ impl Limiter {
     /// its call then waits here for the moment it may go.
     pub fn free_calls(&self, ahead: Duration) -> usize {
         let at = Instant::now() + ahead;
+        let (pace, paused_until) = self.pace_now();
+        if paused_until.is_some_and(|u| u > at) {
+            return 0;
+        }
         let log = self.log();
         let counted = log
             .slots
             .iter()
             .filter(|s| s.ended.is_none_or(|e| e + self.window > at))
             .count();
-        self.calls
-            .saturating_sub(counted)
+        pace.saturating_sub(counted)
             .min(self.concurrency.available_permits())
     }
 
@@ -230,13 +335,17 @@ impl Limiter {
     /// call (None while one is free, or while only calls in flight hold them).
     pub fn next_free_at(&self) -> Option<Instant> {
         let now = Instant::now();
+        let (pace, paused_until) = self.pace_now();
+        if let Some(until) = paused_until.filter(|u| *u > now) {
+            return Some(until);
+        }
         let log = self.log();
         let counted = log
             .slots
             .iter()
             .filter(|s| s.ended.is_none_or(|e| now.duration_since(e) < self.window))
             .count();
-        if counted < self.calls {
+        if counted < pace {
             return None;
         }
         log.slots

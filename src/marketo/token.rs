@@ -145,10 +145,10 @@ impl TokenCache {
             });
         }
         if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Err(MarketoError::Retryable {
-                code: format!("http_{}", status.as_u16()),
-                message: "identity service unavailable".into(),
-            });
+            return Err(MarketoError::retryable(
+                format!("http_{}", status.as_u16()),
+                "identity service unavailable",
+            ));
         }
         if !status.is_success() {
             return Err(MarketoError::Configuration {
@@ -156,9 +156,8 @@ impl TokenCache {
                 message: format!("identity answered HTTP {status}; check marketo.base_url"),
             });
         }
-        let reply = reply.ok_or_else(|| MarketoError::Retryable {
-            code: "invalid_response".into(),
-            message: "identity answered with something that is not JSON".into(),
+        let reply = reply.ok_or_else(|| {
+            MarketoError::retryable("invalid_response", "identity answered with something that is not JSON")
         })?;
         let Some(value) = reply.access_token.filter(|t| !t.is_empty()) else {
             return Err(MarketoError::Configuration {
@@ -188,10 +187,15 @@ impl TokenCache {
     }
 }
 
+/// A transport failure, its cause kept (connection refused, DNS, TLS …). Callers strip the URL
+/// first (`without_url`): the identity URL carries the client secret.
 pub(crate) fn transport_error(e: reqwest::Error) -> MarketoError {
     let code = if e.is_timeout() { "timeout" } else { "network" };
+    let message = e.to_string();
+    let has_cause = std::error::Error::source(&e).is_some();
     MarketoError::Retryable {
         code: code.into(),
-        message: e.to_string(),
+        message,
+        cause: has_cause.then(|| crate::errors::Cause::new(e)),
     }
 }

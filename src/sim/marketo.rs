@@ -92,6 +92,14 @@ pub enum Fault {
     Delay { delay: Duration, times: u32 },
     /// Close the connection of the next `times` calls without a complete answer.
     DropConnection { times: u32 },
+    /// A sustained storm, as when another integration saturates the shared instance: for
+    /// `lasting`, each REST call is answered with this response-level code (606, 615 …) with
+    /// probability `percent`/100, on top of the other faults.
+    Storm {
+        code: u16,
+        percent: u8,
+        lasting: Duration,
+    },
     /// Skip every write of these records (opportunity, company or role external ids) with this
     /// record-level reason, until `clear_faults`.
     RecordError {
@@ -165,6 +173,8 @@ struct SimState {
     quota_day: i64,
     quota_used: u32,
     faults: VecDeque<(QueuedFault, u32)>,
+    /// A storm in progress: (code, percent, until).
+    storm: Option<(u16, u8, Instant)>,
     record_errors: HashMap<String, (String, String)>,
     error_counts: BTreeMap<String, u64>,
 }
@@ -391,6 +401,11 @@ impl MarketoSimHandle {
             Fault::ErrorCode { code, times } => st.faults.push_back((QueuedFault::Code(code), times)),
             Fault::Delay { delay, times } => st.faults.push_back((QueuedFault::Delay(delay), times)),
             Fault::DropConnection { times } => st.faults.push_back((QueuedFault::Drop, times)),
+            Fault::Storm {
+                code,
+                percent,
+                lasting,
+            } => st.storm = Some((code, percent.min(100), now + lasting)),
             Fault::ExpireTokenNow => {
                 if let Some(t) = st.current_token.take()
                     && let Some(s) = st.tokens.get_mut(&t)
@@ -419,6 +434,7 @@ impl MarketoSimHandle {
     pub fn clear_faults(&self) {
         let mut st = self.sim.lock();
         st.faults.clear();
+        st.storm = None;
         st.record_errors.clear();
     }
 
@@ -823,6 +839,7 @@ impl SimState {
             quota_day: crate::marketo::cst_day_of(time::OffsetDateTime::now_utc()),
             quota_used: 0,
             faults: VecDeque::new(),
+            storm: None,
             record_errors: HashMap::new(),
             error_counts: BTreeMap::new(),
         }
@@ -971,7 +988,14 @@ impl SimState {
             self.inflight -= 1;
             return (idx, Verdict::Answer(self.finish(idx, a)));
         }
+        let storming = match self.storm {
+            Some((code, percent, until)) if now < until => {
+                (rand::random_range(0..100u8) < percent).then_some(QueuedFault::Code(code))
+            }
+            _ => None,
+        };
         let fault = match self.faults.front_mut() {
+            _ if storming.is_some() => storming,
             Some((f, times)) => {
                 let f = f.clone();
                 *times = times.saturating_sub(1);

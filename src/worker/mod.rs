@@ -5,8 +5,11 @@
 pub mod planner;
 pub mod pusher;
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use rand::RngExt;
 use tokio::sync::Notify;
@@ -32,6 +35,30 @@ pub struct WorkerContext {
     pub pusher_wakeup: Notify,
     /// How far ahead of a free rate-window place the pusher starts preparing its call.
     pub prepare_ahead: pusher::PrepareAhead,
+    /// Whether the worker's loops still run (see `supervise`).
+    pub health: WorkerHealth,
+    /// Faults tests inject into the worker.
+    #[cfg(test)]
+    pub test_hooks: tests::Hooks,
+}
+
+/// Whether the worker's loops still run. A loop that panicked or stopped is restarted; one
+/// that keeps failing is given up, and the worker is then gone: `/healthz` fails so that
+/// Kubernetes restarts the pod.
+#[derive(Debug, Default)]
+pub struct WorkerHealth {
+    gone: AtomicBool,
+}
+
+impl WorkerHealth {
+    /// A loop failed more often than `worker.restart_limit` allows and is not restarted.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
+    }
+
+    fn give_up(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+    }
 }
 
 impl WorkerContext {
@@ -53,6 +80,9 @@ impl WorkerContext {
             owner,
             pusher_wakeup: Notify::new(),
             prepare_ahead: pusher::PrepareAhead::new(),
+            health: WorkerHealth::default(),
+            #[cfg(test)]
+            test_hooks: tests::Hooks::default(),
         }
     }
 
@@ -71,17 +101,131 @@ pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
     rand::rng().random_range(base_ms / 2..=ceiling)
 }
 
-/// Starts the planner and the pusher; they stop when `shutdown` is cancelled.
+/// Starts the planner and the pusher, each supervised; they stop when `shutdown` is cancelled.
 pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> JoinSet<()> {
     if ctx.config.worker.paused
         && let Err(e) = ctx.store.set_control(pusher::PAUSED, "true").await
     {
-        tracing::error!(error = %e, "could not record the paused state");
+        tracing::error!(error = %crate::errors::chain(&e), "could not record the paused state");
     }
     let mut tasks = JoinSet::new();
-    tasks.spawn(plan_loop(ctx.clone(), shutdown.clone()));
-    tasks.spawn(push_loop(ctx, shutdown));
+    tasks.spawn(supervise("planner", ctx.clone(), shutdown.clone(), plan_loop));
+    tasks.spawn(supervise("pusher", ctx, shutdown, push_loop));
     tasks
+}
+
+/// Restarts within this long count towards `worker.restart_limit`.
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
+/// Longest wait before a restart.
+const RESTART_MAX: Duration = Duration::from_secs(60);
+
+/// Runs one worker loop and keeps it running. A panic or an unexpected return is logged as an
+/// error, counted (`oppsync_worker_loop_failures_total{loop}`) and followed by a restart after
+/// a backoff.
+///
+/// Why restart in process rather than exit: intake shares the process, and it must keep taking
+/// notifications (every one is durable in the inbox) while the worker recovers; an exit would
+/// refuse webhooks until Kubernetes brought the pod back, and Dynamics retries only once. A loop
+/// that keeps failing (more than `worker.restart_limit` restarts in ten minutes) is given up
+/// instead: the worker is then gone, `/healthz` fails, and Kubernetes restarts the pod, which
+/// is the remedy left for a process in a bad state. Never silent either way.
+async fn supervise<F, Fut>(name: &'static str, ctx: Arc<WorkerContext>, shutdown: CancellationToken, run: F)
+where
+    F: Fn(Arc<WorkerContext>, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    metrics::counter!("oppsync_worker_loop_failures_total", "loop" => name).increment(0);
+    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    loop {
+        let ended = tokio::spawn(run(ctx.clone(), shutdown.clone())).await;
+        if shutdown.is_cancelled() && ended.is_ok() {
+            return;
+        }
+        let why = match ended {
+            Ok(()) => "it returned while the service was running".to_owned(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                format!("it panicked: {message}")
+            }
+            Err(e) => format!("it was cancelled: {e}"),
+        };
+        metrics::counter!("oppsync_worker_loop_failures_total", "loop" => name).increment(1);
+        // The notifications the failed planner had claimed go back at once (their renewer
+        // died with the batch), so the restarted loop, or another replica, plans them now
+        // rather than after the lease expires. (Only the planner holds leases.)
+        if name == "planner"
+            && let Err(e) = ctx.store.release_leases(&ctx.owner).await
+        {
+            tracing::warn!(error = %crate::errors::chain(&e), "could not release the failed loop's leases");
+        }
+        if shutdown.is_cancelled() {
+            tracing::error!(worker_loop = name, reason = %why, "worker loop failed while shutting down");
+            return;
+        }
+        let now = Instant::now();
+        while restarts.front().is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW) {
+            restarts.pop_front();
+        }
+        if restarts.len() >= ctx.config.worker.restart_limit as usize {
+            tracing::error!(
+                worker_loop = name,
+                reason = %why,
+                restarts = restarts.len(),
+                "worker loop failed again; giving up: /healthz now fails so that the pod is restarted"
+            );
+            ctx.health.give_up();
+            return;
+        }
+        let delay = Duration::from_millis(ctx.config.worker.restart_base_ms)
+            .saturating_mul(1u32 << restarts.len().min(16))
+            .min(RESTART_MAX);
+        restarts.push_back(now);
+        tracing::error!(
+            worker_loop = name,
+            reason = %why,
+            restart_in_ms = delay.as_millis() as u64,
+            "worker loop failed; restarting it"
+        );
+        sleep_or_cancel(&shutdown, delay).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// A task that lives exactly as long as this handle: dropping the handle (the batch done, or
+/// unwound by a panic) aborts it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the leases of `ids` every third of `lease_ms` until the returned handle is dropped.
+fn renew_leases_while_held(ctx: &Arc<WorkerContext>, ids: Vec<i64>, lease_ms: i64) -> AbortOnDrop {
+    let ctx = ctx.clone();
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(
+                u64::try_from(lease_ms / 3).unwrap_or(100_000),
+            ))
+            .await;
+            if let Err(e) = ctx
+                .store
+                .renew_leases(&ctx.owner, &ids, now_ms() + lease_ms)
+                .await
+            {
+                tracing::warn!(error = %crate::errors::chain(&e), "lease renewal failed");
+            }
+        }
+    }))
 }
 
 async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
@@ -100,7 +244,7 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
         {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "could not claim notifications; retrying");
+                tracing::warn!(error = %crate::errors::chain(&e), "could not claim notifications; retrying");
                 sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
                 continue;
             }
@@ -111,31 +255,13 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
         }
         let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
         // Renew the batch's leases while it is being worked on, well before they expire, so a
-        // slow Dataverse read never lets another worker take a notification mid-plan.
-        let renewer = {
-            let ctx = ctx.clone();
-            let ids = ids.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(
-                        u64::try_from(lease_ms / 3).unwrap_or(100_000),
-                    ))
-                    .await;
-                    if let Err(e) = ctx
-                        .store
-                        .renew_leases(&ctx.owner, &ids, now_ms() + lease_ms)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "lease renewal failed");
-                    }
-                }
-            })
-        };
+        // slow Dataverse read never lets another worker take a notification mid-plan. The
+        // renewer cannot outlive the batch: a panic unwinds through `_renewer` and aborts it.
+        let _renewer = renew_leases_while_held(&ctx, ids, lease_ms);
         planner::process_batch(&ctx, claimed).await;
-        renewer.abort();
     }
     if let Err(e) = ctx.store.release_leases(&ctx.owner).await {
-        tracing::warn!(error = %e, "could not release leases at shutdown");
+        tracing::warn!(error = %crate::errors::chain(&e), "could not release leases at shutdown");
     }
 }
 
@@ -165,7 +291,7 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                     lease = Some(l);
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "could not try the push lease"),
+                Err(e) => tracing::warn!(error = %crate::errors::chain(&e), "could not try the push lease"),
             }
         }
         ctx.lifecycle.set_pushing(lease.is_some());
@@ -212,7 +338,7 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "push cycle failed; retrying");
+                tracing::warn!(error = %crate::errors::chain(&e), "push cycle failed; retrying");
                 sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
             }
         }
@@ -226,3 +352,6 @@ async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
         _ = tokio::time::sleep(d) => {}
     }
 }
+
+#[cfg(test)]
+mod tests;

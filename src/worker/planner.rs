@@ -66,6 +66,8 @@ fn decode(entry: &InboxEntry) -> Result<DynamicsEvent, PlanError> {
 /// dead-lettered. Notifications that need a Web API read of their own row (sent without data)
 /// or do not decode, and every notification of a batch that fails as a whole, go one at a time.
 pub async fn process_batch(ctx: &WorkerContext, entries: Vec<InboxEntry>) {
+    #[cfg(test)]
+    ctx.test_hooks.before_planning();
     let mut together: Vec<(InboxEntry, DynamicsEvent)> = Vec::new();
     let mut alone: Vec<InboxEntry> = Vec::new();
     for entry in entries {
@@ -118,7 +120,7 @@ pub async fn process_batch(ctx: &WorkerContext, entries: Vec<InboxEntry>) {
             Err(e) => {
                 // Whatever went wrong (a lookup, a lease, a row), planning each on its own
                 // settles the others and charges the failure to the one that caused it.
-                tracing::info!(parent: &span, error = %e, "batch not planned as a whole; planning one at a time");
+                tracing::info!(parent: &span, error = %crate::errors::chain(&e), "batch not planned as a whole; planning one at a time");
                 alone.extend(together.into_iter().map(|(entry, _)| entry));
             }
         }
@@ -152,13 +154,14 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
         }
         Err(e) => {
             let attempts = u32::try_from(entry.attempts).unwrap_or(u32::MAX);
+            let reason = crate::errors::chain(&e);
             let settlement = if e.is_permanent() || attempts >= ctx.config.worker.max_attempts {
                 metrics::counter!("oppsync_worker_notifications_total", "outcome" => "dead").increment(1);
-                tracing::error!(parent: &span, error = %e, attempts, "notification dead-lettered");
-                Settlement::Dead { error: e.to_string() }
+                tracing::error!(parent: &span, error = %reason, attempts, "notification dead-lettered");
+                Settlement::Dead { error: reason }
             } else {
                 metrics::counter!("oppsync_worker_notifications_total", "outcome" => "retry").increment(1);
-                tracing::warn!(parent: &span, error = %e, attempts, "notification will be retried");
+                tracing::warn!(parent: &span, error = %reason, attempts, "notification will be retried");
                 Settlement::Retry {
                     at: now_ms()
                         + backoff_ms(
@@ -166,7 +169,7 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
                             ctx.config.worker.retry_base_ms,
                             ctx.config.worker.retry_max_ms,
                         ),
-                    error: e.to_string(),
+                    error: reason,
                 }
             };
             if let Err(e) = ctx
@@ -175,7 +178,7 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
                 .await
             {
                 // The lease expires and the notification is claimed again: nothing is lost.
-                tracing::error!(error = %e, "could not settle notification");
+                tracing::error!(error = %crate::errors::chain(&e), "could not settle notification");
             }
         }
     }

@@ -450,12 +450,13 @@ fn settle_call(
     }
 }
 
-/// What a failed call means for one write.
+/// What a failed call means for one write. Reasons carry the whole error chain.
 fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> WriteOutcome {
     let attempts = u32::try_from(write.attempts).unwrap_or(u32::MAX) + 1;
+    let reason = crate::errors::chain(e);
     match e {
         MarketoError::Retryable { .. } if attempts >= ctx.config.worker.max_attempts => {
-            dead(format!("gave up after {attempts} attempts: {e}"))
+            dead(format!("gave up after {attempts} attempts: {reason}"))
         }
         MarketoError::Retryable { .. } => WriteOutcome::Retry {
             at: now_ms()
@@ -464,26 +465,37 @@ fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> Wr
                     ctx.config.worker.retry_base_ms,
                     ctx.config.worker.retry_max_ms,
                 ),
-            error: e.to_string(),
+            error: reason,
             count_attempt: true,
+        },
+        // Another integration filled the shared instance: the limiter has paused every call and
+        // slowed the pace. Waiting is not a failure of the write, however long it lasts.
+        MarketoError::Throttled { .. } => WriteOutcome::Retry {
+            at: ctx
+                .marketo
+                .next_free_call_at()
+                .map(|at| now_ms() + at.saturating_duration_since(std::time::Instant::now()).as_millis() as i64)
+                .unwrap_or_else(now_ms),
+            error: reason,
+            count_attempt: false,
         },
         // Waiting for the daily reset is not a failure of the write.
         MarketoError::QuotaExhausted { .. } => WriteOutcome::Retry {
             at: now_ms() + 15 * 60_000,
-            error: e.to_string(),
+            error: reason,
             count_attempt: false,
         },
         MarketoError::Configuration { .. } => {
-            tracing::error!(error = %e, "Marketo configuration problem: pushing stops until it is fixed");
+            tracing::error!(error = %reason, "Marketo configuration problem: pushing stops until it is fixed");
             ctx.lifecycle.set_marketo_problem(Some(e.to_string()));
             // Probe again within a minute: someone may be fixing the instance right now.
             WriteOutcome::Retry {
                 at: now_ms() + ctx.config.worker.retry_max_ms.min(60_000),
-                error: e.to_string(),
+                error: reason,
                 count_attempt: false,
             }
         }
-        MarketoError::Rejected { .. } => dead(e.to_string()),
+        MarketoError::Rejected { .. } => dead(reason),
     }
 }
 

@@ -9,6 +9,7 @@ mod admin_flows;
 mod demo;
 mod durability;
 mod intake;
+mod no_silent_failure;
 mod openapi;
 mod operations_doc;
 mod pipeline;

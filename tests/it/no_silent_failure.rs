@@ -1,0 +1,121 @@
+//! Failures that used to pass unnoticed or lose data: another integration's rate-limit storm,
+//! a transport error's cause, a value that does not fit its conversion, a Marketo setting
+//! that blocks pushing.
+
+use std::time::Duration;
+
+use oppsync::sim::marketo::{Fault, MarketoSimConfig};
+use oppsync::sim::org::{Customer, DynamicsOrg};
+use oppsync::store::WriteStatus;
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use crate::support::app::{EnvOptions, TestEnv};
+
+/// With one attempt per write and one immediate retry per call, any 606 counted as a failed
+/// attempt would dead-letter the write at once: a storm from someone else must not.
+#[tokio::test]
+async fn a_rate_limit_storm_from_another_integration_slows_pushing_and_dead_letters_nothing() {
+    let env = TestEnv::start_with(EnvOptions {
+        marketo: Some(MarketoSimConfig {
+            window: Duration::from_secs(2),
+            ..MarketoSimConfig::default()
+        }),
+        tweak: Some(Box::new(|c| {
+            c.worker.max_attempts = 1;
+            c.marketo.max_retries = 1;
+            c.marketo.batch_size = 5;
+        })),
+        ..EnvOptions::default()
+    })
+    .await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    let m = &env.sims.marketo;
+    m.inject(Fault::ErrorCode { code: 606, times: 4 });
+    m.inject(Fault::ErrorCode { code: 615, times: 2 });
+    m.inject(Fault::ErrorCode { code: 604, times: 1 });
+    m.inject(Fault::ErrorCode { code: 608, times: 1 });
+    m.inject(Fault::Storm {
+        code: 606,
+        percent: 50,
+        lasting: Duration::from_secs(3),
+    });
+    let mut expected = Vec::new();
+    for i in 0..30 {
+        let (id, n) = org.create_opportunity(
+            &format!("Storm {i}"),
+            Customer::Account(Uuid::new_v4()),
+            Decimal::new(100 + i, 0),
+            40,
+        );
+        env.deliver(&n).await;
+        expected.push((id, format!("Storm {i}")));
+    }
+    // Fails the test on any dead letter.
+    env.settle_within(Duration::from_secs(60), false).await;
+    assert!(m.count_606() >= 4, "the storm happened: {}", m.count_606());
+    let held = m.opportunities();
+    for (id, name) in &expected {
+        let record = held.get(&id.to_string()).unwrap_or_else(|| panic!("{id} missing"));
+        assert_eq!(record["name"], *name);
+    }
+    // Every write settled done; none spent an attempt on the storm.
+    let dead = env
+        .app
+        .state
+        .store
+        .list_writes(Some(WriteStatus::Dead), None, 10)
+        .await
+        .unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+    env.stop().await;
+}
+
+/// A dead letter says why the call failed down to the socket, not just "error sending request".
+#[tokio::test]
+async fn a_dead_letter_from_a_refused_connection_names_the_cause() {
+    // A port nothing listens on: bound, then closed.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let env = TestEnv::start_with(EnvOptions {
+        tweak: Some(Box::new(move |c| {
+            c.worker.max_attempts = 1;
+            c.marketo.max_retries = 0;
+            c.marketo.base_url = url::Url::parse(&format!("http://{closed}")).ok();
+        })),
+        ..EnvOptions::default()
+    })
+    .await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    let (id, n) = org.create_opportunity(
+        "Unreachable",
+        Customer::Account(Uuid::new_v4()),
+        Decimal::new(1, 0),
+        1,
+    );
+    env.deliver(&n).await;
+    env.settle_within(Duration::from_secs(30), true).await;
+    let dead = env
+        .app
+        .state
+        .store
+        .list_writes(Some(WriteStatus::Dead), None, 10)
+        .await
+        .unwrap();
+    let reason = dead
+        .iter()
+        .find(|w| w.key == format!("opportunity:{id}"))
+        .and_then(|w| w.last_error.clone())
+        .unwrap_or_else(|| panic!("no dead letter for the opportunity: {dead:?}"));
+    assert!(
+        reason.to_lowercase().contains("connection refused"),
+        "the reason names the cause: {reason}"
+    );
+    assert!(
+        !reason.contains("client_secret") && !reason.contains(&env.sims.marketo.client_secret()),
+        "no secret in the reason: {reason}"
+    );
+    env.stop().await;
+}
