@@ -19,7 +19,11 @@ use crate::common::{
     KEY, Report, Wire, binary, compare, histories, post, reference, roomy_marketo, webhook_url, wire, without,
 };
 
-const CRITERION: &str = "dead letters = exactly the writes of the records given permanent errors; every other record as in the calm reference; no duplicate; every injected fault kind observed";
+const CRITERION: &str = "dead letters = exactly the writes of the records given permanent errors; every other record as in the calm reference; no duplicate; every injected fault kind observed, including a sustained 606 storm (30% of calls) from another integration";
+
+/// Share of REST calls answered 606 during the storm, as when another integration saturates
+/// the shared instance.
+const STORM_PERCENT: u8 = 30;
 
 pub async fn run(mode: Mode) -> Report {
     match run_inner(mode).await {
@@ -142,6 +146,16 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     });
     m.inject(Fault::ErrorCode { code: 615, times: 3 });
     m.inject(Fault::ErrorCode { code: 604, times: 2 });
+    // Another integration saturates the instance: 30% of calls answered 606 for a minute (a
+    // quarter of that in short mode). The pusher must slow down and wait, never dead-letter.
+    let storm = Duration::from_secs(mode.pick(15, 60));
+    let before_storm_606 = m.count_606();
+    m.inject(Fault::Storm {
+        code: 606,
+        percent: STORM_PERCENT,
+        lasting: storm,
+    });
+    let storm_started = Instant::now();
     sims.dataverse.inject_5xx(3);
     refused += deliver(&flat[fifth..3 * fifth]).await;
     m.inject(Fault::ExpireTokenNow);
@@ -156,6 +170,9 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     sims.dataverse.inject_429(20, 1);
     refused += deliver(&flat[flat.len() - 6..]).await;
 
+    // The storm lasts its whole length, whether or not the deliveries took that long.
+    tokio::time::sleep(storm.saturating_sub(storm_started.elapsed())).await;
+    let storm_606 = m.count_606() - before_storm_606;
     let store = Store::connect(&store_url, 2).await?;
     let timeout = Duration::from_secs(mode.pick(180, 300));
     let idle = eventually(timeout, || async { store.is_idle().await.unwrap_or(false) }).await;
@@ -220,6 +237,10 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
             m.error_count("602")
         ),
     );
+    report.row(
+        "606 storm: share of calls / length / 606 answers during it",
+        format!("{STORM_PERCENT}% / {} s / {storm_606}", storm.as_secs()),
+    );
     report.row("slow answers injected (8 s, beyond the client timeout)", 2);
     report.row("access tokens issued", m.token_issued_count());
     report.row("Dataverse answers 429 / 5xx", format!("{dv429} / {dv5xx}"));
@@ -249,6 +270,10 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     report.check(http5xx >= 5, "5xx faults not observed");
     report.check(dropped >= 3, "dropped connections not observed");
     report.check(m.count_606() >= 3 && m.count_615() >= 1, "606/615 not observed");
+    report.check(
+        storm_606 >= 10,
+        format!("the 606 storm was not observed ({storm_606} answers)"),
+    );
     report.check(m.token_issued_count() >= 2, "the expired token was not replaced");
     report.check(dv429 >= 3, "the Dataverse 429 storm did not happen");
     // Every call answered with an error or cut off was retried: the final state is complete.

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
-use crate::rules::{ConnectionState, OpportunityState, Projection};
+use crate::rules::{ConnectionState, OpportunityState, Projection, RejectedValue};
 use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
 use crate::worker::planner::PlanError;
 use crate::worker::pusher::PAUSED;
@@ -91,6 +91,9 @@ pub struct OpportunitySync {
     pub marketo_fields: Option<serde_json::Value>,
     pub company: Option<CompanyView>,
     pub roles: Vec<RoleView>,
+    /// Marketo fields left unchanged because the Dynamics value did not fit the field's
+    /// conversion, by Marketo field name.
+    pub rejected_values: BTreeMap<String, RejectedValue>,
     /// Marketo writes for this opportunity that are not done (pending or dead), newest first.
     pub writes: Vec<StoredWrite>,
     /// The last error of those writes, if any.
@@ -231,6 +234,7 @@ pub async fn opportunity(
             })
         }),
         roles,
+        rejected_values: projection.as_ref().map(|p| p.rejected.clone()).unwrap_or_default(),
         writes,
         last_error,
     }))

@@ -1,6 +1,6 @@
 //! What Marketo should hold for one opportunity, given what oppsync knows (DESIGN.md §2).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -37,15 +37,29 @@ pub struct RoleKey {
     pub role: String,
 }
 
+/// A Dynamics value that did not fit its field's conversion: the Marketo field is not sent,
+/// so Marketo keeps what it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RejectedValue {
+    /// The Dynamics attribute.
+    pub dynamics: String,
+    /// Why it was rejected (the value and the conversion).
+    pub reason: String,
+}
+
 /// What Marketo should hold for one opportunity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Projection {
     pub opportunity_id: Uuid,
     /// Marketo field values, including `externalOpportunityId` and `externalCompanyId` (null when
-    /// there is no company). None when the opportunity is deleted.
+    /// there is no company). None when the opportunity is deleted. A field whose value was
+    /// rejected is absent (left unchanged in Marketo) and listed in `rejected`.
     pub opportunity: Option<Map<String, Value>>,
     pub company: Option<CompanyRecord>,
     pub roles: BTreeSet<RoleKey>,
+    /// Marketo fields whose Dynamics value did not fit the conversion, by Marketo field name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejected: BTreeMap<String, RejectedValue>,
 }
 
 impl Projection {
@@ -56,6 +70,7 @@ impl Projection {
             opportunity: None,
             company: None,
             roles: BTreeSet::new(),
+            rejected: BTreeMap::new(),
         }
     }
 }
@@ -153,13 +168,27 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
             .clone()
             .map_or(AttributeValue::Null, AttributeValue::EntityReference)
     });
+    let mut rejected = BTreeMap::new();
     for mapping in &cfg.fields {
         let value = if mapping.dynamics == "customerid" {
             customer_value.as_ref()
         } else {
             state.fields.get(&mapping.dynamics).map(|v| &v.value)
         };
-        fields.insert(mapping.marketo.clone(), convert(mapping, value));
+        match convert(mapping, value) {
+            Ok(v) => {
+                fields.insert(mapping.marketo.clone(), v);
+            }
+            Err(r) => {
+                rejected.insert(
+                    mapping.marketo.clone(),
+                    RejectedValue {
+                        dynamics: mapping.dynamics.clone(),
+                        reason: r.reason,
+                    },
+                );
+            }
+        }
     }
     // statecode: 0 Open, 1 Won, 2 Lost (specs/dynamics.md §5).
     let statecode = state.statecode();
@@ -180,5 +209,6 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
         opportunity: Some(fields),
         company,
         roles,
+        rejected,
     })
 }

@@ -224,6 +224,7 @@ async fn plan_and_commit(
         }
         step.project(ctx).await?;
         let t2 = now_ms();
+        let rejected = step.rejected_values();
         let (commit, writes) = step.into_commit(settle.clone())?;
         let result = ctx.store.commit(&commit).await;
         // Where a plan's time goes; the commit includes waiting for SQLite's write lock.
@@ -235,6 +236,7 @@ async fn plan_and_commit(
         );
         match result {
             Ok(()) => {
+                report_rejected(&rejected);
                 if writes > 0 {
                     ctx.pusher_wakeup.notify_one();
                 }
@@ -251,6 +253,21 @@ async fn plan_and_commit(
     Err(PlanError::Unresolved(
         "too many concurrent changes to the same rows".into(),
     ))
+}
+
+/// Values that did not fit their conversion, in committed plans: counted and logged with the
+/// opportunity and the field (the admin view of the opportunity lists them too).
+fn report_rejected(rejected: &[(Uuid, String, rules::RejectedValue)]) {
+    for (opportunity, field, r) in rejected {
+        metrics::counter!("oppsync_mapping_rejected_total", "field" => field.clone()).increment(1);
+        tracing::warn!(
+            opportunity_id = %opportunity,
+            field = %field,
+            dynamics_attribute = %r.dynamics,
+            reason = %r.reason,
+            "a Dynamics value does not fit its mapping; the Marketo field is left unchanged"
+        );
+    }
 }
 
 async fn commit_once(ctx: &WorkerContext, commit: &Commit) -> Result<(), PlanError> {
@@ -706,6 +723,14 @@ impl PlanStep {
             .filter(|c| c.contact_id == Some(contact))
             .filter_map(rules::connection_opportunity);
         as_customer.chain(as_stakeholder).collect()
+    }
+
+    /// The rejected values of every projection planned.
+    fn rejected_values(&self) -> Vec<(Uuid, String, rules::RejectedValue)> {
+        self.planned
+            .iter()
+            .flat_map(|(id, p)| p.rejected.iter().map(|(f, r)| (*id, f.clone(), r.clone())))
+            .collect()
     }
 
     fn into_commit(self, settle: Option<Settle>) -> Result<(Commit, usize), PlanError> {

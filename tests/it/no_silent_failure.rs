@@ -4,13 +4,16 @@
 
 use std::time::Duration;
 
+use oppsync::dynamics::{AttributeValue, Attributes};
 use oppsync::sim::marketo::{Fault, MarketoSimConfig};
 use oppsync::sim::org::{Customer, DynamicsOrg};
 use oppsync::store::WriteStatus;
 use rust_decimal::Decimal;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::support::app::{EnvOptions, TestEnv};
+use crate::support::jwt;
 
 /// With one attempt per write and one immediate retry per call, any 606 counted as a failed
 /// attempt would dead-letter the write at once: a storm from someone else must not.
@@ -117,5 +120,76 @@ async fn a_dead_letter_from_a_refused_connection_names_the_cause() {
         !reason.contains("client_secret") && !reason.contains(&env.sims.marketo.client_secret()),
         "no secret in the reason: {reason}"
     );
+    env.stop().await;
+}
+
+async fn metric(env: &TestEnv, series: &str) -> Option<f64> {
+    let text = env
+        .http
+        .get(format!("{}/metrics", env.app.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A value Dynamics holds that does not fit its conversion (closeprobability → probability is
+/// `int`) leaves Marketo's field as it was, is counted and shown; a truly empty one clears it.
+#[tokio::test]
+async fn a_value_that_fails_its_conversion_leaves_the_marketo_field_unchanged() {
+    let env = jwt::env_with_secret(false).await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    let (id, n) = org.create_opportunity(
+        "Odd value",
+        Customer::Account(Uuid::new_v4()),
+        Decimal::new(9, 0),
+        60,
+    );
+    env.deliver(&n).await;
+    env.settle().await;
+    let probability = |env: &TestEnv| env.sims.marketo.opportunities()[&id.to_string()]["probability"].clone();
+    assert_eq!(probability(&env), json!(60));
+    let series = "oppsync_mapping_rejected_total{field=\"probability\"}";
+    let before = metric(&env, series).await.unwrap_or(0.0);
+
+    let mut changes = Attributes::new();
+    changes.insert("closeprobability".into(), AttributeValue::String("about half".into()));
+    changes.insert("name".into(), AttributeValue::String("Odd value, renamed".into()));
+    env.deliver(&org.update_opportunity(id, changes)).await;
+    env.settle().await;
+    let held = env.sims.marketo.opportunities()[&id.to_string()].clone();
+    assert_eq!(held["name"], json!("Odd value, renamed"), "the rest of the record is synced");
+    assert_eq!(held["probability"], json!(60), "the field is left unchanged, not nulled");
+    assert!(
+        metric(&env, series).await.unwrap_or(0.0) > before,
+        "the rejection is counted"
+    );
+    let view: Value = env
+        .http
+        .get(format!("{}/admin/opportunities/{id}", env.app.url()))
+        .bearer_auth(jwt::read_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rejected = &view["rejected_values"]["probability"];
+    assert_eq!(rejected["dynamics"], json!("closeprobability"), "{view:#}");
+    assert!(
+        rejected["reason"].as_str().unwrap_or("").contains("about half"),
+        "{view:#}"
+    );
+
+    // Truly empty in Dynamics: the field is cleared, and nothing is reported any more.
+    let mut changes = Attributes::new();
+    changes.insert("closeprobability".into(), AttributeValue::Null);
+    env.deliver(&org.update_opportunity(id, changes)).await;
+    env.settle().await;
+    assert_eq!(probability(&env), Value::Null);
     env.stop().await;
 }
