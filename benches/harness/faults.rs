@@ -182,7 +182,7 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
         .list_writes(Some(WriteStatus::Dead), None, 1000)
         .await?
         .into_iter()
-        .map(|w| w.key)
+        .map(|w| w.key.to_string())
         .collect();
     let expected_dead: BTreeSet<String> = poisoned.iter().map(|id| format!("opportunity:{id}")).collect();
     let actual = without(&view(m), &poisoned);

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
-use crate::rules::{ConnectionState, OpportunityState, Projection, RejectedValue};
+use crate::rules::{ConnectionState, OpportunityState, Projection, RejectedValue, WriteKey};
 use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
 use crate::worker::planner::PlanError;
 use crate::worker::pusher::PAUSED;
@@ -576,13 +576,19 @@ pub async fn list_writes(
     ))
 }
 
-async fn write_status(state: &AppState, key: &str) -> Result<WriteStatus, ApiError> {
+/// The write key of a path, or a 400 saying what a key looks like.
+fn write_key(key: &str) -> Result<WriteKey, ApiError> {
+    key.parse()
+        .map_err(|e: crate::rules::BadWriteKey| ApiError::BadRequest(e.to_string()))
+}
+
+async fn write_status(state: &AppState, key: &WriteKey) -> Result<WriteStatus, ApiError> {
     state
         .store
-        .write_statuses(&[key.to_owned()])
+        .write_statuses(std::slice::from_ref(key))
         .await?
         .remove(key)
-        .ok_or_else(|| ApiError::NotFound(format!("There is no Marketo write {key:?}.")))
+        .ok_or_else(|| ApiError::NotFound(format!("There is no Marketo write \"{key}\".")))
 }
 
 /// Puts a dead (or discarded) Marketo write back to pending.
@@ -593,6 +599,7 @@ async fn write_status(state: &AppState, key: &str) -> Result<WriteStatus, ApiErr
     params(("key" = String, Path, description = "Marketo record key of the write (URL-encoded)")),
     responses(
         (status = 200, description = "Success", body = Changed),
+        (status = 400, description = "The key is not a write key", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
@@ -606,16 +613,17 @@ pub async fn retry_write(
     State(state): State<AppState>,
     P(key): P<String>,
 ) -> Result<Json<Changed>, ApiError> {
+    let key = write_key(&key)?;
     let status = write_status(&state, &key).await?;
     let changed = state.store.retry_writes(Some(&key)).await?;
     if changed == 0 {
         return Err(ApiError::Conflict(format!(
-            "The write {key:?} is {}; only dead or discarded ones can be retried.",
+            "The write \"{key}\" is {}; only dead or discarded ones can be retried.",
             status.as_str()
         )));
     }
     tracing::info!(
-        key,
+        key = %key,
         by = claims.sub.as_deref().unwrap_or(""),
         "admin retry of a write"
     );
@@ -631,6 +639,7 @@ pub async fn retry_write(
     params(("key" = String, Path, description = "Marketo record key of the write (URL-encoded)")),
     responses(
         (status = 200, description = "Success", body = Changed),
+        (status = 400, description = "The key is not a write key", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
@@ -644,16 +653,17 @@ pub async fn discard_write(
     State(state): State<AppState>,
     P(key): P<String>,
 ) -> Result<Json<Changed>, ApiError> {
+    let key = write_key(&key)?;
     let status = write_status(&state, &key).await?;
     let changed = state.store.discard_write(&key).await?;
     if changed == 0 {
         return Err(ApiError::Conflict(format!(
-            "The write {key:?} is {}; only dead or pending ones can be discarded.",
+            "The write \"{key}\" is {}; only dead or pending ones can be discarded.",
             status.as_str()
         )));
     }
     tracing::info!(
-        key,
+        key = %key,
         by = claims.sub.as_deref().unwrap_or(""),
         "admin discard of a write"
     );

@@ -15,7 +15,7 @@ pub mod state;
 mod tests;
 
 pub use config::{Conversion, DerivedFields, FieldMapping, LeadMatch, MissingLead, SyncConfig};
-pub use plan::{MarketoWrite, plan};
+pub use plan::{BadWriteKey, MarketoWrite, Phase, WriteKey, plan};
 pub use project::{CompanyRecord, Lookup, Projection, RejectedValue, RoleKey, project};
 pub use state::{
     Applied, ConnectionRoleInfo, ConnectionState, ContactRowError, ContactState, NeedsRow, OpportunityState,

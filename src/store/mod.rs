@@ -23,6 +23,8 @@ pub use group_commit::{GroupCommitter, IntakeError};
 pub use sql::{PgStore, SqliteStore};
 pub use sqlite_inbox::SqliteInbox;
 
+pub use crate::rules::{Phase, WriteKey};
+
 /// Group committers on PostgreSQL, each with a connection of intake's own pool. (SQLite has one
 /// writer.)
 pub const INTAKE_COMMITTERS_PG: usize = 4;
@@ -187,9 +189,9 @@ pub struct RowWrite {
 /// A Marketo write the plan asks for (coalesced by key).
 #[derive(Debug, Clone)]
 pub struct PlannedWrite {
-    pub key: String,
+    pub key: WriteKey,
     pub opportunity_id: Option<Uuid>,
-    pub phase: i64,
+    pub phase: Phase,
     pub payload: String,
 }
 
@@ -283,9 +285,13 @@ impl WriteStatus {
 /// A stored Marketo write.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StoredWrite {
-    pub key: String,
+    /// The Marketo record: `company:ID`, `lead:ID` (a contact's lead), `opportunity:ID` or
+    /// `role:OPPORTUNITY:CONTACT:ROLE`.
+    #[schema(value_type = String, example = "opportunity:7d5a1f9e-4a8b-4f7e-9c1d-2b3a4c5d6e7f")]
+    pub key: WriteKey,
     pub opportunity_id: Option<String>,
-    pub phase: i64,
+    /// When it goes, relative to the other kinds of writes.
+    pub phase: Phase,
     /// The write as JSON (a `rules::MarketoWrite`).
     #[schema(value_type = Object)]
     pub payload: serde_json::Value,
@@ -524,11 +530,11 @@ impl Store {
         dispatch!(self, s => s.ready_writes(now, limit).await)
     }
 
-    pub async fn write_statuses(&self, keys: &[String]) -> Result<HashMap<String, WriteStatus>, StoreError> {
+    pub async fn write_statuses(&self, keys: &[WriteKey]) -> Result<HashMap<WriteKey, WriteStatus>, StoreError> {
         dispatch!(self, s => s.write_statuses(keys).await)
     }
 
-    pub async fn settle_writes(&self, settled: &[(String, i64, WriteOutcome)]) -> Result<(), StoreError> {
+    pub async fn settle_writes(&self, settled: &[(WriteKey, i64, WriteOutcome)]) -> Result<(), StoreError> {
         dispatch!(self, s => s.settle_writes(settled).await)
     }
 
@@ -586,11 +592,11 @@ impl Store {
     }
 
     /// Puts dead writes back to pending (`key` None: all dead ones). Returns how many.
-    pub async fn retry_writes(&self, key: Option<&str>) -> Result<u64, StoreError> {
+    pub async fn retry_writes(&self, key: Option<&WriteKey>) -> Result<u64, StoreError> {
         dispatch!(self, s => s.retry_writes(key, now_ms()).await)
     }
 
-    pub async fn discard_write(&self, key: &str) -> Result<u64, StoreError> {
+    pub async fn discard_write(&self, key: &WriteKey) -> Result<u64, StoreError> {
         dispatch!(self, s => s.discard_write(key, now_ms()).await)
     }
 

@@ -12,8 +12,9 @@ use super::body::PackedBody;
 use super::{
     Commit, CommitError, InboxEntry, LoadedRows, NewNotification, NotificationStatus, Received, RoleRow,
     RowKeys, RowWrite, SchemaState, Settlement, SqliteInbox, StateRow, StoreError, StoreStats, StoredWrite,
-    WriteOutcome, WriteStatus,
+    WriteKey, WriteOutcome, WriteStatus,
 };
+use crate::rules::Phase;
 
 /// Rows per multi-row insert (PostgreSQL): 11 parameters each, well below its parameter limit
 /// (65,535), and above the default group commit size, so a group commit is usually one
@@ -183,10 +184,13 @@ where
 {
     let status: String = row.try_get("status")?;
     let payload: String = row.try_get("payload")?;
+    let key: String = row.try_get("key")?;
+    let phase: i64 = row.try_get("phase")?;
     Ok(StoredWrite {
-        key: row.try_get("key")?,
+        key: key.parse().map_err(|e: crate::rules::BadWriteKey| StoreError::Corrupt(e.to_string()))?,
         opportunity_id: row.try_get("opportunity_id")?,
-        phase: row.try_get("phase")?,
+        phase: Phase::from_number(phase)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown write phase {phase}")))?,
         payload: serde_json::from_str(&payload)
             .map_err(|e| StoreError::Corrupt(format!("write payload is not JSON: {e}")))?,
         revision: row.try_get("revision")?,
@@ -525,24 +529,24 @@ macro_rules! sql_store {
                 }
                 // Several plans of one record in one commit: the last one wins, as if committed
                 // one after the other.
-                let mut last_of_key: HashMap<&str, usize> = HashMap::with_capacity(commit.writes.len());
+                let mut last_of_key: HashMap<&WriteKey, usize> = HashMap::with_capacity(commit.writes.len());
                 for (i, w) in commit.writes.iter().enumerate() {
-                    last_of_key.insert(w.key.as_str(), i);
+                    last_of_key.insert(&w.key, i);
                 }
                 let writes: Vec<&super::PlannedWrite> = commit
                     .writes
                     .iter()
                     .enumerate()
-                    .filter(|(i, w)| last_of_key.get(w.key.as_str()) == Some(i))
+                    .filter(|(i, w)| last_of_key.get(&w.key) == Some(i))
                     .map(|(_, w)| w)
                     .collect();
                 for chunk in writes.chunks(ROW_CHUNK) {
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 4))).bind(now);
                     for w in chunk {
                         q = q
-                            .bind(&w.key)
+                            .bind(w.key.to_string())
                             .bind(w.opportunity_id.map(|u| u.to_string()))
-                            .bind(w.phase)
+                            .bind(w.phase.number())
                             .bind(&w.payload);
                     }
                     q.execute(&mut *tx).await?;
@@ -600,8 +604,8 @@ macro_rules! sql_store {
                 rows.iter().map(stored_write).collect()
             }
 
-            pub async fn write_statuses(&self, keys: &[String]) -> Result<HashMap<String, WriteStatus>, StoreError> {
-                let mut keys: Vec<&String> = keys.iter().collect();
+            pub async fn write_statuses(&self, keys: &[WriteKey]) -> Result<HashMap<WriteKey, WriteStatus>, StoreError> {
+                let mut keys: Vec<String> = keys.iter().map(WriteKey::to_string).collect();
                 keys.sort();
                 keys.dedup();
                 let mut conn = self.pool.acquire().await?;
@@ -610,19 +614,20 @@ macro_rules! sql_store {
                     let sql = with_in_list("SELECT key, status FROM marketo_writes WHERE key IN ({})", 1, chunk.len());
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for key in chunk {
-                        q = q.bind(*key);
+                        q = q.bind(key);
                     }
                     for r in q.fetch_all(&mut *conn).await? {
                         let s: String = r.try_get("status")?;
-                        if let Some(status) = WriteStatus::parse(&s) {
-                            out.insert(r.try_get("key")?, status);
+                        let key: String = r.try_get("key")?;
+                        if let (Some(status), Ok(key)) = (WriteStatus::parse(&s), key.parse()) {
+                            out.insert(key, status);
                         }
                     }
                 }
                 Ok(out)
             }
 
-            pub async fn settle_writes(&self, settled: &[(String, i64, WriteOutcome)]) -> Result<(), StoreError> {
+            pub async fn settle_writes(&self, settled: &[(WriteKey, i64, WriteOutcome)]) -> Result<(), StoreError> {
                 let now = super::now_ms();
                 let mut done = Vec::new();
                 let mut retry = Vec::new();
@@ -638,7 +643,7 @@ macro_rules! sql_store {
                 for chunk in done.chunks(ROW_CHUNK) {
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DONE, chunk.len(), 2))).bind(now);
                     for (key, revision, _) in chunk {
-                        q = q.bind(key).bind(revision);
+                        q = q.bind(key.to_string()).bind(revision);
                     }
                     q.execute(&mut *tx).await?;
                 }
@@ -647,7 +652,7 @@ macro_rules! sql_store {
                     for (key, revision, outcome) in chunk {
                         if let WriteOutcome::Retry { at, error, count_attempt } = outcome {
                             q = q
-                                .bind(key)
+                                .bind(key.to_string())
                                 .bind(revision)
                                 .bind(i64::from(*count_attempt))
                                 .bind(at)
@@ -660,7 +665,7 @@ macro_rules! sql_store {
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DEAD, chunk.len(), 3))).bind(now);
                     for (key, revision, outcome) in chunk {
                         if let WriteOutcome::Dead { error } = outcome {
-                            q = q.bind(key).bind(revision).bind(error);
+                            q = q.bind(key.to_string()).bind(revision).bind(error);
                         }
                     }
                     q.execute(&mut *tx).await?;
@@ -816,7 +821,8 @@ macro_rules! sql_store {
                 rows.iter().map(stored_write).collect()
             }
 
-            pub async fn retry_writes(&self, key: Option<&str>, now: i64) -> Result<u64, StoreError> {
+            pub async fn retry_writes(&self, key: Option<&WriteKey>, now: i64) -> Result<u64, StoreError> {
+                let key = key.map(WriteKey::to_string);
                 Ok(sqlx::query(
                     "UPDATE marketo_writes SET status = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 \
                      WHERE status IN ('dead', 'discarded') AND ($2 IS NULL OR key = $2) AND ($2 IS NOT NULL OR status = 'dead')",
@@ -828,7 +834,8 @@ macro_rules! sql_store {
                 .rows_affected())
             }
 
-            pub async fn discard_write(&self, key: &str, now: i64) -> Result<u64, StoreError> {
+            pub async fn discard_write(&self, key: &WriteKey, now: i64) -> Result<u64, StoreError> {
+                let key = key.to_string();
                 Ok(sqlx::query(
                     "UPDATE marketo_writes SET status = 'discarded', updated_at = $1 WHERE key = $2 AND status IN ('dead', 'pending')",
                 )

@@ -9,6 +9,7 @@ use super::{
     Commit, CommitError, NewNotification, NotificationStatus, PackedBody, PlannedWrite, Received, RowKeys,
     RowWrite, SchemaState, Settle, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
 };
+use crate::rules::{Phase, WriteKey};
 
 /// A small notification stored under `key` (the other store tests use it too).
 pub(crate) fn notification(key: &str, record: Uuid) -> NewNotification {
@@ -25,11 +26,11 @@ pub(crate) fn notification(key: &str, record: Uuid) -> NewNotification {
     }
 }
 
-fn write(key: &str, opportunity: Uuid, payload: &str) -> PlannedWrite {
+fn write(key: &WriteKey, opportunity: Uuid, payload: &str) -> PlannedWrite {
     PlannedWrite {
-        key: key.into(),
+        key: key.clone(),
         opportunity_id: Some(opportunity),
-        phase: 2,
+        phase: Phase::Opportunities,
         payload: payload.into(),
     }
 }
@@ -314,7 +315,7 @@ async fn commit_settles_the_notification_atomically(store: &Store) {
     let opp = Uuid::new_v4();
     let lost = Commit {
         settle: Some(Settle::one(id, "someone-else")),
-        writes: vec![write(&format!("opportunity:{opp}"), opp, "{}")],
+        writes: vec![write(&WriteKey::Opportunity(opp), opp, "{}")],
         ..Commit::default()
     };
     assert!(matches!(store.commit(&lost).await, Err(CommitError::LeaseLost)));
@@ -336,7 +337,7 @@ async fn commit_settles_the_notification_atomically(store: &Store) {
 
 async fn writes_coalesce_per_marketo_record(store: &Store) {
     let opp = Uuid::new_v4();
-    let key = format!("opportunity:{opp}");
+    let key = WriteKey::Opportunity(opp);
     for i in 0..10 {
         let c = Commit {
             writes: vec![write(&key, opp, &format!(r#"{{"n":{i}}}"#))],
@@ -416,7 +417,7 @@ async fn writes_coalesce_per_marketo_record(store: &Store) {
 
 async fn a_plan_equal_to_what_marketo_holds_or_awaits_is_not_pushed_again(store: &Store) {
     let opp = Uuid::new_v4();
-    let key = format!("company:{opp}");
+    let key = WriteKey::Company(opp);
     let plan = |payload: &str| Commit {
         writes: vec![write(&key, opp, payload)],
         ..Commit::default()

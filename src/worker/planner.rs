@@ -750,7 +750,7 @@ impl PlanStep {
                 commit.writes.push(PlannedWrite {
                     key: w.key(),
                     opportunity_id: Some(*id),
-                    phase: i64::from(w.phase()),
+                    phase: w.phase(),
                     payload: json(&w)?,
                 });
                 writes += 1;

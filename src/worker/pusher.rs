@@ -3,7 +3,7 @@
 //! as few, full batches as the client can make, and each write settles: done, retry later, or a
 //! dead letter with Marketo's code and message.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::{WorkerContext, backoff_ms};
 use crate::marketo::{MarketoError, RecordResult, RoleRecord};
-use crate::rules::{ContactState, LeadMatch, MarketoWrite, MissingLead};
+use crate::rules::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID};
+use crate::rules::{ContactState, LeadMatch, MarketoWrite, MissingLead, WriteKey};
 use crate::store::{RowKeys, StoreError, StoredWrite, WriteOutcome, WriteStatus, now_ms};
 
 /// Most writes one cycle looks at.
@@ -217,6 +218,130 @@ impl Gate {
     }
 }
 
+/// A company upsert: `externalCompanyId` and the name Dynamics gave, if any.
+#[derive(Debug, Clone)]
+struct CompanyUpsert {
+    account_id: Uuid,
+    name: Option<String>,
+}
+
+/// An opportunity upsert: its Marketo fields (`externalOpportunityId` among them).
+#[derive(Debug, Clone)]
+struct OpportunityUpsert {
+    opportunity_id: Uuid,
+    fields: Map<String, Value>,
+}
+
+/// A role upsert or delete: (opportunity, contact, role); the contact's lead id is looked up
+/// when it goes.
+#[derive(Debug, Clone)]
+struct RoleWrite {
+    opportunity_id: Uuid,
+    contact_id: Uuid,
+    role: String,
+}
+
+/// A ready write: its stored row (key, revision, attempts, when planned) and what it does.
+#[derive(Debug, Clone)]
+struct Ready<T> {
+    row: StoredWrite,
+    write: T,
+}
+
+/// The ready writes, parsed once and sorted by kind, each kind its own batches: a call only
+/// ever carries records of its own endpoint.
+#[derive(Debug, Default)]
+struct WriteGroups {
+    companies: Vec<Ready<CompanyUpsert>>,
+    /// Contacts whose Marketo lead is needed.
+    leads: Vec<Ready<Uuid>>,
+    opportunities: Vec<Ready<OpportunityUpsert>>,
+    role_upserts: Vec<Ready<RoleWrite>>,
+    role_deletes: Vec<Ready<RoleWrite>>,
+    opportunity_deletes: Vec<Ready<Uuid>>,
+}
+
+impl WriteGroups {
+    /// Sorts `ready` by kind. A payload that does not parse, or that is not about the record
+    /// its key names, is settled as a dead letter (in the returned list), never sent.
+    fn parse(ready: Vec<StoredWrite>) -> (WriteGroups, Settled) {
+        let mut groups = WriteGroups::default();
+        let mut unreadable = Vec::new();
+        for row in ready {
+            // Read from the parsed payload in place: a clone of thousands of payloads per cycle
+            // showed in the time to the first call.
+            let write = match MarketoWrite::deserialize(&row.payload) {
+                Ok(w) => w,
+                Err(e) => {
+                    unreadable.push((row.key, row.revision, dead(format!("unreadable write: {e}"))));
+                    continue;
+                }
+            };
+            if write.key() != row.key || write.phase() != row.phase {
+                let reason = format!(
+                    "the stored write is inconsistent: its payload is about {} ({:?}), its row about {} ({:?})",
+                    write.key(),
+                    write.phase(),
+                    row.key,
+                    row.phase
+                );
+                unreadable.push((row.key, row.revision, dead(reason)));
+                continue;
+            }
+            match write {
+                MarketoWrite::UpsertCompany { account_id, name } => groups.companies.push(Ready {
+                    row,
+                    write: CompanyUpsert { account_id, name },
+                }),
+                MarketoWrite::EnsureLead { contact_id } => groups.leads.push(Ready { row, write: contact_id }),
+                MarketoWrite::UpsertOpportunity {
+                    opportunity_id,
+                    fields,
+                } => groups.opportunities.push(Ready {
+                    row,
+                    write: OpportunityUpsert {
+                        opportunity_id,
+                        fields,
+                    },
+                }),
+                MarketoWrite::UpsertRole {
+                    opportunity_id,
+                    contact_id,
+                    role,
+                } => groups.role_upserts.push(Ready {
+                    row,
+                    write: RoleWrite {
+                        opportunity_id,
+                        contact_id,
+                        role,
+                    },
+                }),
+                MarketoWrite::DeleteRole {
+                    opportunity_id,
+                    contact_id,
+                    role,
+                } => groups.role_deletes.push(Ready {
+                    row,
+                    write: RoleWrite {
+                        opportunity_id,
+                        contact_id,
+                        role,
+                    },
+                }),
+                MarketoWrite::DeleteOpportunity { opportunity_id } => groups.opportunity_deletes.push(Ready {
+                    row,
+                    write: opportunity_id,
+                }),
+            }
+        }
+        (groups, unreadable)
+    }
+}
+
+fn planned_at<T>(writes: &[Ready<T>]) -> impl Iterator<Item = i64> + '_ {
+    writes.iter().map(|r| r.row.updated_at)
+}
+
 /// One push cycle: settles what can go now and says when to look again.
 pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError> {
     let mut outcome = CycleOutcome::default();
@@ -231,34 +356,25 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     }
     let read = started.elapsed();
     let ready_count = ready.len();
-    let mut by_phase: BTreeMap<u8, Vec<(StoredWrite, MarketoWrite)>> = BTreeMap::new();
-    let mut settled = Vec::new();
-    for stored in ready {
-        // Read from the parsed payload in place: a clone of thousands of payloads per cycle
-        // showed in the time to the first call.
-        match MarketoWrite::deserialize(&stored.payload) {
-            // The phase follows from the write itself (the stored column is the same number).
-            Ok(w) => by_phase.entry(w.phase()).or_default().push((stored, w)),
-            Err(e) => settled.push((
-                stored.key,
-                stored.revision,
-                dead(format!("unreadable write: {e}")),
-            )),
-        }
-    }
-    ctx.store.settle_writes(&settled).await?;
-    outcome.settled = settled.len();
-    let mut phase = |p: u8| by_phase.remove(&p).unwrap_or_default();
-    let (mut companies, mut leads, mut opportunities) = (phase(0), phase(1), phase(2));
-    let (role_upserts, role_deletes, opportunity_deletes) = (phase(3), phase(4), phase(5));
+    let (groups, unreadable) = WriteGroups::parse(ready);
+    ctx.store.settle_writes(&unreadable).await?;
+    outcome.settled = unreadable.len();
+    let WriteGroups {
+        mut companies,
+        mut leads,
+        mut opportunities,
+        role_upserts,
+        role_deletes,
+        opportunity_deletes,
+    } = groups;
 
     // Companies before the opportunities that name them, leads beside them (they depend on
     // nothing here: fewer phase barriers leave fewer rate-window slots unused); roles need
     // both, so they follow, and an opportunity's delete follows its role deletes.
     let mut gate = Gate::new(ctx).await?;
-    let opportunities_group = Group::of(opportunities.iter().map(|(s, _)| s.updated_at));
-    let companies_group = Group::of(companies.iter().map(|(s, _)| s.updated_at));
-    let leads_group = Group::of(leads.iter().map(|(s, _)| s.updated_at)).costing(LEAD_CALLS_PER_BATCH);
+    let opportunities_group = Group::of(planned_at(&opportunities));
+    let companies_group = Group::of(planned_at(&companies));
+    let leads_group = Group::of(planned_at(&leads)).costing(LEAD_CALLS_PER_BATCH);
     // Opportunities decide first whether they go; if they do, every company goes ahead of them
     // (companies rarely fill a batch, and an opportunity may not precede its company). Asked of
     // a gate with unlimited calls, so the question does not spend any.
@@ -269,34 +385,26 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     let opportunities_go = unlimited.admit(&opportunities_group, false, &mut CycleOutcome::default()) > 0;
     let companies_now = gate.admit(&companies_group, opportunities_go, &mut outcome);
     // A company that does not fit this cycle holds back the opportunities that name it.
-    let held_companies: HashSet<String> = companies
+    let held_companies: HashSet<Uuid> = companies
         .iter()
         .skip(companies_now)
-        .map(|(s, _)| s.key.clone())
+        .map(|c| c.write.account_id)
         .collect();
     companies.truncate(companies_now);
     let leads_now = gate.admit(&leads_group, false, &mut outcome);
     leads.truncate(leads_now);
     if !held_companies.is_empty() {
-        opportunities.retain(|(_, w)| match w {
-            MarketoWrite::UpsertOpportunity { fields, .. } => fields
-                .get("externalCompanyId")
+        opportunities.retain(|o| {
+            o.write
+                .fields
+                .get(EXTERNAL_COMPANY_ID)
                 .and_then(Value::as_str)
-                .is_none_or(|c| !held_companies.contains(&format!("company:{c}"))),
-            _ => true,
+                .and_then(|c| Uuid::parse_str(c).ok())
+                .is_none_or(|c| !held_companies.contains(&c))
         });
     }
-    let opportunities_now = gate.admit(
-        &Group::of(opportunities.iter().map(|(s, _)| s.updated_at)),
-        false,
-        &mut outcome,
-    );
+    let opportunities_now = gate.admit(&Group::of(planned_at(&opportunities)), false, &mut outcome);
     opportunities.truncate(opportunities_now);
-    let companies_then_opportunities: Vec<_> = [companies, opportunities]
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .collect();
-    let leads: Vec<_> = [leads].into_iter().filter(|p| !p.is_empty()).collect();
     let prepared = started.elapsed();
     ctx.prepare_ahead.record(prepared);
     tracing::debug!(
@@ -305,127 +413,121 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
         prepare_ms = prepared.as_millis() as u64,
         "push cycle"
     );
-    let (settled_in_order, settled_leads) = tokio::join!(
-        push_in_order(ctx, companies_then_opportunities),
-        push_in_order(ctx, leads)
-    );
+    let companies_then_opportunities = async {
+        let mut settled = 0;
+        if !companies.is_empty() {
+            let outcomes = push_companies(ctx, companies).await;
+            settled += outcomes.len();
+            ctx.store.settle_writes(&outcomes).await?;
+        }
+        if !opportunities.is_empty() {
+            let outcomes = push_opportunities(ctx, opportunities).await;
+            settled += outcomes.len();
+            ctx.store.settle_writes(&outcomes).await?;
+        }
+        Ok::<usize, StoreError>(settled)
+    };
+    let leads = async {
+        if leads.is_empty() {
+            return Ok(0);
+        }
+        let outcomes = ensure_leads(ctx, leads).await?;
+        ctx.store.settle_writes(&outcomes).await?;
+        Ok::<usize, StoreError>(outcomes.len())
+    };
+    let (settled_in_order, settled_leads) = tokio::join!(companies_then_opportunities, leads);
     outcome.settled += settled_in_order? + settled_leads?;
 
     // Roles: decided after the writes above settled, with the calls free by then.
     let mut gate = Gate::new(ctx).await?;
-    let mut held_role_opportunities: HashSet<String> = HashSet::new();
-    for writes in [role_upserts, role_deletes] {
+    let mut held_role_opportunities: HashSet<Uuid> = HashSet::new();
+    for (writes, kind) in [(role_upserts, RoleCall::Upsert), (role_deletes, RoleCall::Delete)] {
         if writes.is_empty() {
             continue;
         }
-        let keys: Vec<(String, Option<String>)> = writes
+        let waiting: Vec<(WriteKey, Uuid)> = writes
             .iter()
-            .map(|(s, _)| (s.key.clone(), s.opportunity_id.clone()))
+            .map(|r| (r.row.key.clone(), r.write.opportunity_id))
             .collect();
-        let outcomes = push_roles(ctx, writes, Some(&mut gate), &mut outcome).await?;
-        let done: HashSet<&String> = outcomes.iter().map(|(k, _, _)| k).collect();
+        let outcomes = push_roles(ctx, kind, writes, &mut gate, &mut outcome).await?;
+        let done: HashSet<&WriteKey> = outcomes.iter().map(|(k, _, _)| k).collect();
         held_role_opportunities.extend(
-            keys.iter()
+            waiting
+                .iter()
                 .filter(|(k, _)| !done.contains(k))
-                .filter_map(|(_, o)| o.clone()),
+                .map(|(_, o)| *o),
         );
         outcome.settled += outcomes.len();
         ctx.store.settle_writes(&outcomes).await?;
     }
     // An opportunity's delete waits for its role deletes (Marketo refuses to delete an
     // opportunity that still has roles).
-    let (deletes, waiting): (Vec<_>, Vec<_>) = opportunity_deletes.into_iter().partition(|(s, _)| {
-        s.opportunity_id
-            .as_ref()
-            .is_none_or(|o| !held_role_opportunities.contains(o))
-    });
-    let mut group = Group::of(deletes.iter().map(|(s, _)| s.updated_at));
+    let (mut deletes, waiting): (Vec<_>, Vec<_>) = opportunity_deletes
+        .into_iter()
+        .partition(|d| !held_role_opportunities.contains(&d.write));
+    let mut group = Group::of(planned_at(&deletes));
     group.blocked = !waiting.is_empty();
-    let mut deletes = deletes;
     deletes.truncate(gate.admit(&group, false, &mut outcome));
-    outcome.settled += push_in_order(ctx, [deletes].into_iter().filter(|p| !p.is_empty()).collect()).await?;
+    if !deletes.is_empty() {
+        let outcomes = delete_opportunities(ctx, deletes).await;
+        outcome.settled += outcomes.len();
+        ctx.store.settle_writes(&outcomes).await?;
+    }
     Ok(outcome)
 }
 
-/// Pushes phases one after the other, settling each before the next starts.
-async fn push_in_order(
-    ctx: &WorkerContext,
-    phases: Vec<Vec<(StoredWrite, MarketoWrite)>>,
-) -> Result<usize, StoreError> {
-    let mut count = 0;
-    for writes in phases {
-        let outcomes = push_phase(ctx, writes).await?;
-        count += outcomes.len();
-        ctx.store.settle_writes(&outcomes).await?;
-    }
-    Ok(count)
-}
-
-type Settled = Vec<(String, i64, WriteOutcome)>;
+type Settled = Vec<(WriteKey, i64, WriteOutcome)>;
 
 fn dead(error: String) -> WriteOutcome {
     WriteOutcome::Dead { error }
 }
 
-async fn push_phase(
-    ctx: &WorkerContext,
-    writes: Vec<(StoredWrite, MarketoWrite)>,
-) -> Result<Settled, StoreError> {
-    let Some((_, first)) = writes.first() else {
-        return Ok(Vec::new());
-    };
-    match first {
-        MarketoWrite::UpsertCompany { .. } => {
-            let records = writes
-                .iter()
-                .map(|(_, w)| match w {
-                    MarketoWrite::UpsertCompany { account_id, name } => {
-                        let mut r = Map::new();
-                        r.insert("externalCompanyId".into(), Value::String(account_id.to_string()));
-                        if let Some(name) = name {
-                            r.insert("company".into(), Value::String(name.clone()));
-                        }
-                        r
-                    }
-                    _ => Map::new(),
-                })
-                .collect();
-            let result = ctx.marketo.sync_companies(records).await;
-            Ok(settle_call(ctx, &writes, result))
-        }
-        MarketoWrite::EnsureLead { .. } => ensure_leads(ctx, writes).await,
-        MarketoWrite::UpsertOpportunity { .. } => {
-            let records = writes
-                .iter()
-                .map(|(_, w)| match w {
-                    MarketoWrite::UpsertOpportunity { fields, .. } => fields.clone(),
-                    _ => Map::new(),
-                })
-                .collect();
-            let result = ctx.marketo.sync_opportunities(records).await;
-            Ok(settle_call(ctx, &writes, result))
-        }
-        MarketoWrite::UpsertRole { .. } | MarketoWrite::DeleteRole { .. } => {
-            push_roles(ctx, writes, None, &mut CycleOutcome::default()).await
-        }
-        MarketoWrite::DeleteOpportunity { .. } => {
-            let ids: Vec<String> = writes
-                .iter()
-                .map(|(_, w)| match w {
-                    MarketoWrite::DeleteOpportunity { opportunity_id } => opportunity_id.to_string(),
-                    _ => String::new(),
-                })
-                .collect();
-            let result = ctx.marketo.delete_opportunities(&ids).await;
-            Ok(settle_call(ctx, &writes, result))
-        }
-    }
+async fn push_companies(ctx: &WorkerContext, writes: Vec<Ready<CompanyUpsert>>) -> Settled {
+    let records = writes
+        .iter()
+        .map(|c| {
+            let mut r = Map::new();
+            r.insert(
+                EXTERNAL_COMPANY_ID.into(),
+                Value::String(c.write.account_id.to_string()),
+            );
+            if let Some(name) = &c.write.name {
+                r.insert("company".into(), Value::String(name.clone()));
+            }
+            r
+        })
+        .collect();
+    let result = ctx.marketo.sync_companies(records).await;
+    settle_call(ctx, &writes, result)
+}
+
+async fn push_opportunities(ctx: &WorkerContext, writes: Vec<Ready<OpportunityUpsert>>) -> Settled {
+    let records = writes
+        .iter()
+        .map(|o| {
+            let mut fields = o.write.fields.clone();
+            // The record is the one the write is keyed by, whatever the field map says.
+            fields.insert(
+                EXTERNAL_OPPORTUNITY_ID.into(),
+                Value::String(o.write.opportunity_id.to_string()),
+            );
+            fields
+        })
+        .collect();
+    let result = ctx.marketo.sync_opportunities(records).await;
+    settle_call(ctx, &writes, result)
+}
+
+async fn delete_opportunities(ctx: &WorkerContext, writes: Vec<Ready<Uuid>>) -> Settled {
+    let ids: Vec<String> = writes.iter().map(|d| d.write.to_string()).collect();
+    let result = ctx.marketo.delete_opportunities(&ids).await;
+    settle_call(ctx, &writes, result)
 }
 
 /// Settles every write of one client call from its per-record results or its error.
-fn settle_call(
+fn settle_call<T>(
     ctx: &WorkerContext,
-    writes: &[(StoredWrite, MarketoWrite)],
+    writes: &[Ready<T>],
     result: Result<Vec<RecordResult>, MarketoError>,
 ) -> Settled {
     match result {
@@ -434,18 +536,18 @@ fn settle_call(
             writes
                 .iter()
                 .zip(results)
-                .map(|((s, _), r)| {
+                .map(|(w, r)| {
                     let outcome = match r {
                         RecordResult::Done { .. } => WriteOutcome::Done,
                         RecordResult::Failed { code, message } => dead(format!("Marketo {code}: {message}")),
                     };
-                    (s.key.clone(), s.revision, outcome)
+                    (w.row.key.clone(), w.row.revision, outcome)
                 })
                 .collect()
         }
         Err(e) => writes
             .iter()
-            .map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e)))
+            .map(|w| (w.row.key.clone(), w.row.revision, failed_call(ctx, &w.row, &e)))
             .collect(),
     }
 }
@@ -500,15 +602,8 @@ fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> Wr
 }
 
 /// Finds (or creates) the Marketo lead of each contact that needs a role.
-async fn ensure_leads(
-    ctx: &WorkerContext,
-    writes: Vec<(StoredWrite, MarketoWrite)>,
-) -> Result<Settled, StoreError> {
-    let contact_of = |w: &MarketoWrite| match w {
-        MarketoWrite::EnsureLead { contact_id } => Some(*contact_id),
-        _ => None,
-    };
-    let contacts: Vec<Uuid> = writes.iter().filter_map(|(_, w)| contact_of(w)).collect();
+async fn ensure_leads(ctx: &WorkerContext, writes: Vec<Ready<Uuid>>) -> Result<Settled, StoreError> {
+    let contacts: Vec<Uuid> = writes.iter().map(|w| w.write).collect();
     let known = ctx.store.lead_ids(&contacts).await?;
     let unknown: Vec<Uuid> = contacts
         .iter()
@@ -568,7 +663,7 @@ async fn ensure_leads(
             Err(e) => {
                 return Ok(writes
                     .iter()
-                    .map(|(s, _)| (s.key.clone(), s.revision, failed_call(ctx, s, &e)))
+                    .map(|w| (w.row.key.clone(), w.row.revision, failed_call(ctx, &w.row, &e)))
                     .collect());
             }
         }
@@ -642,11 +737,9 @@ async fn ensure_leads(
                 }
             }
             Err(e) => {
-                for (s, w) in &writes {
-                    if let Some(c) = contact_of(w)
-                        && to_create.contains(&c)
-                    {
-                        outcome.insert(c, failed_call(ctx, s, &e));
+                for w in &writes {
+                    if to_create.contains(&w.write) {
+                        outcome.insert(w.write, failed_call(ctx, &w.row, &e));
                     }
                 }
             }
@@ -661,132 +754,112 @@ async fn ensure_leads(
     }
     Ok(writes
         .iter()
-        .map(|(s, w)| {
-            let o = contact_of(w)
-                .and_then(|c| outcome.get(&c).cloned())
+        .map(|w| {
+            let o = outcome
+                .get(&w.write)
+                .cloned()
                 .unwrap_or_else(|| dead("lead not resolved".into()));
-            (s.key.clone(), s.revision, o)
+            (w.row.key.clone(), w.row.revision, o)
         })
         .collect())
 }
 
+/// Which role endpoint a batch of role writes goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RoleCall {
+    Upsert,
+    Delete,
+}
+
 /// Role upserts wait for their opportunity and lead; role deletes need the lead id (a role whose
-/// contact never got a lead was never created, so its delete is already done). With a `gate`,
-/// only what it lets through goes now (without, everything that may go).
+/// contact never got a lead was never created, so its delete is already done). Only what the
+/// `gate` lets through goes now.
 async fn push_roles(
     ctx: &WorkerContext,
-    writes: Vec<(StoredWrite, MarketoWrite)>,
-    gate: Option<&mut Gate>,
+    kind: RoleCall,
+    writes: Vec<Ready<RoleWrite>>,
+    gate: &mut Gate,
     outcome: &mut CycleOutcome,
 ) -> Result<Settled, StoreError> {
-    let mut contacts = Vec::new();
-    let mut dependency_keys = Vec::new();
-    for (_, w) in &writes {
-        if let MarketoWrite::UpsertRole {
-            opportunity_id,
-            contact_id,
-            ..
-        }
-        | MarketoWrite::DeleteRole {
-            opportunity_id,
-            contact_id,
-            ..
-        } = w
-        {
-            contacts.push(*contact_id);
-            dependency_keys.push(format!("opportunity:{opportunity_id}"));
-            dependency_keys.push(format!("lead:{contact_id}"));
-        }
-    }
+    let contacts: Vec<Uuid> = writes.iter().map(|w| w.write.contact_id).collect();
     let leads = ctx.store.lead_ids(&contacts).await?;
-    let statuses = ctx.store.write_statuses(&dependency_keys).await?;
+    let statuses = if kind == RoleCall::Upsert {
+        let dependencies: Vec<WriteKey> = writes
+            .iter()
+            .flat_map(|w| {
+                [
+                    WriteKey::Opportunity(w.write.opportunity_id),
+                    WriteKey::Lead(w.write.contact_id),
+                ]
+            })
+            .collect();
+        ctx.store.write_statuses(&dependencies).await?
+    } else {
+        HashMap::new()
+    };
     let mut settled = Vec::new();
     // When the role writes still waiting for their opportunity or lead were planned.
     let mut blocked: Vec<i64> = Vec::new();
-    let mut upserts: Vec<(&(StoredWrite, MarketoWrite), RoleRecord)> = Vec::new();
-    let mut deletes: Vec<(&(StoredWrite, MarketoWrite), RoleRecord)> = Vec::new();
-    for item in &writes {
-        let (s, w) = item;
-        match w {
-            MarketoWrite::UpsertRole {
-                opportunity_id,
-                contact_id,
-                role,
-            } => {
-                let opp_key = format!("opportunity:{opportunity_id}");
-                let lead_key = format!("lead:{contact_id}");
+    let mut going: Vec<(&Ready<RoleWrite>, RoleRecord)> = Vec::new();
+    for w in &writes {
+        let role = &w.write;
+        let record = |lead: i64| RoleRecord {
+            external_opportunity_id: role.opportunity_id.to_string(),
+            lead_id: lead,
+            role: role.role.clone(),
+            is_primary: kind == RoleCall::Upsert && role.role == ctx.config.sync.customer_role,
+        };
+        let (key, revision) = (w.row.key.clone(), w.row.revision);
+        match kind {
+            RoleCall::Upsert => {
+                let opportunity = WriteKey::Opportunity(role.opportunity_id);
+                let lead_key = WriteKey::Lead(role.contact_id);
                 match (
-                    statuses.get(&opp_key),
+                    statuses.get(&opportunity),
                     statuses.get(&lead_key),
-                    leads.get(contact_id),
+                    leads.get(&role.contact_id),
                 ) {
                     (Some(WriteStatus::Dead), _, _) => settled.push((
-                        s.key.clone(),
-                        s.revision,
+                        key,
+                        revision,
                         dead(format!(
-                            "its opportunity could not be written to Marketo ({opp_key} is a dead letter)"
+                            "its opportunity could not be written to Marketo ({opportunity} is a dead letter)"
                         )),
                     )),
                     (_, Some(WriteStatus::Dead), _) => settled.push((
-                        s.key.clone(),
-                        s.revision,
+                        key,
+                        revision,
                         dead(format!(
                             "the contact has no Marketo lead ({lead_key} is a dead letter)"
                         )),
                     )),
                     // Marketo refuses a role whose opportunity or lead does not exist yet.
                     (Some(WriteStatus::Pending), _, _) | (_, Some(WriteStatus::Pending), _) => {
-                        blocked.push(s.updated_at)
+                        blocked.push(w.row.updated_at)
                     }
-                    (_, _, None) => blocked.push(s.updated_at), // the lead is still being resolved
-                    (_, _, Some(lead)) => upserts.push((
-                        item,
-                        RoleRecord {
-                            external_opportunity_id: opportunity_id.to_string(),
-                            lead_id: *lead,
-                            role: role.clone(),
-                            is_primary: *role == ctx.config.sync.customer_role,
-                        },
-                    )),
+                    (_, _, None) => blocked.push(w.row.updated_at), // the lead is still being resolved
+                    (_, _, Some(lead)) => going.push((w, record(*lead))),
                 }
             }
-            MarketoWrite::DeleteRole {
-                opportunity_id,
-                contact_id,
-                role,
-            } => match leads.get(contact_id) {
-                None => settled.push((s.key.clone(), s.revision, WriteOutcome::Done)),
-                Some(lead) => deletes.push((
-                    item,
-                    RoleRecord {
-                        external_opportunity_id: opportunity_id.to_string(),
-                        lead_id: *lead,
-                        role: role.clone(),
-                        is_primary: false,
-                    },
-                )),
+            RoleCall::Delete => match leads.get(&role.contact_id) {
+                None => settled.push((key, revision, WriteOutcome::Done)),
+                Some(lead) => going.push((w, record(*lead))),
             },
-            _ => {}
         }
     }
-    if let Some(gate) = gate {
-        let mut group = Group::of(upserts.iter().map(|((s, _), _)| s.updated_at));
+    let mut group = Group::of(going.iter().map(|(w, _)| w.row.updated_at));
+    if kind == RoleCall::Upsert {
         group.newest = group.newest.max(blocked.iter().copied().max());
         group.blocked = !blocked.is_empty();
-        upserts.truncate(gate.admit(&group, false, outcome));
-        let group = Group::of(deletes.iter().map(|((s, _), _)| s.updated_at));
-        deletes.truncate(gate.admit(&group, false, outcome));
     }
-    if !upserts.is_empty() {
-        let records: Vec<RoleRecord> = upserts.iter().map(|(_, r)| r.clone()).collect();
-        let items: Vec<(StoredWrite, MarketoWrite)> = upserts.iter().map(|(i, _)| (*i).clone()).collect();
-        let result = ctx.marketo.sync_roles(&records).await;
-        settled.extend(settle_call(ctx, &items, result));
-    }
-    if !deletes.is_empty() {
-        let records: Vec<RoleRecord> = deletes.iter().map(|(_, r)| r.clone()).collect();
-        let items: Vec<(StoredWrite, MarketoWrite)> = deletes.iter().map(|(i, _)| (*i).clone()).collect();
-        let result = ctx.marketo.delete_roles(&records).await;
+    going.truncate(gate.admit(&group, false, outcome));
+    if !going.is_empty() {
+        let records: Vec<RoleRecord> = going.iter().map(|(_, r)| r.clone()).collect();
+        let items: Vec<Ready<RoleWrite>> = going.iter().map(|(w, _)| (*w).clone()).collect();
+        let result = match kind {
+            RoleCall::Upsert => ctx.marketo.sync_roles(&records).await,
+            RoleCall::Delete => ctx.marketo.delete_roles(&records).await,
+        };
         settled.extend(settle_call(ctx, &items, result));
     }
     Ok(settled)

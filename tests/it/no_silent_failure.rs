@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::support::app::{EnvOptions, TestEnv};
 use crate::support::jwt;
+use crate::support::scenario::view;
 
 /// With one attempt per write and one immediate retry per call, any 606 counted as a failed
 /// attempt would dead-letter the write at once: a storm from someone else must not.
@@ -109,7 +110,7 @@ async fn a_dead_letter_from_a_refused_connection_names_the_cause() {
         .unwrap();
     let reason = dead
         .iter()
-        .find(|w| w.key == format!("opportunity:{id}"))
+        .find(|w| w.key.to_string() == format!("opportunity:{id}"))
         .and_then(|w| w.last_error.clone())
         .unwrap_or_else(|| panic!("no dead letter for the opportunity: {dead:?}"));
     assert!(
@@ -192,4 +193,88 @@ async fn a_value_that_fails_its_conversion_leaves_the_marketo_field_unchanged() 
     env.settle().await;
     assert_eq!(probability(&env), Value::Null);
     env.stop().await;
+}
+
+/// Every kind of write pending at once (pushing paused while they were planned): company,
+/// lead, opportunity, role upsert, role delete, opportunity delete. Each kind goes in its own
+/// calls and Marketo ends exactly as with calm, in-order delivery.
+#[tokio::test]
+async fn a_mixed_ready_set_reaches_marketo_intact() {
+    let calm = TestEnv::start().await;
+    let mixed = TestEnv::start().await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(calm.sims.dataverse.clone()));
+    org.mirror_to(mixed.sims.dataverse.clone());
+    let deliver_both = |batch: Vec<oppsync::dynamics::compose::NotificationBuilder>| {
+        let (calm, mixed) = (&calm, &mixed);
+        async move {
+            for n in &batch {
+                calm.deliver(n).await;
+                mixed.deliver(n).await;
+            }
+        }
+    };
+    // Already in Marketo: an opportunity with a stakeholder, and one to delete later.
+    let acme = Uuid::new_v4();
+    let (ann, n) = org.create_contact("Ann", "Ames", "ann@example.com", Some((acme, "Acme")));
+    let (bob, n2) = org.create_contact("Bob", "Byrd", "bob@example.com", Some((acme, "Acme")));
+    deliver_both(vec![n, n2]).await;
+    let (kept, n) = org.create_opportunity("Kept", Customer::Account(acme), Decimal::new(10, 0), 20);
+    let (doomed, n2) = org.create_opportunity("Doomed", Customer::Contact(bob), Decimal::new(20, 0), 30);
+    deliver_both(vec![n, n2]).await;
+    deliver_both(org.add_stakeholder(kept, ann, oppsync::sim::dataverse::ROLE_STAKEHOLDER)).await;
+    calm.settle().await;
+    mixed.settle().await;
+
+    // Paused: the next changes pile up as one mixed ready set.
+    let store = &mixed.app.state.store;
+    store.set_control(oppsync::worker::pusher::PAUSED, "true").await.unwrap();
+    let globex = Uuid::new_v4();
+    let (cid, n) = org.create_contact("Cid", "Cole", "cid@example.com", Some((globex, "Globex")));
+    let mut batch = vec![n];
+    let (_fresh, n) = org.create_opportunity("Fresh", Customer::Contact(cid), Decimal::new(30, 0), 40);
+    batch.push(n);
+    batch.extend(org.remove_stakeholder(kept, ann));
+    batch.extend(org.delete_opportunity(doomed));
+    deliver_both(batch).await;
+    calm.settle().await;
+    let planned = oppsync::sim::env::eventually(Duration::from_secs(20), || async {
+        store.stats(oppsync::store::now_ms()).await.unwrap().inbox_pending == 0
+    })
+    .await;
+    assert!(planned);
+    let pending = store
+        .list_writes(Some(WriteStatus::Pending), None, 100)
+        .await
+        .unwrap();
+    let phases: std::collections::BTreeSet<_> = pending.iter().map(|w| w.phase).collect();
+    assert_eq!(
+        phases,
+        std::collections::BTreeSet::from(oppsync::rules::Phase::ALL),
+        "every kind of write is pending at once: {pending:#?}"
+    );
+    let calls_before = mixed.sims.marketo.calls().len();
+    store.set_control(oppsync::worker::pusher::PAUSED, "false").await.unwrap();
+    mixed.settle().await;
+    assert_eq!(view(&mixed.sims.marketo), view(&calm.sims.marketo));
+    // Each call carried records of its own endpoint only.
+    for call in &mixed.sims.marketo.calls()[calls_before..] {
+        let Some(input) = call.body.get("input").and_then(Value::as_array) else {
+            continue;
+        };
+        for record in input {
+            let expected_key = match call.path.as_str() {
+                "/rest/v1/companies.json" => "externalCompanyId",
+                "/rest/v1/opportunities.json" | "/rest/v1/opportunities/delete.json" => "externalOpportunityId",
+                "/rest/v1/opportunities/roles.json" | "/rest/v1/opportunities/roles/delete.json" => "leadId",
+                _ => continue,
+            };
+            assert!(
+                record.get(expected_key).is_some_and(|v| !v.is_null()),
+                "{} carried a record without {expected_key}: {record}",
+                call.path
+            );
+        }
+    }
+    calm.stop().await;
+    mixed.stop().await;
 }

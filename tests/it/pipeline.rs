@@ -127,7 +127,7 @@ async fn permanent_record_errors_become_dead_letters_with_marketos_code() {
         .await
         .unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].key, format!("opportunity:{bad}"));
+    assert_eq!(dead[0].key.to_string(), format!("opportunity:{bad}"));
     let error = dead[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("1006") && error.contains("not found"), "{error}");
     assert!(env.sims.marketo.opportunities().contains_key(&good.to_string()));
