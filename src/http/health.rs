@@ -45,7 +45,7 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>
                 status: "intake_failed",
             }),
         )
-    } else if state.worker.as_ref().is_some_and(|w| w.health.is_gone()) {
+    } else if state.lifecycle.is_worker_gone() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(Health {
@@ -57,7 +57,11 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>
     }
 }
 
-/// Readiness: store reachable and migrated, not draining, Marketo not in a configuration error.
+/// Readiness: whether this instance should receive webhooks. It depends on the store (reachable,
+/// migrated) and on not draining, and on nothing outside: a Marketo or Dataverse setting (1018,
+/// bad credentials, a revoked application user) stops the sync, not intake, and is reported in
+/// `/admin/stats`, `oppsync_marketo_blocked` / `oppsync_dataverse_blocked` and the logs. Taking
+/// the only replica out of the Service for it would make Dynamics fail its webhooks.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -100,15 +104,6 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         }
         .to_owned(),
     );
-    match state.lifecycle.marketo_problem() {
-        Some(problem) => {
-            ready = false;
-            checks.insert("marketo", problem);
-        }
-        None => {
-            checks.insert("marketo", "ok".to_owned());
-        }
-    }
     let status = if ready {
         StatusCode::OK
     } else {

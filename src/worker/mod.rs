@@ -2,13 +2,15 @@
 //! resulting Marketo writes (`pusher`). Intake never waits for either; a Dataverse or Marketo
 //! outage delays work and never drops it.
 
+mod control;
 pub mod planner;
 pub mod pusher;
+
+pub use control::{ResyncError, WorkerControl};
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::RngExt;
@@ -17,9 +19,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dynamics::webapi::DataverseClient;
-use crate::http::Lifecycle;
+use crate::dynamics::webapi::{DataverseClient, WebApiError};
 use crate::marketo::MarketoClient;
+use crate::service::{BlockReason, Lifecycle, System};
 use crate::store::{PushLease, Store, now_ms};
 
 /// What the worker tasks share.
@@ -35,30 +37,9 @@ pub struct WorkerContext {
     pub pusher_wakeup: Notify,
     /// How far ahead of a free rate-window place the pusher starts preparing its call.
     pub prepare_ahead: pusher::PrepareAhead,
-    /// Whether the worker's loops still run (see `supervise`).
-    pub health: WorkerHealth,
     /// Faults tests inject into the worker.
     #[cfg(test)]
     pub test_hooks: tests::Hooks,
-}
-
-/// Whether the worker's loops still run. A loop that panicked or stopped is restarted; one
-/// that keeps failing is given up, and the worker is then gone: `/healthz` fails so that
-/// Kubernetes restarts the pod.
-#[derive(Debug, Default)]
-pub struct WorkerHealth {
-    gone: AtomicBool,
-}
-
-impl WorkerHealth {
-    /// A loop failed more often than `worker.restart_limit` allows and is not restarted.
-    pub fn is_gone(&self) -> bool {
-        self.gone.load(Ordering::SeqCst)
-    }
-
-    fn give_up(&self) {
-        self.gone.store(true, Ordering::SeqCst);
-    }
 }
 
 impl WorkerContext {
@@ -80,15 +61,33 @@ impl WorkerContext {
             owner,
             pusher_wakeup: Notify::new(),
             prepare_ahead: pusher::PrepareAhead::new(),
-            health: WorkerHealth::default(),
             #[cfg(test)]
             test_hooks: tests::Hooks::default(),
         }
     }
 
+    /// Notes what a Dataverse call came to: refused credentials (a wrong secret, a disabled or
+    /// revoked application user) block the sync until fixed (reported, never readiness); an
+    /// answer ends such a block.
+    pub(crate) fn note_dataverse<T>(&self, result: &Result<T, WebApiError>) {
+        match result {
+            Ok(_) => self.lifecycle.set_blocked(System::Dataverse, None),
+            Err(WebApiError::Auth(message)) => {
+                let reason = if message.contains("HTTP 403") {
+                    BlockReason::AccessDenied
+                } else {
+                    BlockReason::BadCredentials
+                };
+                self.lifecycle
+                    .set_blocked(System::Dataverse, Some((reason, message.clone())));
+            }
+            Err(_) => {}
+        }
+    }
+
     /// Pushing is paused by configuration at start or by an operator (shared by replicas).
     pub async fn is_paused(&self) -> bool {
-        matches!(self.store.control(pusher::PAUSED).await, Ok(Some(v)) if v == "true")
+        matches!(self.store.paused().await, Ok(true))
     }
 }
 
@@ -104,7 +103,7 @@ pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
 /// Starts the planner and the pusher, each supervised; they stop when `shutdown` is cancelled.
 pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> JoinSet<()> {
     if ctx.config.worker.paused
-        && let Err(e) = ctx.store.set_control(pusher::PAUSED, "true").await
+        && let Err(e) = ctx.store.set_paused(true).await
     {
         tracing::error!(error = %crate::errors::chain(&e), "could not record the paused state");
     }
@@ -178,7 +177,7 @@ where
                 restarts = restarts.len(),
                 "worker loop failed again; giving up: /healthz now fails so that the pod is restarted"
             );
-            ctx.health.give_up();
+            ctx.lifecycle.set_worker_gone();
             return;
         }
         let delay = Duration::from_millis(ctx.config.worker.restart_base_ms)

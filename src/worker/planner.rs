@@ -283,7 +283,9 @@ async fn commit_once(ctx: &WorkerContext, commit: &Commit) -> Result<(), PlanErr
 /// plans as if a full-row notification had arrived.
 pub async fn resync_opportunity(ctx: &WorkerContext, id: Uuid) -> Result<Option<usize>, PlanError> {
     let columns = ctx.config.sync.opportunity_attributes();
-    let Some(row) = ctx.dataverse.opportunity(id, &columns).await? else {
+    let row = ctx.dataverse.opportunity(id, &columns).await;
+    ctx.note_dataverse(&row);
+    let Some(row) = row? else {
         return Ok(None);
     };
     let event = rules::full_row_event(EntityKind::Opportunity, id, row.modified_on, row.attributes);
@@ -294,6 +296,15 @@ pub async fn resync_opportunity(ctx: &WorkerContext, id: Uuid) -> Result<Option<
 
 /// A full row read for a notification that arrived without its data (payload over 256 KB).
 async fn read_row(ctx: &WorkerContext, event: &DynamicsEvent) -> Result<Option<DynamicsEvent>, PlanError> {
+    let read = read_row_from_dataverse(ctx, event).await;
+    ctx.note_dataverse(&read);
+    Ok(read?)
+}
+
+async fn read_row_from_dataverse(
+    ctx: &WorkerContext,
+    event: &DynamicsEvent,
+) -> Result<Option<DynamicsEvent>, WebApiError> {
     let id = event.record_id;
     Ok(match event.entity {
         EntityKind::Opportunity => {
@@ -645,6 +656,9 @@ impl PlanStep {
             .buffered(LOOKUP_CONCURRENCY)
             .collect()
             .await;
+        for result in &fetched {
+            ctx.note_dataverse(result);
+        }
         for result in fetched {
             match result? {
                 Fetched::Contact(id, record) => {

@@ -15,6 +15,7 @@ use super::{WorkerContext, backoff_ms};
 use crate::marketo::{MarketoError, RecordResult, RoleRecord};
 use crate::rules::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID};
 use crate::rules::{ContactState, LeadMatch, MarketoWrite, MissingLead, WriteKey};
+use crate::service::{BlockReason, System};
 use crate::store::{RowKeys, StoreError, StoredWrite, WriteOutcome, WriteStatus, now_ms};
 
 /// Most writes one cycle looks at.
@@ -76,9 +77,6 @@ impl Default for PrepareAhead {
         Self::new()
     }
 }
-
-/// Control key: pushing paused (`"true"`), shared by every replica through the store.
-pub const PAUSED: &str = "paused";
 
 /// What one push cycle did, and when another one may find something to send.
 #[derive(Debug, Default)]
@@ -532,7 +530,9 @@ fn settle_call<T>(
 ) -> Settled {
     match result {
         Ok(results) => {
-            ctx.lifecycle.set_marketo_problem(None);
+            // The instance takes record writes again (leads never clear a block: 1018 does not
+            // refuse them).
+            ctx.lifecycle.set_blocked(System::Marketo, None);
             writes
                 .iter()
                 .zip(results)
@@ -588,8 +588,10 @@ fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> Wr
             count_attempt: false,
         },
         MarketoError::Configuration { .. } => {
-            tracing::error!(error = %reason, "Marketo configuration problem: pushing stops until it is fixed");
-            ctx.lifecycle.set_marketo_problem(Some(e.to_string()));
+            // Logged (once per change), shown in /admin/stats and oppsync_marketo_blocked by the
+            // lifecycle; readiness stays green, intake goes on.
+            ctx.lifecycle
+                .set_blocked(System::Marketo, Some((block_reason(e), reason.clone())));
             // Probe again within a minute: someone may be fixing the instance right now.
             WriteOutcome::Retry {
                 at: now_ms() + ctx.config.worker.retry_max_ms.min(60_000),
@@ -598,6 +600,17 @@ fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> Wr
             }
         }
         MarketoError::Rejected { .. } => dead(reason),
+    }
+}
+
+/// What a Marketo configuration error says is wrong.
+fn block_reason(e: &MarketoError) -> BlockReason {
+    match e.code() {
+        "1018" => BlockReason::CrmSyncEnabled,
+        // Identity refused the client id or secret.
+        "http_400" | "http_401" | "invalid_client" | "unauthorized" | "no_token" => BlockReason::BadCredentials,
+        "603" | "http_403" => BlockReason::AccessDenied,
+        _ => BlockReason::Misconfigured,
     }
 }
 

@@ -90,7 +90,7 @@ async fn healthz(env: &Env) -> u16 {
 }
 
 fn failures(loop_name: &str) -> u64 {
-    let Some(handle) = crate::http::metrics::install() else {
+    let Some(handle) = crate::service::metrics::install() else {
         return 0;
     };
     let needle = format!("oppsync_worker_loop_failures_total{{loop=\"{loop_name}\"}} ");
@@ -124,7 +124,7 @@ async fn a_panic_in_planning_is_counted_and_the_notification_is_planned_after_th
     assert_eq!(worker(&env).test_hooks.plan_panics.load(Ordering::SeqCst), 0, "the panic happened");
     assert!(failures("planner") > before, "the failure is counted");
     assert_eq!(healthz(&env).await, 200, "one restart keeps the worker alive");
-    assert!(!worker(&env).health.is_gone());
+    assert!(!env.app.state.lifecycle.is_worker_gone());
     env.app.stop().await;
 }
 
@@ -146,7 +146,7 @@ async fn a_planner_that_keeps_panicking_is_given_up_and_liveness_fails() {
     deliver(&env, &n).await;
     let gone = eventually(Duration::from_secs(20), || async { healthz(&env).await == 503 }).await;
     assert!(gone, "liveness fails once the planner is given up");
-    assert!(worker(&env).health.is_gone());
+    assert!(env.app.state.lifecycle.is_worker_gone());
     // Intake still stores what arrives: nothing accepted is lost while the pod is replaced.
     let (_, n) = org.create_opportunity(
         "Still accepted",

@@ -227,7 +227,7 @@ async fn a_mixed_ready_set_reaches_marketo_intact() {
 
     // Paused: the next changes pile up as one mixed ready set.
     let store = &mixed.app.state.store;
-    store.set_control(oppsync::worker::pusher::PAUSED, "true").await.unwrap();
+    store.set_paused(true).await.unwrap();
     let globex = Uuid::new_v4();
     let (cid, n) = org.create_contact("Cid", "Cole", "cid@example.com", Some((globex, "Globex")));
     let mut batch = vec![n];
@@ -253,7 +253,7 @@ async fn a_mixed_ready_set_reaches_marketo_intact() {
         "every kind of write is pending at once: {pending:#?}"
     );
     let calls_before = mixed.sims.marketo.calls().len();
-    store.set_control(oppsync::worker::pusher::PAUSED, "false").await.unwrap();
+    store.set_paused(false).await.unwrap();
     mixed.settle().await;
     assert_eq!(view(&mixed.sims.marketo), view(&calm.sims.marketo));
     // Each call carried records of its own endpoint only.
@@ -277,4 +277,105 @@ async fn a_mixed_ready_set_reaches_marketo_intact() {
     }
     calm.stop().await;
     mixed.stop().await;
+}
+
+/// 1018 (native CRM sync enabled on the instance) stops pushing; intake and readiness go on.
+/// The block is in /admin/stats (message, since when) and in `oppsync_marketo_blocked`, and
+/// clears by itself once the instance accepts writes again.
+#[tokio::test]
+async fn native_crm_sync_enabled_blocks_pushing_with_readiness_green_and_is_reported_until_fixed() {
+    let env = jwt::env_with_secret(false).await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    env.sims.marketo.set_crm_enabled(true);
+    let (opp, n) = org.create_opportunity(
+        "Blocked",
+        Customer::Account(Uuid::new_v4()),
+        Decimal::new(1, 0),
+        1,
+    );
+    env.deliver(&n).await;
+    let stats = || async {
+        env.http
+            .get(format!("{}/admin/stats", env.app.url()))
+            .bearer_auth(jwt::read_token())
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let blocked = oppsync::sim::env::eventually(Duration::from_secs(10), || async {
+        stats().await["blocked"].as_array().is_some_and(|b| !b.is_empty())
+    })
+    .await;
+    assert!(blocked, "the block shows in /admin/stats");
+    let s = stats().await;
+    let block = &s["blocked"][0];
+    assert_eq!(block["system"], json!("marketo"), "{s:#}");
+    assert_eq!(block["reason"], json!("crm_sync_enabled"), "{s:#}");
+    assert!(block["message"].as_str().unwrap().contains("CRM"), "{s:#}");
+    assert!(block["since"].as_i64().unwrap() > 0, "{s:#}");
+    let ready = env
+        .http
+        .get(format!("{}/readyz", env.app.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "readiness stays green: intake goes on");
+    assert_eq!(
+        metric(&env, "oppsync_marketo_blocked{reason=\"crm_sync_enabled\"}").await,
+        Some(1.0)
+    );
+    // Intake still takes notifications.
+    let (_, n2) = org.create_opportunity("Queued", Customer::Account(Uuid::new_v4()), Decimal::new(2, 0), 2);
+    env.deliver(&n2).await;
+    let store_stats = env.app.state.store.stats(oppsync::store::now_ms()).await.unwrap();
+    assert_eq!(store_stats.writes_dead, 0, "a configuration error is not a dead letter");
+
+    env.sims.marketo.set_crm_enabled(false);
+    // Probed again a minute later in production; the tests' quick settings make it sooner.
+    let pushed = oppsync::sim::env::eventually(Duration::from_secs(20), || async {
+        env.sims.marketo.opportunities().contains_key(&opp.to_string())
+    })
+    .await;
+    assert!(pushed, "pushing resumes by itself once the instance accepts writes");
+    env.settle().await;
+    assert_eq!(stats().await["blocked"], json!([]));
+    assert_eq!(
+        metric(&env, "oppsync_marketo_blocked{reason=\"crm_sync_enabled\"}").await,
+        Some(0.0)
+    );
+    env.stop().await;
+}
+
+/// Every metric the service exposes carries `# HELP` text.
+#[tokio::test]
+async fn every_metric_has_help_text() {
+    let env = TestEnv::start().await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    let (_, n) = org.create_opportunity("Help", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
+    env.deliver(&n).await;
+    env.settle().await;
+    let text = env
+        .http
+        .get(format!("{}/metrics", env.app.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(typed.len() > 10, "{text}");
+    let missing: Vec<&&str> = typed
+        .iter()
+        .filter(|name| !text.contains(&format!("# HELP {name} ")))
+        .collect();
+    assert!(missing.is_empty(), "metrics without # HELP: {missing:?}");
+    env.stop().await;
 }

@@ -1,0 +1,131 @@
+//! The process-wide metrics registry (Prometheus). Counters and histograms are recorded where
+//! things happen (intake, worker, Marketo client) through the `metrics` macros; `GET /metrics`
+//! renders the registry installed here.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once (tests start several apps in one process).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .ok()?
+                .install_recorder()
+                .ok()
+                .inspect(|_| describe())
+        })
+        .clone()
+}
+
+/// `# HELP` text of every metric oppsync records (a test checks none is left without).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "oppsync_intake_total",
+        "Webhook notifications received, by outcome (stored, duplicate, refused …)"
+    );
+    describe_histogram!(
+        "oppsync_intake_seconds",
+        "Time to answer a webhook, including the durable commit"
+    );
+    describe_histogram!(
+        "oppsync_intake_group_commit_size",
+        "Notifications committed together by one group commit"
+    );
+    describe_counter!(
+        "oppsync_worker_notifications_total",
+        "Notifications planned, by outcome (applied, retry, dead)"
+    );
+    describe_histogram!(
+        "oppsync_worker_lag_seconds",
+        "Time from a notification's arrival to its plan's commit"
+    );
+    describe_counter!(
+        "oppsync_worker_commit_conflicts_total",
+        "Plans retried because another worker changed the same rows first"
+    );
+    describe_counter!(
+        "oppsync_worker_loop_failures_total",
+        "Worker loops (planner, pusher) that panicked or stopped and were restarted or given up"
+    );
+    describe_counter!(
+        "oppsync_mapping_rejected_total",
+        "Dynamics values that did not fit their field's conversion, by Marketo field; the field was left unchanged"
+    );
+    describe_counter!(
+        "oppsync_marketo_calls_total",
+        "Marketo REST calls, by endpoint and outcome (ok or the error code)"
+    );
+    describe_counter!(
+        "oppsync_marketo_records_total",
+        "Records in Marketo write answers, by endpoint and status"
+    );
+    describe_counter!(
+        "oppsync_marketo_throttled_total",
+        "Marketo answers asking to slow down (606, 615, 604, 608, HTTP 429), by code; never a failed attempt"
+    );
+    describe_gauge!(
+        "oppsync_marketo_pace_calls",
+        "Calls per rate window the pusher allows itself now (lowered by throttle answers, recovering window by window)"
+    );
+    describe_counter!(
+        "oppsync_marketo_limiter_waits_total",
+        "Calls that waited for the client-side rate or concurrency limit"
+    );
+    describe_gauge!(
+        "oppsync_marketo_limiter_wait_seconds_total",
+        "Total time calls waited for the client-side limits, in seconds"
+    );
+    describe_counter!(
+        "oppsync_marketo_token_refreshes_total",
+        "Marketo access tokens fetched"
+    );
+    describe_gauge!(
+        "oppsync_marketo_quota_used",
+        "Marketo calls this process made today (the daily quota resets at 00:00 CST)"
+    );
+    describe_gauge!(
+        "oppsync_marketo_quota_left",
+        "Marketo calls left of the configured daily quota"
+    );
+    describe_gauge!(
+        "oppsync_marketo_blocked",
+        "1 while a Marketo setting blocks pushing, by reason (crm_sync_enabled = 1018, bad_credentials, access_denied, misconfigured)"
+    );
+    describe_gauge!(
+        "oppsync_dataverse_blocked",
+        "1 while a Dataverse setting blocks reads, by reason (bad_credentials, access_denied = e.g. a revoked application user)"
+    );
+    describe_gauge!(
+        "oppsync_pusher_leader",
+        "1 on the replica that holds the push lease"
+    );
+    describe_gauge!("oppsync_paused", "1 while pushing to Marketo is paused");
+    describe_gauge!(
+        "oppsync_inbox_depth",
+        "Notifications waiting to be planned"
+    );
+    describe_gauge!(
+        "oppsync_inbox_oldest_age_seconds",
+        "Age of the oldest notification waiting to be planned"
+    );
+    describe_gauge!(
+        "oppsync_marketo_writes_pending",
+        "Marketo writes waiting to be pushed"
+    );
+    describe_gauge!(
+        "oppsync_marketo_writes_oldest_age_seconds",
+        "Age of the oldest Marketo write waiting to be pushed"
+    );
+    describe_gauge!(
+        "oppsync_dead_letters",
+        "Dead letters waiting for an operator, by kind (notification, marketo_write)"
+    );
+}
