@@ -207,6 +207,59 @@ PY
     fi
     echo "check-k8s: $overlay: ok ($(grep -c '^kind:' "$file") objects, Kubernetes ${K8S_VERSIONS[*]})"
 done
+# The example PrometheusRule (deploy/monitoring): a custom resource of the Prometheus Operator,
+# which the Kubernetes schemas above do not know, so its shape is checked here: kind, groups,
+# alerts with an expression, a severity and a summary, durations, and metric names that oppsync
+# describes (src/service/metrics.rs). tests/it/operations_doc.rs checks the same and the docs.
+for rule in deploy/monitoring/*.yaml; do
+    [ -e "$rule" ] || continue
+    if ! "$PY" - "$rule" <<'PY'
+import re, sys, yaml
+
+path = sys.argv[1]
+doc = yaml.safe_load(open(path))
+described = set(re.findall(r'"(oppsync_[a-z_]+)"', open("src/service/metrics.rs").read()))
+problems = []
+if doc.get("apiVersion") != "monitoring.coreos.com/v1" or doc.get("kind") != "PrometheusRule":
+    problems.append("not a monitoring.coreos.com/v1 PrometheusRule")
+if not (doc.get("metadata") or {}).get("name"):
+    problems.append("metadata.name missing")
+groups = (doc.get("spec") or {}).get("groups") or []
+if not groups:
+    problems.append("no groups")
+names = set()
+for g in groups:
+    for r in g.get("rules") or []:
+        alert = r.get("alert")
+        if not alert or alert in names:
+            problems.append(f"rule without a unique alert name: {r}")
+        names.add(alert)
+        expr = r.get("expr") or ""
+        if not expr.strip():
+            problems.append(f"{alert}: no expr")
+        for o, c in ("()", "[]", "{}"):
+            if expr.count(o) != expr.count(c):
+                problems.append(f"{alert}: unbalanced {o}{c}")
+        for m in re.findall(r"\boppsync_[a-z_]+", expr):
+            if m not in described:
+                problems.append(f"{alert}: {m} is not a metric oppsync describes")
+        if "for" in r and not re.fullmatch(r"\d+[smh]", str(r["for"])):
+            problems.append(f"{alert}: bad duration {r['for']!r}")
+        if (r.get("labels") or {}).get("severity") not in ("critical", "warning", "info"):
+            problems.append(f"{alert}: severity must be critical, warning or info")
+        if not (r.get("annotations") or {}).get("summary"):
+            problems.append(f"{alert}: no summary")
+if problems:
+    print(f"check-k8s: {path}: FAILED", file=sys.stderr)
+    for p in problems:
+        print(f"  - {p}", file=sys.stderr)
+    sys.exit(1)
+print(f"check-k8s: {path}: ok ({len(names)} alerts)")
+PY
+    then
+        status=1
+    fi
+done
 if compgen -G "deploy/base/secret*.yaml" >/dev/null && grep -q "secret" deploy/base/kustomization.yaml \
     && grep -Eq '^\s*-\s*secret' deploy/base/kustomization.yaml; then
     echo "check-k8s: deploy/base/kustomization.yaml lists the secret template as a resource" >&2

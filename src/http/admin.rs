@@ -1,7 +1,7 @@
 //! The admin API (`/admin/...`): look at and re-drive what oppsync is doing. Every route takes a
 //! JWT bearer token (`auth.rs`): `oppsync.read` for reads, `oppsync.write` for changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -12,7 +12,9 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
-use crate::rules::{ConnectionState, OpportunityState, Projection, RejectedValue, WriteKey};
+use crate::rules::{
+    self, ConnectionRoleInfo, ConnectionState, OpportunityState, Projection, RejectedValue, World, WriteKey,
+};
 use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
 use crate::service::Blocked;
 use crate::worker::ResyncError;
@@ -148,8 +150,8 @@ pub async fn opportunity(
         .filter_map(|r| serde_json::from_str(&r.state).ok())
         .collect();
     let role_ids: Vec<Uuid> = connections.iter().filter_map(|c| c.role_id).collect();
-    let role_names: BTreeMap<Uuid, String> = if role_ids.is_empty() {
-        BTreeMap::new()
+    let roles_known = if role_ids.is_empty() {
+        Vec::new()
     } else {
         store
             .load_rows(&RowKeys {
@@ -158,46 +160,51 @@ pub async fn opportunity(
             })
             .await?
             .roles
-            .into_iter()
-            .map(|r| (r.id, r.name))
-            .collect()
     };
-    let customer_contact = opp
-        .customer
-        .as_ref()
-        .and_then(|c| c.value.as_ref())
-        .filter(|r| r.logical_name == "contact")
-        .map(|r| r.id);
-    let customer_role = &state.config.sync.customer_role;
+    // Which rule justifies each role: the rules' own statement of them, over what is stored.
+    let world = World {
+        opportunities: BTreeMap::from([(id, opp.clone())]),
+        connections: connections.iter().map(|c| (c.id, c.clone())).collect(),
+        contacts: BTreeMap::new(),
+        roles: roles_known
+            .into_iter()
+            .map(|r| {
+                (
+                    r.id,
+                    ConnectionRoleInfo {
+                        id: r.id,
+                        name: r.name,
+                        category: r.category,
+                    },
+                )
+            })
+            .collect(),
+    };
+    let sources = rules::role_sources(&opp, &world, &state.config.sync, &mut BTreeSet::new());
 
     let roles = projection
         .as_ref()
         .map(|p| {
             p.roles
                 .iter()
-                .map(|key| {
-                    let mut sources = Vec::new();
-                    if customer_contact == Some(key.contact_id) && &key.role == customer_role {
-                        sources.push(RoleSource {
-                            kind: "customer",
-                            connection_id: None,
-                        });
-                    }
-                    for c in &connections {
-                        let live = c.active && c.deleted_at.is_none();
-                        let named = c.role_id.and_then(|r| role_names.get(&r)) == Some(&key.role);
-                        if live && named && c.contact_id == Some(key.contact_id) {
-                            sources.push(RoleSource {
+                .map(|key| RoleView {
+                    contact_id: key.contact_id.to_string(),
+                    role: key.role.clone(),
+                    sources: sources
+                        .get(key)
+                        .into_iter()
+                        .flatten()
+                        .map(|source| match source {
+                            rules::RoleSource::Customer => RoleSource {
+                                kind: "customer",
+                                connection_id: None,
+                            },
+                            rules::RoleSource::Connection(c) => RoleSource {
                                 kind: "connection",
-                                connection_id: Some(c.id.to_string()),
-                            });
-                        }
-                    }
-                    RoleView {
-                        contact_id: key.contact_id.to_string(),
-                        role: key.role.clone(),
-                        sources,
-                    }
+                                connection_id: Some(c.to_string()),
+                            },
+                        })
+                        .collect(),
                 })
                 .collect()
         })

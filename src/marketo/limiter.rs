@@ -12,7 +12,8 @@
 //!   100 calls / 20 s), so Marketo may still say 606/615 when *others* fill it. Then no call
 //!   starts until a backoff has passed (a rate window for 606, growing while the answers keep
 //!   coming, jittered), and the pace drops to half the calls per window; each window without
-//!   throttling gives one call back (additive increase, multiplicative decrease).
+//!   throttling gives a tenth of the full pace back (additive increase, multiplicative
+//!   decrease, at most once a window).
 //!
 //! Waiting here is not an error and not an attempt; waits are counted for the metrics.
 
@@ -52,6 +53,9 @@ struct Pace {
     consecutive: u32,
     /// When the pace was last lowered or raised.
     changed_at: Instant,
+    /// When the pace was last lowered: at most once a window, so the answers of one burst
+    /// (several calls, each retried) halve it once, not once each.
+    lowered_at: Option<Instant>,
 }
 
 pub(crate) struct Limiter {
@@ -106,6 +110,7 @@ impl Limiter {
                 paused_until: None,
                 consecutive: 0,
                 changed_at: Instant::now(),
+                lowered_at: None,
             }),
             window,
             quota,
@@ -137,7 +142,9 @@ impl Limiter {
         let now = Instant::now();
         if p.calls < self.calls && p.consecutive == 0 && now.duration_since(p.changed_at) >= self.window {
             let windows = (now.duration_since(p.changed_at).as_secs_f64() / self.window.as_secs_f64().max(1e-6)) as usize;
-            p.calls = (p.calls + windows.max(1)).min(self.calls);
+            // A tenth of the full pace back per quiet window: from half to full in five.
+            let step = (self.calls / 10).max(1);
+            p.calls = (p.calls + windows.max(1) * step).min(self.calls);
             p.changed_at = now;
             metrics::gauge!("oppsync_marketo_pace_calls").set(p.calls as f64);
         }
@@ -166,9 +173,11 @@ impl Limiter {
         let already_paused = p.paused_until.is_some_and(|u| u > now);
         if !already_paused {
             p.consecutive = p.consecutive.saturating_add(1);
-            if code == "606" || code == "615" || code == "http_429" {
+            let lowered_lately = p.lowered_at.is_some_and(|t| now.duration_since(t) < self.window);
+            if (code == "606" || code == "615" || code == "http_429") && !lowered_lately {
                 p.calls = (p.calls / 2).max(1);
                 p.changed_at = now;
+                p.lowered_at = Some(now);
             }
         }
         let until = now + pause;

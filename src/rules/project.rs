@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID, SyncConfig};
 use super::mapping::convert;
-use super::state::World;
+use super::state::{OpportunityState, World};
 use crate::dynamics::AttributeValue;
 
 /// A read the projection needs before it can be made.
@@ -75,6 +75,66 @@ impl Projection {
     }
 }
 
+/// Why the rules give an opportunity a role.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RoleSource {
+    /// The potential customer (`customerid`) is this contact.
+    Customer,
+    /// This active connection to the contact has a role in a stakeholder category.
+    Connection(Uuid),
+}
+
+/// Every role the rules give `state`'s opportunity, each with the rules that justify it (a role
+/// stays while one does). Connection roles not known yet are added to `lookups`. The one
+/// statement of the role rules: [`project`] and the admin view both use it.
+pub fn role_sources(
+    state: &OpportunityState,
+    world: &World,
+    cfg: &SyncConfig,
+    lookups: &mut BTreeSet<Lookup>,
+) -> BTreeMap<RoleKey, BTreeSet<RoleSource>> {
+    let mut roles: BTreeMap<RoleKey, BTreeSet<RoleSource>> = BTreeMap::new();
+    if state.is_deleted() {
+        return roles;
+    }
+    // Potential customer (DESIGN.md §2): a contact gets a role.
+    if let Some(customer) = state.customer()
+        && customer.logical_name == "contact"
+    {
+        roles
+            .entry(RoleKey {
+                contact_id: customer.id,
+                role: cfg.customer_role.clone(),
+            })
+            .or_default()
+            .insert(RoleSource::Customer);
+    }
+    // Stakeholders: active connections to a contact whose role is in a stakeholder category.
+    // Both rows of a reciprocal pair give the same key, so the second is a no-op.
+    for connection in world.connections.values() {
+        if connection.opportunity_id != Some(state.id) || !connection.links_contact() {
+            continue;
+        }
+        let (Some(contact_id), Some(role_id)) = (connection.contact_id, connection.role_id) else {
+            continue;
+        };
+        let Some(role) = world.roles.get(&role_id) else {
+            lookups.insert(Lookup::ConnectionRole(role_id));
+            continue;
+        };
+        if cfg.stakeholder_categories.contains(&role.category) {
+            roles
+                .entry(RoleKey {
+                    contact_id,
+                    role: role.name.clone(),
+                })
+                .or_default()
+                .insert(RoleSource::Connection(connection.id));
+        }
+    }
+    roles
+}
+
 /// What Marketo should hold for `opportunity_id`, given `world`. Err lists every lookup still
 /// needed (sorted, without duplicates); resolve them, put the results in the world, and call again.
 ///
@@ -91,11 +151,12 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
     if !state.seen_in_full {
         lookups.insert(Lookup::OpportunityRow(opportunity_id));
     }
-    let mut roles = BTreeSet::new();
-    let mut role_contacts = BTreeSet::new();
+    let sources = role_sources(state, world, cfg, &mut lookups);
+    let roles: BTreeSet<RoleKey> = sources.keys().cloned().collect();
+    let role_contacts: BTreeSet<Uuid> = roles.iter().map(|r| r.contact_id).collect();
 
-    // Potential customer (DESIGN.md §2): an account is the company; a contact gets a role and
-    // its parent account (when that is an account) is the company.
+    // Potential customer (DESIGN.md §2): an account is the company; a contact's parent account
+    // (when that is an account) is.
     let mut company = None;
     if let Some(customer) = state.customer() {
         match customer.logical_name.as_str() {
@@ -106,11 +167,6 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
                 });
             }
             "contact" => {
-                roles.insert(RoleKey {
-                    contact_id: customer.id,
-                    role: cfg.customer_role.clone(),
-                });
-                role_contacts.insert(customer.id);
                 if let Some(contact) = world.contacts.get(&customer.id) {
                     company = contact.parent_account.as_ref().map(|a| CompanyRecord {
                         account_id: a.id,
@@ -122,27 +178,6 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
         }
     }
 
-    // Stakeholders: active connections to a contact whose role is in a stakeholder category.
-    // Both rows of a reciprocal pair give the same key, so the second is a no-op.
-    for connection in world.connections.values() {
-        if connection.opportunity_id != Some(opportunity_id) || !connection.links_contact() {
-            continue;
-        }
-        let (Some(contact_id), Some(role_id)) = (connection.contact_id, connection.role_id) else {
-            continue;
-        };
-        let Some(role) = world.roles.get(&role_id) else {
-            lookups.insert(Lookup::ConnectionRole(role_id));
-            continue;
-        };
-        if cfg.stakeholder_categories.contains(&role.category) {
-            roles.insert(RoleKey {
-                contact_id,
-                role: role.name.clone(),
-            });
-            role_contacts.insert(contact_id);
-        }
-    }
     for contact in role_contacts {
         if !world.contacts.get(&contact).is_some_and(|c| c.is_complete()) {
             lookups.insert(Lookup::Contact(contact));

@@ -73,14 +73,19 @@ async fn admin_dead_write_listed_retried_then_applied() {
     let encoded = url::form_urlencoded::byte_serialize(key.as_bytes()).collect::<String>();
     let (s, body) = admin(&env, "POST", &format!("/admin/writes/{encoded}/retry")).await;
     assert_eq!((s, &body["changed"]), (200, &Value::from(1)), "{body}");
-    // A second retry conflicts (it is pending or done now); an unknown key is 404.
+    // A second retry conflicts (it is pending or done now); an unknown key is 404, and text
+    // that is no write key at all is 400.
     assert_eq!(
         admin(&env, "POST", &format!("/admin/writes/{encoded}/retry"))
             .await
             .0,
         409
     );
-    assert_eq!(admin(&env, "POST", "/admin/writes/nope/retry").await.0, 404);
+    let unknown = format!("/admin/writes/opportunity:{}/retry", Uuid::new_v4());
+    assert_eq!(admin(&env, "POST", &unknown).await.0, 404);
+    let (s, body) = admin(&env, "POST", "/admin/writes/nope/retry").await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body["detail"].as_str().unwrap_or("").contains("write key"), "{body}");
     env.settle().await;
     assert!(env.sims.marketo.opportunities().contains_key(&opp.to_string()));
     env.stop().await;

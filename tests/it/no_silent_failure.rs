@@ -379,3 +379,50 @@ async fn every_metric_has_help_text() {
     assert!(missing.is_empty(), "metrics without # HELP: {missing:?}");
     env.stop().await;
 }
+
+/// The admin view names the rules that justify a role as the rules do: a connection whose
+/// role is not in a stakeholder category justifies nothing, even under the same role name as
+/// the potential customer's role.
+#[tokio::test]
+async fn the_admin_view_agrees_with_the_rules_on_a_non_stakeholder_connection_role() {
+    let env = TestEnv::start_with(EnvOptions {
+        tweak: Some(Box::new(|c| {
+            c.admin.jwt_secret = Some(oppsync::config::Secret::new(jwt::SECRET));
+            c.admin.issuer = Some(jwt::ISSUER.into());
+            c.admin.audience = Some(jwt::AUDIENCE.into());
+            // The potential customer's role shares its name with a connection role of category
+            // 1001 (Sales Team), which is no stakeholder category.
+            c.sync.customer_role = "Account Manager".into();
+        })),
+        ..EnvOptions::default()
+    })
+    .await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    let (ann, n) = org.create_contact("Ann", "Ames", "ann@example.com", Some((Uuid::new_v4(), "Acme")));
+    env.deliver(&n).await;
+    let (opp, n) = org.create_opportunity("Roles", Customer::Contact(ann), Decimal::new(1, 0), 1);
+    env.deliver(&n).await;
+    for n in org.add_stakeholder(opp, ann, oppsync::sim::dataverse::ROLE_ACCOUNT_MANAGER) {
+        env.deliver(&n).await;
+    }
+    env.settle().await;
+    let view: Value = env
+        .http
+        .get(format!("{}/admin/opportunities/{opp}", env.app.url()))
+        .bearer_auth(jwt::read_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let roles = view["roles"].as_array().unwrap();
+    assert_eq!(roles.len(), 1, "{view:#}");
+    assert_eq!(roles[0]["role"], json!("Account Manager"));
+    assert_eq!(
+        roles[0]["sources"],
+        json!([{ "kind": "customer", "connection_id": null }]),
+        "only the customer rule justifies the role: {view:#}"
+    );
+    env.stop().await;
+}

@@ -82,3 +82,67 @@ fn the_shipped_configuration_file_is_valid() {
     assert!(config.server.shutdown_grace_secs + 5 <= 30);
     assert_eq!(config.server.listen, "0.0.0.0:8080");
 }
+
+/// The example PrometheusRule (deploy/monitoring) has the operator's shape, names only metrics
+/// the code emits, covers the alerts the operations guide promises, and each alert is
+/// documented there.
+#[test]
+fn the_example_prometheus_rule_alerts_on_what_oppsync_emits_and_is_documented() {
+    let text = repo_file("deploy/monitoring/prometheusrule.yaml");
+    let rule: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(rule["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(rule["kind"].as_str(), Some("PrometheusRule"));
+    assert!(rule["metadata"]["name"].as_str().is_some());
+    let doc = repo_file("docs/operations.md");
+    let code: String = ["src/service/metrics.rs"]
+        .iter()
+        .map(|p| repo_file(p))
+        .collect();
+    let mut alerts = Vec::new();
+    let mut metrics_used = std::collections::BTreeSet::new();
+    for group in rule["spec"]["groups"].as_sequence().unwrap() {
+        assert!(group["name"].as_str().is_some());
+        for r in group["rules"].as_sequence().unwrap() {
+            let alert = r["alert"].as_str().expect("every rule is an alert");
+            let expr = r["expr"].as_str().unwrap_or_else(|| panic!("{alert}: no expr"));
+            assert!(
+                ["critical", "warning", "info"].contains(&r["labels"]["severity"].as_str().unwrap_or("")),
+                "{alert}: severity"
+            );
+            assert!(r["annotations"]["summary"].as_str().is_some(), "{alert}: summary");
+            if let Some(f) = r["for"].as_str() {
+                assert!(
+                    f.ends_with('m') && f.trim_end_matches('m').parse::<u32>().is_ok(),
+                    "{alert}: for {f}"
+                );
+            }
+            // Balanced brackets: a cheap guard against a broken expression.
+            for (open, close) in [('(', ')'), ('[', ']'), ('{', '}')] {
+                assert_eq!(
+                    expr.matches(open).count(),
+                    expr.matches(close).count(),
+                    "{alert}: unbalanced {open}{close} in {expr}"
+                );
+            }
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("oppsync_") {
+                    assert!(
+                        code.contains(&format!("\"{word}\"")),
+                        "{alert} uses {word}, which oppsync does not describe (src/service/metrics.rs)"
+                    );
+                    metrics_used.insert(word.to_owned());
+                }
+            }
+            assert!(doc.contains(&format!("`{alert}`")), "docs/operations.md lacks {alert}");
+            alerts.push(alert.to_owned());
+        }
+    }
+    for needed in [
+        "oppsync_marketo_blocked",
+        "oppsync_marketo_writes_oldest_age_seconds",
+        "oppsync_dead_letters",
+        "oppsync_marketo_quota_left",
+    ] {
+        assert!(metrics_used.contains(needed), "no alert on {needed}: {alerts:?}");
+    }
+}
