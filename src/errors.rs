@@ -140,7 +140,9 @@ mod tests {
             "connecting to postgres://[redacted]@db:5432/oppsync failed"
         );
         assert_eq!(
-            redact("GET https://x.mktorest.com/identity/oauth/token?grant_type=client_credentials&client_id=abc&client_secret=s3cret failed"),
+            redact(
+                "GET https://x.mktorest.com/identity/oauth/token?grant_type=client_credentials&client_id=abc&client_secret=s3cret failed"
+            ),
             "GET https://x.mktorest.com/identity/oauth/token?grant_type=client_credentials&client_id=abc&client_secret=[redacted] failed"
         );
         assert_eq!(

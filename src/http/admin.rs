@@ -15,8 +15,8 @@ use super::problem::{ApiError, Problem};
 use crate::rules::{
     self, ConnectionRoleInfo, ConnectionState, OpportunityState, Projection, RejectedValue, World, WriteKey,
 };
-use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
 use crate::service::Blocked;
+use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
 use crate::worker::ResyncError;
 
 const DEFAULT_LIMIT: i64 = 50;
@@ -241,7 +241,10 @@ pub async fn opportunity(
             })
         }),
         roles,
-        rejected_values: projection.as_ref().map(|p| p.rejected.clone()).unwrap_or_default(),
+        rejected_values: projection
+            .as_ref()
+            .map(|p| p.rejected.clone())
+            .unwrap_or_default(),
         writes,
         last_error,
     }))

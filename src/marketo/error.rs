@@ -36,7 +36,10 @@ pub enum MarketoError {
 impl MarketoError {
     /// Whether the same call may succeed if made again later (throttling included).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, MarketoError::Retryable { .. } | MarketoError::Throttled { .. })
+        matches!(
+            self,
+            MarketoError::Retryable { .. } | MarketoError::Throttled { .. }
+        )
     }
 
     pub fn is_throttled(&self) -> bool {

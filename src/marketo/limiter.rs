@@ -141,7 +141,8 @@ impl Limiter {
         // A quiet window gives one call of the pace back.
         let now = Instant::now();
         if p.calls < self.calls && p.consecutive == 0 && now.duration_since(p.changed_at) >= self.window {
-            let windows = (now.duration_since(p.changed_at).as_secs_f64() / self.window.as_secs_f64().max(1e-6)) as usize;
+            let windows = (now.duration_since(p.changed_at).as_secs_f64()
+                / self.window.as_secs_f64().max(1e-6)) as usize;
             // A tenth of the full pace back per quiet window: from half to full in five.
             let step = (self.calls / 10).max(1);
             p.calls = (p.calls + windows.max(1) * step).min(self.calls);
@@ -250,13 +251,9 @@ impl Limiter {
             Ok(p) => p,
             Err(_) => {
                 waited = true;
-                self.concurrency
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| {
-                        MarketoError::retryable("client_closed", "the Marketo client is shutting down")
-                    })?
+                self.concurrency.clone().acquire_owned().await.map_err(|_| {
+                    MarketoError::retryable("client_closed", "the Marketo client is shutting down")
+                })?
             }
         };
         let id = loop {
@@ -278,10 +275,10 @@ impl Limiter {
                     // The earliest finished call to leave the window; if every counted call is
                     // still in flight, look again shortly.
                     log.slots
-                    .iter()
-                    .filter_map(|s| s.ended.map(|e| e + window))
-                    .min()
-                    .unwrap_or(now + window / 20)
+                        .iter()
+                        .filter_map(|s| s.ended.map(|e| e + window))
+                        .min()
+                        .unwrap_or(now + window / 20)
                 }
             };
             waited = true;
@@ -400,6 +397,39 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_throttle_answer_pauses_every_call_and_halves_the_pace_once_a_window() {
+        let window = Duration::from_millis(300);
+        let limiter = Arc::new(
+            Limiter::new(10, window, 10, 1000)
+                .with_backoff(Duration::from_millis(100), Duration::from_millis(200)),
+        );
+        assert_eq!(limiter.free_calls(Duration::ZERO), 10);
+        let pause = limiter.throttled("606");
+        assert!(
+            pause >= Duration::from_millis(50) && pause <= Duration::from_millis(300),
+            "{pause:?}"
+        );
+        assert_eq!(limiter.free_calls(Duration::ZERO), 0, "paused: nothing may start");
+        assert!(limiter.next_free_at().is_some());
+        // More answers of the same burst: the pace is halved once, not once each.
+        limiter.throttled("606");
+        limiter.throttled("615");
+        assert_eq!(limiter.pace_now().0, 5);
+        // The next call waits out the pause.
+        let t = Instant::now();
+        drop(limiter.acquire().await.unwrap());
+        assert!(
+            t.elapsed() >= pause.saturating_sub(Duration::from_millis(20)),
+            "{:?}",
+            t.elapsed()
+        );
+        limiter.calm();
+        // A quiet window gives a tenth of the full pace back.
+        tokio::time::sleep(window + Duration::from_millis(20)).await;
+        assert!(limiter.pace_now().0 >= 6, "{}", limiter.pace_now().0);
+    }
 
     #[tokio::test]
     async fn free_calls_count_the_places_that_free_up_in_time() {

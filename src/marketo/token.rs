@@ -157,7 +157,10 @@ impl TokenCache {
             });
         }
         let reply = reply.ok_or_else(|| {
-            MarketoError::retryable("invalid_response", "identity answered with something that is not JSON")
+            MarketoError::retryable(
+                "invalid_response",
+                "identity answered with something that is not JSON",
+            )
         })?;
         let Some(value) = reply.access_token.filter(|t| !t.is_empty()) else {
             return Err(MarketoError::Configuration {

@@ -140,7 +140,10 @@ fn date(d: Date) -> Option<Value> {
 }
 
 fn datetime(t: OffsetDateTime) -> Option<Value> {
-    t.to_offset(UtcOffset::UTC).format(&Rfc3339).ok().map(Value::String)
+    t.to_offset(UtcOffset::UTC)
+        .format(&Rfc3339)
+        .ok()
+        .map(Value::String)
 }
 
 /// An RFC 3339 timestamp or a bare `YYYY-MM-DD` (midnight UTC), as the Web API sends them.
@@ -197,10 +200,7 @@ mod tests {
     fn int_takes_integers_and_web_api_numbers() {
         let m = map(Conversion::Int);
         assert_eq!(conv(&m, Some(&AttributeValue::Int(60))), json!(60));
-        assert_eq!(
-            conv(&m, Some(&AttributeValue::Decimal(dec("59.6")))),
-            json!(60)
-        );
+        assert_eq!(conv(&m, Some(&AttributeValue::Decimal(dec("59.6")))), json!(60));
         assert_eq!(
             conv(&m, Some(&AttributeValue::String("abc".into()))),
             json!(REJECTED)
@@ -304,14 +304,8 @@ mod tests {
             id,
             name: Some("Ann Owner".into()),
         });
-        assert_eq!(
-            conv(&map(Conversion::LookupId), Some(&r)),
-            json!(id.to_string())
-        );
-        assert_eq!(
-            conv(&map(Conversion::LookupName), Some(&r)),
-            json!("Ann Owner")
-        );
+        assert_eq!(conv(&map(Conversion::LookupId), Some(&r)), json!(id.to_string()));
+        assert_eq!(conv(&map(Conversion::LookupName), Some(&r)), json!("Ann Owner"));
         assert_eq!(
             conv(
                 &map(Conversion::LookupId),
@@ -368,7 +362,11 @@ mod tests {
             "lookup_name",
         ] {
             let m = map(Conversion::from(name.to_owned()));
-            for empty in [None, Some(AttributeValue::Null), Some(AttributeValue::String("  ".into()))] {
+            for empty in [
+                None,
+                Some(AttributeValue::Null),
+                Some(AttributeValue::String("  ".into())),
+            ] {
                 assert_eq!(convert(&m, empty.as_ref()), Ok(Value::Null), "{name} {empty:?}");
             }
         }

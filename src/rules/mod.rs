@@ -16,7 +16,9 @@ mod tests;
 
 pub use config::{Conversion, DerivedFields, FieldMapping, LeadMatch, MissingLead, SyncConfig};
 pub use plan::{BadWriteKey, MarketoWrite, Phase, WriteKey, plan};
-pub use project::{CompanyRecord, Lookup, Projection, RejectedValue, RoleKey, RoleSource, project, role_sources};
+pub use project::{
+    CompanyRecord, Lookup, Projection, RejectedValue, RoleKey, RoleSource, project, role_sources,
+};
 pub use state::{
     Applied, ConnectionRoleInfo, ConnectionState, ContactRowError, ContactState, NeedsRow, OpportunityState,
     Versioned, VersionedAttributes, World, apply, connection_opportunity, customer_contact,

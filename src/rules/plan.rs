@@ -94,7 +94,9 @@ impl<'de> Deserialize<'de> for WriteKey {
 /// Push order (DESIGN.md §2.3, specs/marketo.md §4): companies before the opportunities that
 /// name them, leads and opportunities before their roles, role deletes before the opportunity
 /// delete. Stored as its number, so the store reads pending writes in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Companies,

@@ -204,12 +204,18 @@ mod tests {
     fn a_block_keeps_its_start_while_its_reason_stays_and_clears() {
         let l = Lifecycle::default();
         assert!(l.blocked().is_empty());
-        l.set_blocked(System::Marketo, Some((BlockReason::CrmSyncEnabled, "CRM Enabled".into())));
+        l.set_blocked(
+            System::Marketo,
+            Some((BlockReason::CrmSyncEnabled, "CRM Enabled".into())),
+        );
         let first = l.blocked();
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].reason, BlockReason::CrmSyncEnabled);
         std::thread::sleep(std::time::Duration::from_millis(5));
-        l.set_blocked(System::Marketo, Some((BlockReason::CrmSyncEnabled, "CRM Enabled again".into())));
+        l.set_blocked(
+            System::Marketo,
+            Some((BlockReason::CrmSyncEnabled, "CRM Enabled again".into())),
+        );
         assert_eq!(l.blocked()[0].since, first[0].since, "same reason, same block");
         assert_eq!(l.blocked()[0].message, "CRM Enabled again");
         l.set_blocked(System::Marketo, None);

@@ -108,10 +108,7 @@ fn describe() {
         "1 on the replica that holds the push lease"
     );
     describe_gauge!("oppsync_paused", "1 while pushing to Marketo is paused");
-    describe_gauge!(
-        "oppsync_inbox_depth",
-        "Notifications waiting to be planned"
-    );
+    describe_gauge!("oppsync_inbox_depth", "Notifications waiting to be planned");
     describe_gauge!(
         "oppsync_inbox_oldest_age_seconds",
         "Age of the oldest notification waiting to be planned"

@@ -534,7 +534,10 @@ impl Store {
         dispatch!(self, s => s.ready_writes(now, limit).await)
     }
 
-    pub async fn write_statuses(&self, keys: &[WriteKey]) -> Result<HashMap<WriteKey, WriteStatus>, StoreError> {
+    pub async fn write_statuses(
+        &self,
+        keys: &[WriteKey],
+    ) -> Result<HashMap<WriteKey, WriteStatus>, StoreError> {
         dispatch!(self, s => s.write_statuses(keys).await)
     }
 
@@ -618,6 +621,8 @@ impl Store {
         dispatch!(self, s => s.opportunity_row(id).await)
     }
 
+    /// Counts by status and the oldest pending ages, read from counts kept by triggers and from
+    /// the indexes of pending rows: its cost does not grow with the rows the tables keep.
     pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
         dispatch!(self, s => s.stats(now).await)
     }
@@ -627,8 +632,7 @@ impl Store {
         dispatch!(self, s => s.ready_notification_count(now).await)
     }
 
-    /// Pending notifications and pending Marketo writes: much cheaper than `stats`, which reads
-    /// every inbox row for the oldest arrival.
+    /// Pending notifications and pending Marketo writes, counted on the status indexes.
     pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
         dispatch!(self, s => s.pending_counts().await)
     }

@@ -187,7 +187,9 @@ where
     let key: String = row.try_get("key")?;
     let phase: i64 = row.try_get("phase")?;
     Ok(StoredWrite {
-        key: key.parse().map_err(|e: crate::rules::BadWriteKey| StoreError::Corrupt(e.to_string()))?,
+        key: key
+            .parse()
+            .map_err(|e: crate::rules::BadWriteKey| StoreError::Corrupt(e.to_string()))?,
         opportunity_id: row.try_get("opportunity_id")?,
         phase: Phase::from_number(phase)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown write phase {phase}")))?,
@@ -875,44 +877,39 @@ macro_rules! sql_store {
                 Ok((row.try_get("inbox")?, row.try_get("writes")?))
             }
 
+            /// Counts from `status_counts` (kept by triggers) and the oldest pending rows from
+            /// the partial indexes of pending rows: a handful of rows read, however many
+            /// settled rows the tables keep.
             pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
                 let mut stats = StoreStats::default();
-                let rows = sqlx::query("SELECT status, COUNT(*) AS n, MIN(received_at) AS oldest FROM inbox GROUP BY status")
-                    .fetch_all(&self.pool)
-                    .await?;
-                for r in &rows {
-                    let status: String = r.try_get("status")?;
-                    let n: i64 = r.try_get("n")?;
-                    let oldest: Option<i64> = r.try_get("oldest")?;
-                    match status.as_str() {
-                        "pending" => {
-                            stats.inbox_pending = n;
-                            stats.inbox_oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
-                        }
-                        "dead" => stats.inbox_dead = n,
-                        "done" => stats.inbox_done = n,
-                        _ => {}
-                    }
-                }
                 let rows = sqlx::query(
-                    "SELECT status, COUNT(*) AS n, MIN(updated_at) AS oldest FROM marketo_writes GROUP BY status",
+                    "SELECT tbl, status, CAST(SUM(n) AS BIGINT) AS n FROM status_counts GROUP BY tbl, status",
                 )
                 .fetch_all(&self.pool)
                 .await?;
                 for r in &rows {
+                    let table: String = r.try_get("tbl")?;
                     let status: String = r.try_get("status")?;
                     let n: i64 = r.try_get("n")?;
-                    let oldest: Option<i64> = r.try_get("oldest")?;
-                    match status.as_str() {
-                        "pending" => {
-                            stats.writes_pending = n;
-                            stats.writes_oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
-                        }
-                        "dead" => stats.writes_dead = n,
-                        "done" => stats.writes_done = n,
+                    match (table.as_str(), status.as_str()) {
+                        ("inbox", "pending") => stats.inbox_pending = n,
+                        ("inbox", "dead") => stats.inbox_dead = n,
+                        ("inbox", "done") => stats.inbox_done = n,
+                        ("marketo_writes", "pending") => stats.writes_pending = n,
+                        ("marketo_writes", "dead") => stats.writes_dead = n,
+                        ("marketo_writes", "done") => stats.writes_done = n,
                         _ => {}
                     }
                 }
+                let row = sqlx::query(
+                    "SELECT (SELECT MIN(received_at) FROM inbox WHERE status = 'pending') AS inbox, \
+                     (SELECT MIN(updated_at) FROM marketo_writes WHERE status = 'pending') AS writes",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                let age = |oldest: Option<i64>| oldest.map(|o| (now - o).max(0));
+                stats.inbox_oldest_pending_age_ms = age(row.try_get("inbox")?);
+                stats.writes_oldest_pending_age_ms = age(row.try_get("writes")?);
                 Ok(stats)
             }
         }

@@ -106,6 +106,67 @@ pub async fn run_all(store: &Store) {
     a_batch_commit_settles_and_swaps_all_rows_or_none(store).await;
     failed_notifications_retry_then_dead_letter_and_can_be_redriven(store).await;
     controls_and_lead_ids_round_trip(store).await;
+    // Last: every check above moved rows through every status.
+    the_kept_counts_match_the_rows(store).await;
+}
+
+/// The counts `stats` reads (kept by triggers, so a scrape does not count the tables) equal
+/// the rows, after all the inserts, claims, settlements, retries, discards and coalescing of
+/// the checks before; the oldest pending ages come from the pending rows.
+async fn the_kept_counts_match_the_rows(store: &Store) {
+    use sqlx::Row;
+    async fn counted(store: &Store, sql: &'static str) -> Vec<(String, i64)> {
+        let rows = match store {
+            Store::Sqlite(s) => sqlx::query(sql)
+                .fetch_all(s.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<String, _>("status"), r.get::<i64, _>("n")))
+                .collect(),
+            Store::Postgres(s) => sqlx::query(sql)
+                .fetch_all(s.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<String, _>("status"), r.get::<i64, _>("n")))
+                .collect(),
+        };
+        rows
+    }
+    let inbox = counted(store, "SELECT status, COUNT(*) AS n FROM inbox GROUP BY status").await;
+    let writes = counted(
+        store,
+        "SELECT status, COUNT(*) AS n FROM marketo_writes GROUP BY status",
+    )
+    .await;
+    let of =
+        |rows: &[(String, i64)], status: &str| rows.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+    let now = now_ms();
+    let stats = store.stats(now).await.unwrap();
+    assert!(
+        of(&inbox, "done") > 0 && of(&writes, "done") > 0,
+        "{inbox:?} {writes:?}"
+    );
+    assert_eq!(stats.inbox_pending, of(&inbox, "pending"), "{inbox:?} {stats:?}");
+    assert_eq!(stats.inbox_dead, of(&inbox, "dead"), "{inbox:?} {stats:?}");
+    assert_eq!(stats.inbox_done, of(&inbox, "done"), "{inbox:?} {stats:?}");
+    assert_eq!(
+        stats.writes_pending,
+        of(&writes, "pending"),
+        "{writes:?} {stats:?}"
+    );
+    assert_eq!(stats.writes_dead, of(&writes, "dead"), "{writes:?} {stats:?}");
+    assert_eq!(stats.writes_done, of(&writes, "done"), "{writes:?} {stats:?}");
+    // A new notification is the oldest pending one only if nothing older waits.
+    let before = store.stats(now).await.unwrap();
+    store
+        .insert_notifications(&[notification("counted-last", Uuid::new_v4())])
+        .await
+        .unwrap();
+    let after = store.stats(now_ms()).await.unwrap();
+    assert_eq!(after.inbox_pending, before.inbox_pending + 1);
+    assert!(after.inbox_oldest_pending_age_ms.is_some());
 }
 
 /// Over `INSERT_CHUNK` rows take several statements in one transaction; a repeat in a later

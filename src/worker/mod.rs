@@ -167,7 +167,10 @@ where
             return;
         }
         let now = Instant::now();
-        while restarts.front().is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW) {
+        while restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
             restarts.pop_front();
         }
         if restarts.len() >= ctx.config.worker.restart_limit as usize {

@@ -291,7 +291,10 @@ impl WriteGroups {
                     row,
                     write: CompanyUpsert { account_id, name },
                 }),
-                MarketoWrite::EnsureLead { contact_id } => groups.leads.push(Ready { row, write: contact_id }),
+                MarketoWrite::EnsureLead { contact_id } => groups.leads.push(Ready {
+                    row,
+                    write: contact_id,
+                }),
                 MarketoWrite::UpsertOpportunity {
                     opportunity_id,
                     fields,
@@ -326,10 +329,12 @@ impl WriteGroups {
                         role,
                     },
                 }),
-                MarketoWrite::DeleteOpportunity { opportunity_id } => groups.opportunity_deletes.push(Ready {
-                    row,
-                    write: opportunity_id,
-                }),
+                MarketoWrite::DeleteOpportunity { opportunity_id } => {
+                    groups.opportunity_deletes.push(Ready {
+                        row,
+                        write: opportunity_id,
+                    })
+                }
             }
         }
         (groups, unreadable)
@@ -449,12 +454,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
             .collect();
         let outcomes = push_roles(ctx, kind, writes, &mut gate, &mut outcome).await?;
         let done: HashSet<&WriteKey> = outcomes.iter().map(|(k, _, _)| k).collect();
-        held_role_opportunities.extend(
-            waiting
-                .iter()
-                .filter(|(k, _)| !done.contains(k))
-                .map(|(_, o)| *o),
-        );
+        held_role_opportunities.extend(waiting.iter().filter(|(k, _)| !done.contains(k)).map(|(_, o)| *o));
         outcome.settled += outcomes.len();
         ctx.store.settle_writes(&outcomes).await?;
     }
@@ -576,7 +576,11 @@ fn failed_call(ctx: &WorkerContext, write: &StoredWrite, e: &MarketoError) -> Wr
             at: ctx
                 .marketo
                 .next_free_call_at()
-                .map(|at| now_ms() + at.saturating_duration_since(std::time::Instant::now()).as_millis() as i64)
+                .map(|at| {
+                    now_ms()
+                        + at.saturating_duration_since(std::time::Instant::now())
+                            .as_millis() as i64
+                })
                 .unwrap_or_else(now_ms),
             error: reason,
             count_attempt: false,
@@ -608,7 +612,9 @@ fn block_reason(e: &MarketoError) -> BlockReason {
     match e.code() {
         "1018" => BlockReason::CrmSyncEnabled,
         // Identity refused the client id or secret.
-        "http_400" | "http_401" | "invalid_client" | "unauthorized" | "no_token" => BlockReason::BadCredentials,
+        "http_400" | "http_401" | "invalid_client" | "unauthorized" | "no_token" => {
+            BlockReason::BadCredentials
+        }
         "603" | "http_403" => BlockReason::AccessDenied,
         _ => BlockReason::Misconfigured,
     }

@@ -59,11 +59,7 @@ async fn start(tweak: impl FnOnce(&mut crate::config::Config)) -> Env {
     )
     .await
     .unwrap();
-    Env {
-        app,
-        sims,
-        _dir: dir,
-    }
+    Env { app, sims, _dir: dir }
 }
 
 fn worker(env: &Env) -> &Arc<WorkerContext> {
@@ -97,7 +93,10 @@ fn failures(loop_name: &str) -> u64 {
     handle
         .render()
         .lines()
-        .find_map(|l| l.strip_prefix(needle.as_str()).map(|v| v.trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix(needle.as_str())
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -121,7 +120,11 @@ async fn a_panic_in_planning_is_counted_and_the_notification_is_planned_after_th
     })
     .await;
     assert!(landed, "the notification is planned and pushed after the restart");
-    assert_eq!(worker(&env).test_hooks.plan_panics.load(Ordering::SeqCst), 0, "the panic happened");
+    assert_eq!(
+        worker(&env).test_hooks.plan_panics.load(Ordering::SeqCst),
+        0,
+        "the panic happened"
+    );
     assert!(failures("planner") > before, "the failure is counted");
     assert_eq!(healthz(&env).await, 200, "one restart keeps the worker alive");
     assert!(!env.app.state.lifecycle.is_worker_gone());
@@ -168,7 +171,10 @@ async fn the_lease_renewer_ends_with_its_batch() {
     drop(guard);
     // The task was aborted: its sender is gone, so the channel closes.
     assert!(
-        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().is_none(),
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .is_none(),
         "the renewer outlived its batch"
     );
 }

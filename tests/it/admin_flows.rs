@@ -85,7 +85,10 @@ async fn admin_dead_write_listed_retried_then_applied() {
     assert_eq!(admin(&env, "POST", &unknown).await.0, 404);
     let (s, body) = admin(&env, "POST", "/admin/writes/nope/retry").await;
     assert_eq!(s, 400, "{body}");
-    assert!(body["detail"].as_str().unwrap_or("").contains("write key"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("write key"),
+        "{body}"
+    );
     env.settle().await;
     assert!(env.sims.marketo.opportunities().contains_key(&opp.to_string()));
     env.stop().await;

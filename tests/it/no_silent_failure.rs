@@ -60,7 +60,9 @@ async fn a_rate_limit_storm_from_another_integration_slows_pushing_and_dead_lett
     assert!(m.count_606() >= 4, "the storm happened: {}", m.count_606());
     let held = m.opportunities();
     for (id, name) in &expected {
-        let record = held.get(&id.to_string()).unwrap_or_else(|| panic!("{id} missing"));
+        let record = held
+            .get(&id.to_string())
+            .unwrap_or_else(|| panic!("{id} missing"));
         assert_eq!(record["name"], *name);
     }
     // Every write settled done; none spent an attempt on the storm.
@@ -152,19 +154,31 @@ async fn a_value_that_fails_its_conversion_leaves_the_marketo_field_unchanged() 
     );
     env.deliver(&n).await;
     env.settle().await;
-    let probability = |env: &TestEnv| env.sims.marketo.opportunities()[&id.to_string()]["probability"].clone();
+    let probability =
+        |env: &TestEnv| env.sims.marketo.opportunities()[&id.to_string()]["probability"].clone();
     assert_eq!(probability(&env), json!(60));
     let series = "oppsync_mapping_rejected_total{field=\"probability\"}";
     let before = metric(&env, series).await.unwrap_or(0.0);
 
     let mut changes = Attributes::new();
-    changes.insert("closeprobability".into(), AttributeValue::String("about half".into()));
+    changes.insert(
+        "closeprobability".into(),
+        AttributeValue::String("about half".into()),
+    );
     changes.insert("name".into(), AttributeValue::String("Odd value, renamed".into()));
     env.deliver(&org.update_opportunity(id, changes)).await;
     env.settle().await;
     let held = env.sims.marketo.opportunities()[&id.to_string()].clone();
-    assert_eq!(held["name"], json!("Odd value, renamed"), "the rest of the record is synced");
-    assert_eq!(held["probability"], json!(60), "the field is left unchanged, not nulled");
+    assert_eq!(
+        held["name"],
+        json!("Odd value, renamed"),
+        "the rest of the record is synced"
+    );
+    assert_eq!(
+        held["probability"],
+        json!(60),
+        "the field is left unchanged, not nulled"
+    );
     assert!(
         metric(&env, series).await.unwrap_or(0.0) > before,
         "the rejection is counted"
@@ -264,7 +278,9 @@ async fn a_mixed_ready_set_reaches_marketo_intact() {
         for record in input {
             let expected_key = match call.path.as_str() {
                 "/rest/v1/companies.json" => "externalCompanyId",
-                "/rest/v1/opportunities.json" | "/rest/v1/opportunities/delete.json" => "externalOpportunityId",
+                "/rest/v1/opportunities.json" | "/rest/v1/opportunities/delete.json" => {
+                    "externalOpportunityId"
+                }
                 "/rest/v1/opportunities/roles.json" | "/rest/v1/opportunities/roles/delete.json" => "leadId",
                 _ => continue,
             };
@@ -331,7 +347,10 @@ async fn native_crm_sync_enabled_blocks_pushing_with_readiness_green_and_is_repo
     let (_, n2) = org.create_opportunity("Queued", Customer::Account(Uuid::new_v4()), Decimal::new(2, 0), 2);
     env.deliver(&n2).await;
     let store_stats = env.app.state.store.stats(oppsync::store::now_ms()).await.unwrap();
-    assert_eq!(store_stats.writes_dead, 0, "a configuration error is not a dead letter");
+    assert_eq!(
+        store_stats.writes_dead, 0,
+        "a configuration error is not a dead letter"
+    );
 
     env.sims.marketo.set_crm_enabled(false);
     // Probed again a minute later in production; the tests' quick settings make it sooner.
@@ -339,7 +358,10 @@ async fn native_crm_sync_enabled_blocks_pushing_with_readiness_green_and_is_repo
         env.sims.marketo.opportunities().contains_key(&opp.to_string())
     })
     .await;
-    assert!(pushed, "pushing resumes by itself once the instance accepts writes");
+    assert!(
+        pushed,
+        "pushing resumes by itself once the instance accepts writes"
+    );
     env.settle().await;
     assert_eq!(stats().await["blocked"], json!([]));
     assert_eq!(

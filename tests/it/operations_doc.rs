@@ -94,10 +94,7 @@ fn the_example_prometheus_rule_alerts_on_what_oppsync_emits_and_is_documented() 
     assert_eq!(rule["kind"].as_str(), Some("PrometheusRule"));
     assert!(rule["metadata"]["name"].as_str().is_some());
     let doc = repo_file("docs/operations.md");
-    let code: String = ["src/service/metrics.rs"]
-        .iter()
-        .map(|p| repo_file(p))
-        .collect();
+    let code: String = ["src/service/metrics.rs"].iter().map(|p| repo_file(p)).collect();
     let mut alerts = Vec::new();
     let mut metrics_used = std::collections::BTreeSet::new();
     for group in rule["spec"]["groups"].as_sequence().unwrap() {
@@ -133,7 +130,10 @@ fn the_example_prometheus_rule_alerts_on_what_oppsync_emits_and_is_documented() 
                     metrics_used.insert(word.to_owned());
                 }
             }
-            assert!(doc.contains(&format!("`{alert}`")), "docs/operations.md lacks {alert}");
+            assert!(
+                doc.contains(&format!("`{alert}`")),
+                "docs/operations.md lacks {alert}"
+            );
             alerts.push(alert.to_owned());
         }
     }
