@@ -116,7 +116,7 @@ pub async fn run_all(store: &Store) {
 async fn the_kept_counts_match_the_rows(store: &Store) {
     use sqlx::Row;
     async fn counted(store: &Store, sql: &'static str) -> Vec<(String, i64)> {
-        let rows = match store {
+        match store {
             Store::Sqlite(s) => sqlx::query(sql)
                 .fetch_all(s.pool())
                 .await
@@ -131,8 +131,7 @@ async fn the_kept_counts_match_the_rows(store: &Store) {
                 .iter()
                 .map(|r| (r.get::<String, _>("status"), r.get::<i64, _>("n")))
                 .collect(),
-        };
-        rows
+        }
     }
     let inbox = counted(store, "SELECT status, COUNT(*) AS n FROM inbox GROUP BY status").await;
     let writes = counted(
