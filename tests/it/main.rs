@@ -15,4 +15,5 @@ mod pipeline;
 mod register_cli;
 mod replicas;
 mod rules_e2e;
+mod serve_cli;
 mod store_pg;
