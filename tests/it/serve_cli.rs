@@ -180,3 +180,26 @@ async fn serve_still_refuses_an_older_schema_without_migrate() {
     let mut serve = Serve::start(&env, port, &["--migrate"], &dir.path().join("serve2.log"));
     assert!(serve.answers("/readyz").await, "{}", serve.log());
 }
+
+#[tokio::test]
+async fn serve_says_at_start_that_a_recorded_pause_holds_with_worker_paused_false() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    store.set_paused(true).await.unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/healthz").await, "{}", serve.log());
+    serve.sigterm();
+    assert!(serve.exit(Duration::from_secs(20)).await.is_some());
+    let log = serve.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("paused"))
+        .unwrap_or_else(|| panic!("no WARN about the pause:\n{log}"));
+    assert!(line.contains("/admin/resume"), "{line}");
+    assert!(store.paused().await.unwrap(), "the pause still holds");
+}
