@@ -230,6 +230,9 @@ pub struct DataverseConfig {
     pub max_rate_limit_retries: u32,
     /// Most total time one call spends waiting on 429s.
     pub max_rate_limit_wait_secs: u64,
+    /// Most Web API calls in flight at once (Dataverse's service protection also limits
+    /// concurrent requests per user, to 52).
+    pub max_concurrent_requests: u32,
 }
 
 impl Default for DataverseConfig {
@@ -243,6 +246,7 @@ impl Default for DataverseConfig {
             request_timeout_secs: 30,
             max_rate_limit_retries: 5,
             max_rate_limit_wait_secs: 120,
+            max_concurrent_requests: 16,
         }
     }
 }
