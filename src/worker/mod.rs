@@ -2,6 +2,7 @@
 //! resulting Marketo writes (`pusher`). Intake never waits for either; a Dataverse or Marketo
 //! outage delays work and never drops it.
 
+pub mod backfill;
 pub mod planner;
 pub mod pusher;
 
@@ -78,8 +79,12 @@ pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> Join
     {
         tracing::error!(error = %e, "could not record the paused state");
     }
+    if let Err(e) = backfill::start_if_empty_store(&ctx).await {
+        tracing::error!(error = %e, "could not start the initial sync on the empty store");
+    }
     let mut tasks = JoinSet::new();
     tasks.spawn(plan_loop(ctx.clone(), shutdown.clone()));
+    tasks.spawn(backfill::run_loop(ctx.clone(), shutdown.clone()));
     tasks.spawn(push_loop(ctx, shutdown));
     tasks
 }
