@@ -9,16 +9,14 @@ use axum::http::StatusCode;
 use super::AppState;
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
-use crate::worker::backfill::{self, BackfillProgress, BackfillRequest, StartError};
+use crate::worker::{BackfillProgress, BackfillRequest, StartError};
 
 async fn current(state: &AppState) -> Result<BackfillProgress, ApiError> {
-    backfill::progress(
-        state.worker.as_deref(),
-        &state.store,
-        state.config.backfill.quota_reserve,
-    )
-    .await?
-    .ok_or_else(|| ApiError::NotFound("No backfill has been started.".into()))
+    state
+        .worker
+        .backfill_progress(state.config.backfill.quota_reserve)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("No backfill has been started.".into()))
 }
 
 /// Starts the initial sync: every opportunity (optionally only those `filter` and `since`
@@ -44,7 +42,7 @@ pub async fn start_backfill(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<BackfillProgress>), ApiError> {
-    if state.worker.is_none() {
+    if !state.worker.is_running() {
         return Err(ApiError::WorkerNotRunning);
     }
     let request: BackfillRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -57,7 +55,7 @@ pub async fn start_backfill(
         })?
     };
     let request = request.validated().map_err(ApiError::BadRequest)?;
-    match backfill::start(&state.store, &request).await {
+    match state.worker.start_backfill(&request).await {
         Ok(_) => {}
         Err(StartError::AlreadyRunning(job)) => {
             return Err(ApiError::Conflict(format!(
@@ -114,11 +112,13 @@ pub async fn cancel_backfill(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
 ) -> Result<Json<BackfillProgress>, ApiError> {
-    match backfill::cancel(&state.store).await? {
-        Some(job) => {
-            tracing::info!(job = %job.id, by = claims.sub.as_deref().unwrap_or(""), "admin cancelled the backfill");
-            Ok(Json(current(&state).await?))
-        }
-        None => Err(ApiError::Conflict("No backfill is running.".into())),
+    if state.worker.cancel_backfill().await? {
+        tracing::info!(
+            by = claims.sub.as_deref().unwrap_or(""),
+            "admin cancelled the backfill"
+        );
+        Ok(Json(current(&state).await?))
+    } else {
+        Err(ApiError::Conflict("No backfill is running.".into()))
     }
 }

@@ -3,8 +3,12 @@
 //! outage delays work and never drops it.
 
 pub mod backfill;
+mod control;
 pub mod planner;
 pub mod pusher;
+
+pub use backfill::{BackfillPhase, BackfillProgress, BackfillRequest, BackfillStatus, StartError};
+pub use control::{ResyncError, WorkerControl};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dynamics::webapi::DataverseClient;
-use crate::http::Lifecycle;
 use crate::marketo::MarketoClient;
+use crate::service::Lifecycle;
 use crate::store::{PushLease, Store, now_ms};
 
 /// What the worker tasks share.
@@ -59,7 +63,7 @@ impl WorkerContext {
 
     /// Pushing is paused by configuration at start or by an operator (shared by replicas).
     pub async fn is_paused(&self) -> bool {
-        matches!(self.store.control(pusher::PAUSED).await, Ok(Some(v)) if v == "true")
+        matches!(self.store.paused().await, Ok(true))
     }
 }
 
@@ -75,7 +79,7 @@ pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
 /// Starts the planner and the pusher; they stop when `shutdown` is cancelled.
 pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> JoinSet<()> {
     if ctx.config.worker.paused
-        && let Err(e) = ctx.store.set_control(pusher::PAUSED, "true").await
+        && let Err(e) = ctx.store.set_paused(true).await
     {
         tracing::error!(error = %e, "could not record the paused state");
     }
