@@ -476,6 +476,7 @@ async fn live_writes_go_before_background_writes_of_the_same_phase() {
         })
         .await
         .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
     // A live plan of a record waiting in the background makes it live.
     store
         .commit(&Commit {
