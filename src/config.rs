@@ -101,6 +101,7 @@ pub struct Config {
     pub sync: SyncConfig,
     pub admin: AdminConfig,
     pub worker: WorkerConfig,
+    pub backfill: BackfillConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,6 +231,9 @@ pub struct DataverseConfig {
     pub max_rate_limit_retries: u32,
     /// Most total time one call spends waiting on 429s.
     pub max_rate_limit_wait_secs: u64,
+    /// Most Web API calls in flight at once (Dataverse's service protection also limits
+    /// concurrent requests per user, to 52).
+    pub max_concurrent_requests: u32,
 }
 
 impl Default for DataverseConfig {
@@ -243,6 +247,7 @@ impl Default for DataverseConfig {
             request_timeout_secs: 30,
             max_rate_limit_retries: 5,
             max_rate_limit_wait_secs: 120,
+            max_concurrent_requests: 16,
         }
     }
 }
@@ -301,6 +306,33 @@ impl Default for WorkerConfig {
             claim_batch: 256,
             retry_base_ms: 2_000,
             retry_max_ms: 600_000,
+        }
+    }
+}
+
+/// The initial sync (`POST /admin/backfill`, `oppsync backfill`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackfillConfig {
+    /// Start one the first time `serve` runs on an empty store.
+    pub on_empty_store: bool,
+    /// Opportunities read per Web API page; each page is planned in one commit.
+    pub page_size: u32,
+    /// Marketo calls of the daily quota left to live traffic: the backfill pauses when no more
+    /// than this many are left.
+    pub quota_reserve: u32,
+    /// Most Marketo writes the backfill keeps waiting to be pushed; it reads on as the pusher
+    /// takes them.
+    pub max_queued_writes: u32,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            on_empty_store: false,
+            page_size: 200,
+            quota_reserve: 5_000,
+            max_queued_writes: 6_000,
         }
     }
 }
@@ -495,6 +527,15 @@ impl Config {
         }
         if self.worker.claim_batch == 0 {
             p.push("worker.claim_batch: must be at least 1".into());
+        }
+        if self.backfill.page_size == 0 || self.backfill.page_size > 5_000 {
+            p.push("backfill.page_size: must be between 1 and 5000 (Dataverse's largest page)".into());
+        }
+        if self.backfill.max_queued_writes == 0 {
+            p.push("backfill.max_queued_writes: must be at least 1".into());
+        }
+        if self.dataverse.max_concurrent_requests == 0 {
+            p.push("dataverse.max_concurrent_requests: must be at least 1".into());
         }
         p.extend(self.sync.problems());
         p

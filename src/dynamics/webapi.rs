@@ -22,6 +22,10 @@ use uuid::Uuid;
 use crate::config::{DataverseConfig, Secret};
 use crate::dynamics::{AttributeValue, Attributes, EntityRef, Version};
 
+mod paging;
+
+pub use paging::{CHANGE_TRACKING_OFF_CODE, Change, CollectionQuery, MAX_PAGE_SIZE, Page, any_of};
+
 const API_PATH: &str = "api/data/v9.2/";
 const LOOKUP_ANNOTATION: &str = "@Microsoft.Dynamics.CRM.lookuplogicalname";
 const NAVIGATION_ANNOTATION: &str = "@Microsoft.Dynamics.CRM.associatednavigationproperty";
@@ -55,6 +59,9 @@ pub enum WebApiError {
     Rejected(String),
     #[error("Dataverse client configuration: {0}")]
     Config(String),
+    /// A change-tracking read of a table that has change tracking off.
+    #[error("change tracking is off for the Dataverse table {0}")]
+    ChangeTrackingOff(String),
 }
 
 impl WebApiError {
@@ -108,6 +115,9 @@ struct Inner {
     token: tokio::sync::Mutex<Option<CachedToken>>,
     max_rate_limit_retries: u32,
     max_rate_limit_wait: Duration,
+    /// Bounds the Web API calls in flight (Dataverse's service protection counts concurrent
+    /// requests per user).
+    permits: tokio::sync::Semaphore,
 }
 
 struct CachedToken {
@@ -164,6 +174,7 @@ impl DataverseClient {
                 token: tokio::sync::Mutex::new(None),
                 max_rate_limit_retries: cfg.max_rate_limit_retries,
                 max_rate_limit_wait: Duration::from_secs(cfg.max_rate_limit_wait_secs),
+                permits: tokio::sync::Semaphore::new(cfg.max_concurrent_requests.max(1) as usize),
             }),
         })
     }
@@ -403,12 +414,32 @@ impl DataverseClient {
         body: Option<&serde_json::Value>,
         if_match: bool,
     ) -> Result<Reply, WebApiError> {
+        self.execute_with(method, url, body, if_match, None).await
+    }
+
+    /// [`Self::execute`] with a `Prefer` header of the caller's (paging, change tracking) in
+    /// place of the default one. At most `dataverse.max_concurrent_requests` calls are in
+    /// flight; a 429's wait is spent without holding a place.
+    async fn execute_with(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&serde_json::Value>,
+        if_match: bool,
+        prefer: Option<&str>,
+    ) -> Result<Reply, WebApiError> {
         let what = format!("{method} {}", url.path());
         let mut rate_limited = 0u32;
         let mut waited = Duration::ZERO;
         let mut refreshed = false;
         loop {
             let token = self.bearer().await?;
+            let permit = self
+                .inner
+                .permits
+                .acquire()
+                .await
+                .map_err(|e| WebApiError::Transient(format!("{what}: {e}")))?;
             let mut req = self
                 .inner
                 .http
@@ -417,7 +448,7 @@ impl DataverseClient {
                 .header(ACCEPT, "application/json")
                 .header("OData-MaxVersion", "4.0")
                 .header("OData-Version", "4.0")
-                .header("Prefer", "odata.include-annotations=\"*\"");
+                .header("Prefer", prefer.unwrap_or("odata.include-annotations=\"*\""));
             if let Some(b) = body {
                 req = req.json(b);
             }
@@ -429,7 +460,10 @@ impl DataverseClient {
                 .await
                 .map_err(|e| WebApiError::Transient(format!("{what}: {e}")))?;
             let status = resp.status();
+            metrics::counter!("oppsync_dataverse_requests_total", "status" => status.as_u16().to_string())
+                .increment(1);
             if status == StatusCode::TOO_MANY_REQUESTS {
+                drop(permit);
                 // Service protection limits (spec §7.3): wait as told, within a budget, then
                 // hand the work back to the worker as transient.
                 let wait = retry_after(resp.headers())
@@ -448,6 +482,7 @@ impl DataverseClient {
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED && !refreshed {
+                drop(permit);
                 // The token may have been revoked or expired early: fetch a new one once.
                 refreshed = true;
                 self.forget_token(&token).await;
@@ -458,6 +493,7 @@ impl DataverseClient {
                 .text()
                 .await
                 .map_err(|e| WebApiError::Transient(format!("{what}: reading the answer: {e}")))?;
+            drop(permit);
             tracing::debug!(call = %what, status = status.as_u16(), "Dataverse call");
             return match status {
                 s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(Reply {

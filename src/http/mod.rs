@@ -2,6 +2,7 @@
 //! API and the refusal of Marketo-side creation. Handlers know the store and little else.
 
 pub mod admin;
+pub mod admin_sync;
 pub mod auth;
 pub mod health;
 pub mod metrics;
@@ -65,6 +66,11 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::pause))
         .routes(routes!(admin::resume))
         .routes(routes!(admin::stats))
+        .routes(routes!(
+            admin_sync::start_backfill,
+            admin_sync::backfill_progress,
+            admin_sync::cancel_backfill
+        ))
         .routes(routes!(
             refusal::refuse_get,
             refusal::refuse_post,

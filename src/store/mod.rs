@@ -225,6 +225,9 @@ pub struct Commit {
     pub contacts: Vec<RowWrite>,
     pub roles: Vec<RoleRow>,
     pub writes: Vec<PlannedWrite>,
+    /// The writes come from a background job (the initial sync, reconciliation): they are
+    /// pushed after live ones of the same phase.
+    pub background: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -630,6 +633,16 @@ impl Store {
     /// every inbox row for the oldest arrival.
     pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
         dispatch!(self, s => s.pending_counts().await)
+    }
+
+    /// Pending Marketo writes planned by a background job (the initial sync).
+    pub async fn pending_background_writes(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.pending_background_writes().await)
+    }
+
+    /// Opportunities oppsync knows, tombstones included (0 on a new store).
+    pub async fn opportunity_count(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.opportunity_count().await)
     }
 
     /// True when nothing is left to do: no pending notification and no pending write.

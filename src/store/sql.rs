@@ -112,16 +112,19 @@ const CONTACT_INSERT: &str = "WITH v(id, state) AS (VALUES {}) \
      INSERT INTO contacts (id, revision, state, updated_at) \
      SELECT id, 1, state, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
 // Coalescing: one row per Marketo record; a newer plan replaces the payload and bumps the
-// revision (keys must be distinct within one statement). A plan equal to the payload Marketo
+// revision (keys must be distinct within one statement). A write pending for live traffic stays
+// live when a background job (the initial sync) plans the same record. A plan equal to the payload Marketo
 // already took, or to the one still waiting, changes nothing: many opportunities plan the same
 // company (or lead), and pushing it again would only spend calls.
-const WRITE_UPSERT: &str = "WITH v(key, opp, phase, payload) AS (VALUES {}) \
+const WRITE_UPSERT: &str = "WITH v(key, opp, phase, payload, bg) AS (VALUES {}) \
      INSERT INTO marketo_writes (key, opportunity_id, phase, payload, revision, status, attempts, \
-     next_attempt_at, last_error, updated_at) SELECT key, opp, phase, payload, 1, 'pending', 0, $1, NULL, $1 \
+     next_attempt_at, last_error, updated_at, background) SELECT key, opp, phase, payload, 1, 'pending', 0, $1, NULL, $1, bg \
      FROM v WHERE true ON CONFLICT (key) DO UPDATE SET opportunity_id = excluded.opportunity_id, \
      phase = excluded.phase, payload = excluded.payload, revision = marketo_writes.revision + 1, \
      status = 'pending', attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
-     updated_at = excluded.updated_at \
+     updated_at = excluded.updated_at, \
+     background = CASE WHEN marketo_writes.status = 'pending' AND marketo_writes.background < excluded.background \
+     THEN marketo_writes.background ELSE excluded.background END \
      WHERE marketo_writes.payload <> excluded.payload OR marketo_writes.status NOT IN ('pending', 'done')";
 // Settling pushed writes: `revision = v.rev` leaves alone a write a newer plan replaced
 // meanwhile; it is still pending and will be pushed on its own.
@@ -556,13 +559,14 @@ macro_rules! sql_store {
                     .map(|(_, w)| w)
                     .collect();
                 for chunk in writes.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 4))).bind(now);
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 5))).bind(now);
                     for w in chunk {
                         q = q
                             .bind(&w.key)
                             .bind(w.opportunity_id.map(|u| u.to_string()))
                             .bind(w.phase)
-                            .bind(&w.payload);
+                            .bind(&w.payload)
+                            .bind(i64::from(commit.background));
                     }
                     q.execute(&mut *tx).await?;
                 }
@@ -610,7 +614,7 @@ macro_rules! sql_store {
                 let rows = sqlx::query(
                     "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
                      last_error, updated_at FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
-                     ORDER BY phase, updated_at, key LIMIT $2",
+                     ORDER BY phase, background, updated_at, key LIMIT $2",
                 )
                 .bind(now)
                 .bind(limit)
@@ -877,6 +881,20 @@ macro_rules! sql_store {
             }
 
             /// Pending notifications and pending writes, counted on the status indexes alone.
+            /// Pending Marketo writes planned by a background job.
+            pub async fn pending_background_writes(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending' AND background = 1",
+                )
+                .fetch_one(&self.pool)
+                .await?)
+            }
+
+            /// Opportunities oppsync knows (tombstones included).
+            pub async fn opportunity_count(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM opportunities").fetch_one(&self.pool).await?)
+            }
+
             pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
                 let row = sqlx::query(
                     "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') AS inbox, \

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::WorkerContext;
+use super::backfill::{self, BackfillProgress, BackfillRequest, StartError};
 use super::planner::{self, PlanError};
 use crate::marketo::Usage;
 use crate::store::{Store, StoreError};
@@ -85,5 +86,23 @@ impl WorkerControl {
     /// Marketo API use by this process today (None where it runs no worker).
     pub fn marketo_usage(&self) -> Option<Usage> {
         self.worker.as_ref().map(|w| w.marketo.usage())
+    }
+
+    /// Records a new initial sync (the replica that pushes runs it); refused while one runs.
+    pub async fn start_backfill(&self, request: &BackfillRequest) -> Result<(), StartError> {
+        backfill::start(&self.store, request).await.map(|_| ())
+    }
+
+    /// The current (or last) initial sync and what it achieved; None if none was ever started.
+    pub async fn backfill_progress(
+        &self,
+        quota_reserve: u32,
+    ) -> Result<Option<BackfillProgress>, StoreError> {
+        backfill::progress(self.worker.as_deref(), &self.store, quota_reserve).await
+    }
+
+    /// Cancels the running initial sync; false when none is running.
+    pub async fn cancel_backfill(&self) -> Result<bool, StoreError> {
+        Ok(backfill::cancel(&self.store).await?.is_some())
     }
 }

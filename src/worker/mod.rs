@@ -2,10 +2,12 @@
 //! resulting Marketo writes (`pusher`). Intake never waits for either; a Dataverse or Marketo
 //! outage delays work and never drops it.
 
+pub mod backfill;
 mod control;
 pub mod planner;
 pub mod pusher;
 
+pub use backfill::{BackfillPhase, BackfillProgress, BackfillRequest, BackfillStatus, StartError};
 pub use control::{ResyncError, WorkerControl};
 
 use std::sync::Arc;
@@ -90,8 +92,12 @@ pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> Join
             "pushing to Marketo is paused: a pause is recorded in the store (by the admin API or an earlier worker.paused = true); worker.paused = false does not lift it, POST /admin/resume does"
         );
     }
+    if let Err(e) = backfill::start_if_empty_store(&ctx).await {
+        tracing::error!(error = %e, "could not start the initial sync on the empty store");
+    }
     let mut tasks = JoinSet::new();
     tasks.spawn(plan_loop(ctx.clone(), shutdown.clone()));
+    tasks.spawn(backfill::run_loop(ctx.clone(), shutdown.clone()));
     tasks.spawn(push_loop(ctx, shutdown));
     tasks
 }

@@ -90,7 +90,7 @@ pub async fn process_batch(ctx: &WorkerContext, entries: Vec<InboxEntry>) {
         };
         let events: Vec<DynamicsEvent> = together.iter().map(|(_, event)| event.clone()).collect();
         let span = tracing::info_span!("plan_batch", notifications = together.len());
-        match plan_and_commit(ctx, &events, Some(settle))
+        match plan_and_commit(ctx, &events, Some(settle), false)
             .instrument(span.clone())
             .await
         {
@@ -201,16 +201,19 @@ async fn plan_one(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usize, Plan
         ctx,
         std::slice::from_ref(&event),
         Some(Settle::one(entry.id, &ctx.owner)),
+        false,
     )
     .await
 }
 
 /// Loads, applies `events` (in the given order), projects and commits, settling `settle`.
-/// Compare-and-swap loop: a conflict means another worker changed a row we read.
-async fn plan_and_commit(
+/// Compare-and-swap loop: a conflict means another worker changed a row we read. `background`:
+/// the writes are a background job's (the initial sync), pushed after live ones.
+pub(crate) async fn plan_and_commit(
     ctx: &WorkerContext,
     events: &[DynamicsEvent],
     settle: Option<Settle>,
+    background: bool,
 ) -> Result<usize, PlanError> {
     for _ in 0..8 {
         let t0 = now_ms();
@@ -221,7 +224,8 @@ async fn plan_and_commit(
         }
         step.project(ctx).await?;
         let t2 = now_ms();
-        let (commit, writes) = step.into_commit(settle.clone())?;
+        let (mut commit, writes) = step.into_commit(settle.clone())?;
+        commit.background = background;
         let result = ctx.store.commit(&commit).await;
         // Where a plan's time goes; the commit includes waiting for SQLite's write lock.
         tracing::debug!(
@@ -267,7 +271,7 @@ pub async fn resync_opportunity(ctx: &WorkerContext, id: Uuid) -> Result<Option<
         return Ok(None);
     };
     let event = rules::full_row_event(EntityKind::Opportunity, id, row.modified_on, row.attributes);
-    let writes = plan_and_commit(ctx, std::slice::from_ref(&event), None).await?;
+    let writes = plan_and_commit(ctx, std::slice::from_ref(&event), None, false).await?;
     ctx.pusher_wakeup.notify_one();
     Ok(Some(writes))
 }

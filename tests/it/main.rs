@@ -6,6 +6,7 @@ mod support;
 
 mod admin_auth;
 mod admin_flows;
+mod backfill;
 mod demo;
 mod durability;
 mod intake;

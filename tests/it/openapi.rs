@@ -33,6 +33,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/pause"),
     ("POST", "/admin/resume"),
     ("GET", "/admin/stats"),
+    ("POST", "/admin/backfill"),
+    ("GET", "/admin/backfill"),
+    ("DELETE", "/admin/backfill"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];

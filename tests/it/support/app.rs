@@ -28,6 +28,8 @@ pub struct EnvOptions {
     pub postgres: bool,
     pub intake_only: bool,
     pub tweak: Option<ConfigTweak>,
+    /// Simulators started (and seeded) by the test; `marketo` is then ignored.
+    pub sims: Option<Simulators>,
 }
 
 impl TestEnv {
@@ -37,9 +39,12 @@ impl TestEnv {
 
     pub async fn start_with(options: EnvOptions) -> TestEnv {
         let dir = tempfile::tempdir().unwrap();
-        let sims = Simulators::start(options.marketo.unwrap_or_default())
-            .await
-            .unwrap();
+        let sims = match options.sims {
+            Some(sims) => sims,
+            None => Simulators::start(options.marketo.unwrap_or_default())
+                .await
+                .unwrap(),
+        };
         let (store_url, pg) = if options.postgres {
             let db = super::pg::TestDatabase::create().await.unwrap();
             (db.url.clone(), Some(db))

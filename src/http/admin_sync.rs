@@ -1,0 +1,124 @@
+//! Admin routes of the initial sync (`/admin/backfill`): start one, follow it, cancel it.
+//! The job itself runs in the worker (`worker::backfill`) on the replica that pushes to Marketo.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use super::AppState;
+use super::auth::{AdminRead, AdminWrite};
+use super::problem::{ApiError, Problem};
+use crate::worker::{BackfillProgress, BackfillRequest, StartError};
+
+async fn current(state: &AppState) -> Result<BackfillProgress, ApiError> {
+    state
+        .worker
+        .backfill_progress(state.config.backfill.quota_reserve)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("No backfill has been started.".into()))
+}
+
+/// Starts the initial sync: every opportunity (optionally only those `filter` and `since`
+/// select), its stakeholder connections and contacts, read from Dataverse and planned through the
+/// same rules as webhooks. The body is optional.
+#[utoipa::path(
+    post,
+    path = "/admin/backfill",
+    tag = "admin",
+    request_body(content = Option<BackfillRequest>, description = "What to back-fill (optional)", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Started; follow it with GET /admin/backfill", body = BackfillProgress),
+        (status = 400, description = "The body is not a valid request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A backfill is already running", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn start_backfill(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<BackfillProgress>), ApiError> {
+    if !state.worker.is_running() {
+        return Err(ApiError::WorkerNotRunning);
+    }
+    let request: BackfillRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        BackfillRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "The body is not a backfill request ({{\"filter\", \"since\"}}): {e}"
+            ))
+        })?
+    };
+    let request = request.validated().map_err(ApiError::BadRequest)?;
+    match state.worker.start_backfill(&request).await {
+        Ok(_) => {}
+        Err(StartError::AlreadyRunning(job)) => {
+            return Err(ApiError::Conflict(format!(
+                "Backfill {} is already running; cancel it with DELETE /admin/backfill or wait for it to end.",
+                job.id
+            )));
+        }
+        Err(StartError::Store(e)) => return Err(e.into()),
+    }
+    tracing::info!(
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin started a backfill"
+    );
+    Ok((StatusCode::ACCEPTED, Json(current(&state).await?)))
+}
+
+/// Progress of the current (or last) backfill.
+#[utoipa::path(
+    get,
+    path = "/admin/backfill",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Success", body = BackfillProgress),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No backfill was ever started", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn backfill_progress(
+    _auth: AdminRead,
+    State(state): State<AppState>,
+) -> Result<Json<BackfillProgress>, ApiError> {
+    Ok(Json(current(&state).await?))
+}
+
+/// Cancels the running backfill. What it planned already is still pushed; a new backfill can
+/// start at once.
+#[utoipa::path(
+    delete,
+    path = "/admin/backfill",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Cancelled", body = BackfillProgress),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "No backfill is running", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn cancel_backfill(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+) -> Result<Json<BackfillProgress>, ApiError> {
+    if state.worker.cancel_backfill().await? {
+        tracing::info!(
+            by = claims.sub.as_deref().unwrap_or(""),
+            "admin cancelled the backfill"
+        );
+        Ok(Json(current(&state).await?))
+    } else {
+        Err(ApiError::Conflict("No backfill is running.".into()))
+    }
+}
