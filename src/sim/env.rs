@@ -37,7 +37,7 @@ impl Simulators {
         c.marketo.base_url = url::Url::parse(&self.marketo.base_url()).ok();
         c.marketo.client_id = Some(self.marketo.client_id());
         c.marketo.client_secret = Some(Secret::new(self.marketo.client_secret()));
-        c.marketo.calls_per_20s = m.calls_per_window;
+        c.marketo.calls_per_window = m.calls_per_window;
         c.marketo.window_secs = m.window.as_secs_f64();
         c.marketo.max_concurrent = m.max_concurrent;
         c.marketo.daily_quota = m.daily_quota;
