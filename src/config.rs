@@ -680,6 +680,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
     fn the_former_calls_per_20s_name_still_sets_calls_per_window() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("oppsync.toml", serve_ready())?;
