@@ -62,9 +62,12 @@ impl RunningApp {
     /// which stops the rest), then gives what is left `server.shutdown_grace_secs` to finish.
     pub async fn wait(&mut self) {
         tokio::select! {
+            // A requested stop also ends the parts: it is checked first, and again below, so
+            // that it is never taken for one of them failing.
+            biased;
             _ = self.shutdown.cancelled() => {}
             ended = self.tasks.join_next() => {
-                if ended.is_some() {
+                if ended.is_some() && !self.shutdown.is_cancelled() {
                     tracing::error!("a part of the service stopped unexpectedly; shutting down");
                 }
                 self.shutdown.cancel();
@@ -86,6 +89,14 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Store>
         .context("connecting to the store (store.url)")?;
     if migrate {
         store.migrate().await.context("applying migrations")?;
+    } else if store.is_new().await? {
+        // A store nothing was ever written to gets its schema; an existing older one is still
+        // refused without `--migrate` (an upgrade is the operator's decision).
+        tracing::info!("the store is new and empty: creating its schema");
+        store
+            .migrate()
+            .await
+            .context("creating the schema of a new store")?;
     }
     store.ensure_schema().await?;
     Ok(store)

@@ -280,7 +280,9 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// Start with pushing to Marketo paused (intake and planning go on).
+    /// `true` records a pause of pushing to Marketo at every start (intake and planning go on).
+    /// The pause is one flag in the store, shared by every replica; `false` never lifts it:
+    /// only `POST /admin/resume` does (docs/operations.md, "Pausing").
     pub paused: bool,
     /// How long a claimed notification stays leased; renewed while working.
     pub lease_secs: u64,

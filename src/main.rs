@@ -1,5 +1,6 @@
 //! The `oppsync` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,7 +38,8 @@ enum LogFormat {
 enum Command {
     /// Run the service.
     Serve {
-        /// Apply pending database migrations first (otherwise an old schema is refused).
+        /// Apply pending database migrations first (otherwise an older schema is refused; a new,
+        /// empty store gets its schema either way).
         #[arg(long)]
         migrate: bool,
     },
@@ -102,7 +104,8 @@ fn init_logging(format: LogFormat, default_filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        // Colours only on a terminal: a log file or `kubectl logs` gets plain text.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
@@ -139,6 +142,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            let signal = shutdown_signal();
             let mut app = oppsync::app::start(
                 config,
                 oppsync::app::StartOptions {
@@ -149,7 +153,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             .await?;
             let token = app.shutdown_token();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                signal.await;
                 tracing::info!("shutdown signal received; draining");
                 token.cancel();
             });
@@ -215,7 +219,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
             println!("  export OPPSYNC__WEBHOOK__KEYS=local-webhook-key");
             println!("\nThese are simulators with well-known test credentials; press Ctrl-C to stop.");
-            wait_for_signal().await;
+            shutdown_signal().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Register {
@@ -411,24 +415,22 @@ async fn check_dataverse(config: &Config) -> Result<String, String> {
     ))
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for SIGTERM and Ctrl-C from the moment it is called (a SIGTERM that comes while the
+/// service is still starting is not lost, nor does it kill the process); the future completes
+/// at the first of them.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = ctrl_c.await;
     }
 }

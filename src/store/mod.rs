@@ -466,6 +466,11 @@ impl Store {
         }
     }
 
+    /// Nothing of oppsync's is in this database yet (no migration applied, no inbox table).
+    pub async fn is_new(&self) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.is_new().await)
+    }
+
     pub async fn schema_state(&self) -> Result<SchemaState, StoreError> {
         dispatch!(self, s => s.schema_state().await)
     }

@@ -277,6 +277,25 @@ macro_rules! sql_store {
                 Ok(if missing == 0 { SchemaState::UpToDate } else { SchemaState::Behind(missing) })
             }
 
+            /// Nothing of oppsync's is in this database yet: no migration applied and no
+            /// inbox table (a new SQLite file, an empty PostgreSQL database).
+            pub async fn is_new(&self) -> Result<bool, StoreError> {
+                let applied: i64 = match sqlx::query("SELECT COUNT(*) AS n FROM _sqlx_migrations").fetch_one(&self.pool).await {
+                    Ok(row) => row.try_get("n")?,
+                    // No migrations table yet.
+                    Err(sqlx::Error::Database(_)) => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                if applied > 0 {
+                    return Ok(false);
+                }
+                match sqlx::query("SELECT 1 FROM inbox LIMIT 1").fetch_optional(&self.pool).await {
+                    Ok(_) => Ok(false),
+                    Err(sqlx::Error::Database(_)) => Ok(true),
+                    Err(e) => Err(e.into()),
+                }
+            }
+
             /// Reachable and the inbox readable (what intake needs).
             pub async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT id FROM inbox LIMIT 1").fetch_optional(&self.pool).await?;

@@ -39,7 +39,10 @@ fn write(key: &str, opportunity: Uuid, payload: &str) -> PlannedWrite {
 /// read back byte for byte after the upgrade that made bodies compressed bytes, and new ones
 /// are stored compressed.
 pub async fn run_upgrade(store: &Store) {
+    // A new store is told from an older schema: only the new one may be set up unasked.
+    assert!(store.is_new().await.unwrap(), "a fresh database is new");
     store.migrate_to(1).await.unwrap();
+    assert!(!store.is_new().await.unwrap(), "an older schema is not new");
     let body = r#"{"MessageName":"Update","PrimaryEntityName":"opportunity","note":"Zürich ✓"}"#;
     let insert = "INSERT INTO inbox (dedupe_key, received_at, entity, message, record_id, version, \
                   data_missing, body, status, attempts, next_attempt_at) \

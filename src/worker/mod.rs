@@ -80,10 +80,19 @@ pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
 
 /// Starts the planner and the pusher; they stop when `shutdown` is cancelled.
 pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> JoinSet<()> {
-    if ctx.config.worker.paused
-        && let Err(e) = ctx.store.set_paused(true).await
-    {
-        tracing::error!(error = %e, "could not record the paused state");
+    // The pause rule (docs/operations.md, "Pausing"): `worker.paused = true` records a pause;
+    // `false` leaves a recorded one in place, which only the admin API's resume lifts.
+    if ctx.config.worker.paused {
+        match ctx.store.set_paused(true).await {
+            Ok(()) => tracing::info!(
+                "pushing to Marketo paused (worker.paused = true); POST /admin/resume lifts it"
+            ),
+            Err(e) => tracing::error!(error = %e, "could not record the paused state"),
+        }
+    } else if let Ok(true) = ctx.store.paused().await {
+        tracing::warn!(
+            "pushing to Marketo is paused: a pause is recorded in the store (by the admin API or an earlier worker.paused = true); worker.paused = false does not lift it, POST /admin/resume does"
+        );
     }
     if let Err(e) = backfill::start_if_empty_store(&ctx).await {
         tracing::error!(error = %e, "could not start the initial sync on the empty store");

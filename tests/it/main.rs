@@ -17,4 +17,5 @@ mod reconcile;
 mod register_cli;
 mod replicas;
 mod rules_e2e;
+mod serve_cli;
 mod store_pg;

@@ -78,6 +78,39 @@ impl TestEnv {
         }
     }
 
+    /// Stops the service and starts it again on the same store and simulators, its
+    /// configuration changed by `tweak`.
+    pub async fn restart(self, tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        let TestEnv {
+            app,
+            sims,
+            http,
+            mut config,
+            pg,
+            _dir,
+        } = self;
+        let intake_only = app.worker.is_none();
+        app.stop().await;
+        tweak(&mut config);
+        let app = oppsync::app::start(
+            config.clone(),
+            StartOptions {
+                migrate: true,
+                intake_only,
+            },
+        )
+        .await
+        .unwrap();
+        TestEnv {
+            app,
+            sims,
+            http,
+            config,
+            pg,
+            _dir,
+        }
+    }
+
     pub fn webhook_url(&self) -> String {
         format!("{}/webhooks/dynamics?code={KEY}", self.app.url())
     }

@@ -1,0 +1,205 @@
+//! `oppsync serve` as a new user runs it: its logs when they go to a file or a pipe, a requested
+//! shutdown, and a first start on a store that does not exist yet.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use oppsync::sim::env::Simulators;
+use oppsync::store::Store;
+
+use crate::support::process::{free_port, serve_env};
+
+/// `oppsync serve <args>` with its stderr (the logs) written to a file: not a terminal.
+struct Serve {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(env: &[(String, String)], port: u16, args: &[&str], log: &Path) -> Serve {
+        let child = Command::new(env!("CARGO_BIN_EXE_oppsync"))
+            .arg("serve")
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Serve {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log: log.to_owned(),
+        }
+    }
+
+    /// Waits until `path` answers 200; false if it did not within 20 s or the process exited.
+    async fn answers(&mut self, path: &str) -> bool {
+        let http = reqwest::Client::new();
+        for _ in 0..800 {
+            if let Ok(r) = http.get(format!("{}{path}", self.url)).send().await
+                && r.status().is_success()
+            {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    async fn exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+async fn sims() -> Simulators {
+    Simulators::start(Default::default()).await.unwrap()
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("oppsync.db").display())
+}
+
+#[tokio::test]
+async fn text_logs_to_a_file_carry_no_terminal_escape_codes() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    let mut serve = Serve::start(&env, port, &["--migrate"], &dir.path().join("serve.log"));
+    assert!(serve.answers("/healthz").await, "{}", serve.log());
+    serve.sigterm();
+    assert!(serve.exit(Duration::from_secs(20)).await.is_some());
+    let log = serve.log();
+    assert!(log.contains("oppsync listening"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log that is not a terminal:\n{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_serve_cleanly_with_no_error_line() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    // Several stops: which of the finished parts the service notices first is a race.
+    for round in 0..3 {
+        let log = dir.path().join(format!("serve-{round}.log"));
+        let mut serve = Serve::start(&env, port, &["--migrate"], &log);
+        assert!(serve.answers("/readyz").await, "{}", serve.log());
+        serve.sigterm();
+        let status = serve
+            .exit(Duration::from_secs(20))
+            .await
+            .expect("serve did not stop");
+        let log = serve.log();
+        assert!(status.success(), "{status}:\n{log}");
+        assert!(log.contains("stopped"), "{log}");
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "a requested stop logged errors: {errors:#?}");
+    }
+}
+
+#[tokio::test]
+async fn serve_on_a_new_sqlite_path_creates_the_schema_and_comes_up_ready_without_migrate() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("new").join("oppsync.db");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    assert!(!path.exists());
+    let url = format!("sqlite://{}", path.display());
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/readyz").await, "not ready:\n{}", serve.log());
+    serve.sigterm();
+    assert!(serve.exit(Duration::from_secs(20)).await.is_some());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.ensure_schema().await.unwrap();
+}
+
+#[tokio::test]
+async fn serve_still_refuses_an_older_schema_without_migrate() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate_to(1).await.unwrap();
+    store.ensure_schema().await.unwrap_err();
+    drop(store);
+    let port = free_port();
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    let status = serve
+        .exit(Duration::from_secs(20))
+        .await
+        .expect("serve did not exit");
+    let log = serve.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("migration"), "{log}");
+    // Nothing was applied behind the operator's back.
+    let store = Store::connect(&url, 2).await.unwrap();
+    assert!(store.ensure_schema().await.is_err());
+    // With --migrate it starts.
+    let mut serve = Serve::start(&env, port, &["--migrate"], &dir.path().join("serve2.log"));
+    assert!(serve.answers("/readyz").await, "{}", serve.log());
+}
+
+#[tokio::test]
+async fn serve_says_at_start_that_a_recorded_pause_holds_with_worker_paused_false() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    store.set_paused(true).await.unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/healthz").await, "{}", serve.log());
+    serve.sigterm();
+    assert!(serve.exit(Duration::from_secs(20)).await.is_some());
+    let log = serve.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("paused"))
+        .unwrap_or_else(|| panic!("no WARN about the pause:\n{log}"));
+    assert!(line.contains("/admin/resume"), "{line}");
+    assert!(store.paused().await.unwrap(), "the pause still holds");
+}
