@@ -102,6 +102,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub worker: WorkerConfig,
     pub backfill: BackfillConfig,
+    pub reconcile: ReconcileConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,6 +341,29 @@ impl Default for BackfillConfig {
     }
 }
 
+/// Reconciliation: what changed in Dataverse since the last pass, planned like webhooks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Seconds between passes; 0 turns reconciliation off.
+    pub interval_secs: u64,
+    /// Rows per Web API page of a pass.
+    pub page_size: u32,
+    /// Where a table has change tracking off, deletes are unseen: each pass checks this many
+    /// batches of 50 known opportunities still exist, and reports the missing ones.
+    pub delete_check_batches: u32,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            interval_secs: 900,
+            page_size: 1_000,
+            delete_check_batches: 20,
+        }
+    }
+}
+
 /// Everything wrong with a configuration, listed together.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
@@ -536,6 +560,9 @@ impl Config {
         }
         if self.backfill.max_queued_writes == 0 {
             p.push("backfill.max_queued_writes: must be at least 1".into());
+        }
+        if self.reconcile.page_size == 0 || self.reconcile.page_size > 5_000 {
+            p.push("reconcile.page_size: must be between 1 and 5000 (Dataverse's largest page)".into());
         }
         if self.dataverse.max_concurrent_requests == 0 {
             p.push("dataverse.max_concurrent_requests: must be at least 1".into());

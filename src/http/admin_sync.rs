@@ -1,5 +1,6 @@
-//! Admin routes of the initial sync (`/admin/backfill`): start one, follow it, cancel it.
-//! The job itself runs in the worker (`worker::backfill`) on the replica that pushes to Marketo.
+//! Admin routes of the initial sync (`/admin/backfill`: start one, follow it, cancel it) and of
+//! reconciliation (`/admin/reconcile`: what the last pass found; run one now). Both run in the
+//! worker, on the replica that pushes to Marketo.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -9,7 +10,7 @@ use axum::http::StatusCode;
 use super::AppState;
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
-use crate::worker::{BackfillProgress, BackfillRequest, StartError};
+use crate::worker::{BackfillProgress, BackfillRequest, ReconcileStatus, StartError};
 
 async fn current(state: &AppState) -> Result<BackfillProgress, ApiError> {
     state
@@ -120,5 +121,59 @@ pub async fn cancel_backfill(
         Ok(Json(current(&state).await?))
     } else {
         Err(ApiError::Conflict("No backfill is running.".into()))
+    }
+}
+
+/// What reconciliation found at its last pass, per table: whether change tracking is on, when the
+/// pass ran, the changes it found and the writes they needed, and (change tracking off) the
+/// opportunities deleted in Dynamics whose Delete webhook never came.
+#[utoipa::path(
+    get,
+    path = "/admin/reconcile",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Success", body = ReconcileStatus),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn reconcile_status(
+    _auth: AdminRead,
+    State(state): State<AppState>,
+) -> Result<Json<ReconcileStatus>, ApiError> {
+    Ok(Json(
+        state
+            .worker
+            .reconcile_status(state.config.reconcile.interval_secs)
+            .await?,
+    ))
+}
+
+/// Runs a reconciliation pass now and answers what it found (as `GET /admin/reconcile`).
+#[utoipa::path(
+    post,
+    path = "/admin/reconcile",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The pass ran; per table what it found (a table that failed shows last_error)", body = ReconcileStatus),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn reconcile_now(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+) -> Result<Json<ReconcileStatus>, ApiError> {
+    tracing::info!(
+        by = claims.sub.as_deref().unwrap_or(""),
+        "admin runs a reconcile pass"
+    );
+    match state.worker.reconcile_now().await {
+        Some(result) => Ok(Json(result?)),
+        None => Err(ApiError::WorkerNotRunning),
     }
 }

@@ -71,6 +71,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
             admin_sync::backfill_progress,
             admin_sync::cancel_backfill
         ))
+        .routes(routes!(admin_sync::reconcile_status, admin_sync::reconcile_now))
         .routes(routes!(
             refusal::refuse_get,
             refusal::refuse_post,

@@ -621,6 +621,15 @@ impl Store {
         dispatch!(self, s => s.opportunity_row(id).await)
     }
 
+    /// Up to `limit` opportunity rows in id order after `after` (None: from the first).
+    pub async fn opportunities_after(
+        &self,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<StateRow>, StoreError> {
+        dispatch!(self, s => s.opportunities_after(after, limit).await)
+    }
+
     pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
         dispatch!(self, s => s.stats(now).await)
     }

@@ -871,6 +871,18 @@ macro_rules! sql_store {
                 row.map(|r| state_row(&r, true)).transpose()
             }
 
+            /// Up to `limit` opportunity rows in id order after `after` (a sweep over all of them).
+            pub async fn opportunities_after(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<StateRow>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, revision, state, projection FROM opportunities WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .bind(after.map(|u| u.to_string()).unwrap_or_default())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|r| state_row(r, true)).collect()
+            }
+
             /// Notifications ready to be planned now (claimed ones included), counted on the
             /// `(status, next_attempt_at)` index alone.
             pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {

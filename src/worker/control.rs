@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::WorkerContext;
 use super::backfill::{self, BackfillProgress, BackfillRequest, StartError};
 use super::planner::{self, PlanError};
+use super::reconcile::{self, ReconcileStatus};
 use crate::marketo::Usage;
 use crate::store::{Store, StoreError};
 
@@ -104,5 +105,18 @@ impl WorkerControl {
     /// Cancels the running initial sync; false when none is running.
     pub async fn cancel_backfill(&self) -> Result<bool, StoreError> {
         Ok(backfill::cancel(&self.store).await?.is_some())
+    }
+
+    /// What each table's reconciliation found last.
+    pub async fn reconcile_status(&self, interval_secs: u64) -> Result<ReconcileStatus, StoreError> {
+        reconcile::status(&self.store, interval_secs).await
+    }
+
+    /// Runs a reconciliation pass now (None where no worker runs in this process).
+    pub async fn reconcile_now(&self) -> Option<Result<ReconcileStatus, StoreError>> {
+        match &self.worker {
+            Some(worker) => Some(reconcile::pass(worker).await),
+            None => None,
+        }
     }
 }

@@ -6,9 +6,11 @@ pub mod backfill;
 mod control;
 pub mod planner;
 pub mod pusher;
+pub mod reconcile;
 
 pub use backfill::{BackfillPhase, BackfillProgress, BackfillRequest, BackfillStatus, StartError};
 pub use control::{ResyncError, WorkerControl};
+pub use reconcile::{ReconcileStatus, TableReconcile};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +100,7 @@ pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> Join
     let mut tasks = JoinSet::new();
     tasks.spawn(plan_loop(ctx.clone(), shutdown.clone()));
     tasks.spawn(backfill::run_loop(ctx.clone(), shutdown.clone()));
+    tasks.spawn(reconcile::run_loop(ctx.clone(), shutdown.clone()));
     tasks.spawn(push_loop(ctx, shutdown));
     tasks
 }

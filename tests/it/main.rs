@@ -13,6 +13,7 @@ mod intake;
 mod openapi;
 mod operations_doc;
 mod pipeline;
+mod reconcile;
 mod register_cli;
 mod replicas;
 mod rules_e2e;

@@ -36,6 +36,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/backfill"),
     ("GET", "/admin/backfill"),
     ("DELETE", "/admin/backfill"),
+    ("GET", "/admin/reconcile"),
+    ("POST", "/admin/reconcile"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
