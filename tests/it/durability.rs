@@ -141,7 +141,12 @@ async fn serve_refuses_an_older_schema_with_a_clear_message_unless_asked_to_migr
     let dir = tempfile::tempdir().unwrap();
     let store_url = format!("sqlite://{}", dir.path().join("older.db").display());
     // A store of an earlier version (a new, empty one gets its schema: serve_cli.rs).
-    Store::connect(&store_url, 2).await.unwrap().migrate_to(1).await.unwrap();
+    Store::connect(&store_url, 2)
+        .await
+        .unwrap()
+        .migrate_to(1)
+        .await
+        .unwrap();
     let port = free_port();
     let env = serve_env(&sims, &store_url, port);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_oppsync"))
