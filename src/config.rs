@@ -175,8 +175,11 @@ pub struct MarketoConfig {
     pub base_url: Option<Url>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
-    /// Calls allowed per rate window (Marketo: 100 per 20 s per instance, shared).
-    pub calls_per_20s: u32,
+    /// Calls allowed per rate window of `window_secs` (Marketo: 100 per 20 s per instance,
+    /// shared). Formerly `calls_per_20s` (`OPPSYNC__MARKETO__CALLS_PER_20S`), still read for
+    /// this release.
+    #[serde(alias = "calls_per_20s")]
+    pub calls_per_window: u32,
     /// Length of the rate window in seconds (20 in production; scaled down in tests).
     pub window_secs: f64,
     pub max_concurrent: u32,
@@ -201,7 +204,7 @@ impl Default for MarketoConfig {
             base_url: None,
             client_id: None,
             client_secret: None,
-            calls_per_20s: 100,
+            calls_per_window: 100,
             window_secs: 20.0,
             max_concurrent: 10,
             daily_quota: 50_000,
@@ -489,8 +492,8 @@ impl Config {
                 p.push("marketo.client_secret (OPPSYNC__MARKETO__CLIENT_SECRET): required".into());
             }
         }
-        if m.calls_per_20s == 0 {
-            p.push("marketo.calls_per_20s: must be at least 1".into());
+        if m.calls_per_window == 0 {
+            p.push("marketo.calls_per_window: must be at least 1".into());
         }
         if m.window_secs.is_nan() || m.window_secs <= 0.0 {
             p.push("marketo.window_secs: must be positive".into());
@@ -692,15 +695,31 @@ mod tests {
                 "rotated-key-1, rotated-key-2,rotated-key-3",
             );
             jail.set_env("OPPSYNC__SERVER__LISTEN", "127.0.0.1:9999");
-            jail.set_env("OPPSYNC__MARKETO__CALLS_PER_20S", "50");
+            jail.set_env("OPPSYNC__MARKETO__CALLS_PER_WINDOW", "50");
             let c =
                 Config::load(Some(Path::new("oppsync.toml")), Purpose::Serve).map_err(|e| e.to_string())?;
             let keys: Vec<&str> = c.webhook.keys.iter().map(|k| k.expose()).collect();
             assert_eq!(keys, ["rotated-key-1", "rotated-key-2", "rotated-key-3"]);
             assert_eq!(c.server.listen, "127.0.0.1:9999");
-            assert_eq!(c.marketo.calls_per_20s, 50);
+            assert_eq!(c.marketo.calls_per_window, 50);
             Ok(())
         });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
+    fn the_former_calls_per_20s_name_still_sets_calls_per_window() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("oppsync.toml", serve_ready())?;
+            jail.set_env("OPPSYNC__MARKETO__CALLS_PER_20S", "40");
+            let c =
+                Config::load(Some(Path::new("oppsync.toml")), Purpose::Serve).map_err(|e| e.to_string())?;
+            assert_eq!(c.marketo.calls_per_window, 40);
+            Ok(())
+        });
+        let file = "[marketo]\ncalls_per_20s = 30\n";
+        let c: Config = toml::from_str(file).unwrap();
+        assert_eq!(c.marketo.calls_per_window, 30);
     }
 
     #[test]

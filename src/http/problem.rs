@@ -92,10 +92,6 @@ pub enum ApiError {
     InvalidToken(TokenRefusal),
     #[error("insufficient scope: {0} needed")]
     InsufficientScope(&'static str),
-    #[error("unauthorized: {0}")]
-    Unauthorized(String),
-    #[error("forbidden: {0}")]
-    Forbidden(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("bad request: {0}")]
@@ -216,10 +212,6 @@ impl ApiError {
                     "The token lacks the scope {needed} (in `scope` or `scp`); oppsync.write also grants oppsync.read."
                 ),
             ),
-            ApiError::Unauthorized(why) => {
-                Problem::new(S::UNAUTHORIZED, "unauthorized", "Unauthorized", why.clone())
-            }
-            ApiError::Forbidden(why) => Problem::new(S::FORBIDDEN, "forbidden", "Forbidden", why.clone()),
             ApiError::NotFound(what) => Problem::new(S::NOT_FOUND, "not-found", "Not found", what.clone()),
             ApiError::BadRequest(why) => {
                 Problem::new(S::BAD_REQUEST, "bad-request", "Bad request", why.clone())

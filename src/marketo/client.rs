@@ -198,7 +198,7 @@ impl MarketoClient {
             scaled(30.0, cfg.timeout_scale),
         );
         let limiter = Arc::new(Limiter::new(
-            cfg.calls_per_20s,
+            cfg.calls_per_window,
             Duration::from_secs_f64(cfg.window_secs.max(0.001)),
             cfg.max_concurrent,
             cfg.daily_quota,

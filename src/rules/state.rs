@@ -352,54 +352,6 @@ impl ContactState {
         contact
     }
 
-    /// A contact from a Dataverse Web API `GET contacts(…)` body (specs/dynamics.md §7.2), read
-    /// with `Prefer: odata.include-annotations="*"` so the parent's table is known. Selected
-    /// columns that are null or missing are null; `modifiedon` is the version.
-    pub fn from_web_api(row: &serde_json::Value) -> Result<Self, ContactRowError> {
-        let text = |name: &str| row.get(name).and_then(serde_json::Value::as_str);
-        let id = text("contactid")
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or(ContactRowError::Missing("contactid"))?;
-        let modifiedon = text("modifiedon").ok_or(ContactRowError::Missing("modifiedon"))?;
-        let version = time::OffsetDateTime::parse(modifiedon, &time::format_description::well_known::Rfc3339)
-            .map_err(|_| ContactRowError::BadModifiedOn(modifiedon.to_owned()))?;
-        let version = Version::try_from(version.unix_timestamp_nanos() / 1_000_000)
-            .map_err(|_| ContactRowError::BadModifiedOn(modifiedon.to_owned()))?;
-        let mut attributes = Attributes::new();
-        for name in ["emailaddress1", "firstname", "lastname"] {
-            let value = text(name).map_or(AttributeValue::Null, |s| AttributeValue::String(s.to_owned()));
-            attributes.insert(name.to_owned(), value);
-        }
-        const PARENT: &str = "_parentcustomerid_value";
-        let parent = match text(PARENT) {
-            None => AttributeValue::Null,
-            Some(value) => {
-                let parent_id =
-                    Uuid::parse_str(value).map_err(|_| ContactRowError::BadParent(value.to_owned()))?;
-                // The table comes from the lookuplogicalname annotation, else from the
-                // navigation property (`parentcustomerid_account` / `parentcustomerid_contact`).
-                let table = text(&format!("{PARENT}@Microsoft.Dynamics.CRM.lookuplogicalname"))
-                    .map(str::to_owned)
-                    .or_else(|| {
-                        text(&format!(
-                            "{PARENT}@Microsoft.Dynamics.CRM.associatednavigationproperty"
-                        ))
-                        .and_then(|nav| nav.strip_prefix("parentcustomerid_"))
-                        .map(str::to_owned)
-                    })
-                    .ok_or(ContactRowError::ParentTableUnknown)?;
-                AttributeValue::EntityReference(EntityRef {
-                    logical_name: table,
-                    id: parent_id,
-                    name: text(&format!("{PARENT}@OData.Community.Display.V1.FormattedValue"))
-                        .map(str::to_owned),
-                })
-            }
-        };
-        attributes.insert("parentcustomerid".to_owned(), parent);
-        Ok(ContactState::from_row(id, &attributes, version))
-    }
-
     /// True when the parent account and email are known (possibly as null), so the customer rule
     /// and lead matching need no read.
     pub fn is_complete(&self) -> bool {
@@ -464,21 +416,6 @@ impl ContactState {
         self.first_name = text("firstname");
         self.last_name = text("lastname");
     }
-}
-
-/// A Web API contact body that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ContactRowError {
-    #[error("the contact row has no valid {0}")]
-    Missing(&'static str),
-    #[error("the contact row's modifiedon {0:?} is not an RFC 3339 timestamp")]
-    BadModifiedOn(String),
-    #[error("the contact row's _parentcustomerid_value {0:?} is not a Guid")]
-    BadParent(String),
-    #[error(
-        "the contact row names a parent but not its table; request it with Prefer: odata.include-annotations=\"*\""
-    )]
-    ParentTableUnknown,
 }
 
 /// A connection role (`connectionrole`), looked up once and cached.

@@ -39,8 +39,8 @@ pub fn serve_env(sims: &Simulators, store_url: &str, port: u16, webhook_key: &st
             sims.marketo.client_secret(),
         ),
         (
-            "OPPSYNC__MARKETO__CALLS_PER_20S".into(),
-            c.marketo.calls_per_20s.to_string(),
+            "OPPSYNC__MARKETO__CALLS_PER_WINDOW".into(),
+            c.marketo.calls_per_window.to_string(),
         ),
         (
             "OPPSYNC__MARKETO__WINDOW_SECS".into(),

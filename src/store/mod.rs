@@ -445,6 +445,7 @@ impl Store {
     }
 
     /// Applies the migrations up to `version` only (upgrade tests).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
         dispatch!(self, s => s.migrate_to(version).await)
     }

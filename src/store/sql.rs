@@ -253,6 +253,7 @@ macro_rules! sql_store {
             }
 
             /// Applies the migrations up to `version` only (upgrade tests).
+            #[cfg(any(test, feature = "testing"))]
             pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
                 Self::migrator().run_to(version, &self.pool).await?;
                 Ok(())

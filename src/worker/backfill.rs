@@ -288,7 +288,7 @@ pub async fn progress(
     let eta_secs = ctx.filter(|_| running).and_then(|c| {
         let m = &c.config.marketo;
         let records_per_sec =
-            f64::from(m.calls_per_20s) * m.batch_size.max(1) as f64 / m.window_secs.max(0.001);
+            f64::from(m.calls_per_window) * m.batch_size.max(1) as f64 / m.window_secs.max(0.001);
         let pushing = pending as f64 / records_per_sec.max(1.0);
         let elapsed = (now_ms() - job.started_at).max(1) as f64 / 1000.0;
         let reading = match (job.phase, job.estimated_total) {
