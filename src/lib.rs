@@ -1,6 +1,7 @@
 //! oppsync keeps Adobe Marketo Engage in step with Microsoft Dynamics 365 opportunities, one way,
 //! Dynamics → Marketo.
 
+pub mod admin_cli;
 pub mod app;
 pub mod config;
 pub mod demo;

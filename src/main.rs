@@ -72,6 +72,33 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Start the initial sync on a running service (or follow the one running) and show its
+    /// progress until it ends. The admin token (oppsync.write) is read from OPPSYNC_ADMIN_TOKEN.
+    Backfill {
+        /// The service's base URL, e.g. https://oppsync.example.com.
+        #[arg(long)]
+        url: Url,
+        /// Only the opportunities this OData $filter selects, e.g. "statecode eq 0".
+        #[arg(long)]
+        filter: Option<String>,
+        /// Only the opportunities modified at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Compare what Marketo holds for oppsync's opportunities and roles with what oppsync
+    /// projects, and print every difference (exit 1 when there are any). The admin token is read
+    /// from OPPSYNC_ADMIN_TOKEN.
+    Drift {
+        /// The service's base URL, e.g. https://oppsync.example.com.
+        #[arg(long)]
+        url: Url,
+        /// Most Marketo calls to spend (each 300 opportunities take 6).
+        #[arg(long, default_value_t = 100)]
+        budget: usize,
+        /// Also queue the writes that fix the differences (needs oppsync.write).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Print the OpenAPI document (YAML).
     Openapi,
     /// Run the real service against the built-in Marketo and Dataverse simulators, replay a
@@ -264,6 +291,46 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let token = oppsync::http::auth::mint(&config.admin, subject, scopes, *ttl)?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill { url, filter, since } => {
+            let Ok(token) = std::env::var(oppsync::admin_cli::TOKEN_ENV) else {
+                eprintln!(
+                    "{} is not set: put an admin token with the oppsync.write scope there (`oppsync token --scope oppsync.write`)",
+                    oppsync::admin_cli::TOKEN_ENV
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let request = oppsync::worker::BackfillRequest {
+                filter: filter.clone(),
+                since: since.clone(),
+            }
+            .validated()
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let ended =
+                oppsync::admin_cli::backfill(url, token.trim(), &request, std::time::Duration::from_secs(1))
+                    .await?;
+            Ok(match ended {
+                oppsync::admin_cli::Ended::Completed => ExitCode::SUCCESS,
+                oppsync::admin_cli::Ended::NotCompleted(why) => {
+                    eprintln!("the backfill did not complete: {why}");
+                    ExitCode::FAILURE
+                }
+            })
+        }
+        Command::Drift { url, budget, repair } => {
+            let Ok(token) = std::env::var(oppsync::admin_cli::TOKEN_ENV) else {
+                eprintln!(
+                    "{} is not set: put an admin token there (`oppsync token`)",
+                    oppsync::admin_cli::TOKEN_ENV
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let found = oppsync::admin_cli::drift(url, token.trim(), *budget, *repair).await?;
+            Ok(if found == 0 || *repair {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Openapi => {
             print!("{}", oppsync::http::openapi::yaml()?);

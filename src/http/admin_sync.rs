@@ -10,7 +10,13 @@ use axum::http::StatusCode;
 use super::AppState;
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
-use crate::worker::{BackfillProgress, BackfillRequest, ReconcileStatus, StartError};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::admin::Q;
+use crate::worker::{
+    BackfillProgress, BackfillRequest, DriftError, DriftRepair, DriftReport, ReconcileStatus, StartError,
+};
 
 async fn current(state: &AppState) -> Result<BackfillProgress, ApiError> {
     state
@@ -174,6 +180,93 @@ pub async fn reconcile_now(
     );
     match state.worker.reconcile_now().await {
         Some(result) => Ok(Json(result?)),
+        None => Err(ApiError::WorkerNotRunning),
+    }
+}
+
+/// The Marketo call budget of a drift report.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DriftQuery {
+    /// Most Marketo calls to spend (default 100; each 300 opportunities take 6).
+    #[param(minimum = 6, maximum = 10000)]
+    pub budget: Option<usize>,
+}
+
+fn budget(q: &DriftQuery) -> Result<usize, ApiError> {
+    match q.budget {
+        None => Ok(100),
+        Some(n) if (6..=10_000).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "budget must be between 6 and 10000 Marketo calls, not {n}"
+        ))),
+    }
+}
+
+fn drift_error(e: DriftError) -> ApiError {
+    match e {
+        DriftError::Store(e) => e.into(),
+        DriftError::Marketo(e) => ApiError::Upstream(format!("Marketo: {e}")),
+        e @ DriftError::Corrupt(..) => ApiError::Internal(e.to_string()),
+    }
+}
+
+/// Compares what Marketo holds for oppsync's opportunities and their roles with what oppsync
+/// projects, querying Marketo by externalOpportunityId within a call budget, and lists every
+/// difference: missing, extra, or a field that differs.
+#[utoipa::path(
+    get,
+    path = "/admin/drift",
+    tag = "admin",
+    params(DriftQuery),
+    responses(
+        (status = 200, description = "Success", body = DriftReport),
+        (status = 400, description = "Budget out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Marketo failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.read"]))
+)]
+pub async fn drift_report(
+    _auth: AdminRead,
+    State(state): State<AppState>,
+    Q(q): Q<DriftQuery>,
+) -> Result<Json<DriftReport>, ApiError> {
+    let budget = budget(&q)?;
+    match state.worker.drift_report(budget).await {
+        Some(r) => Ok(Json(r.map_err(drift_error)?)),
+        None => Err(ApiError::WorkerNotRunning),
+    }
+}
+
+/// Reports the drift (as GET /admin/drift) and queues the writes that fix it: every write of each
+/// opportunity that differs, and deletes of extra roles.
+#[utoipa::path(
+    post,
+    path = "/admin/drift/repair",
+    tag = "admin",
+    params(DriftQuery),
+    responses(
+        (status = 200, description = "The writes are queued", body = DriftRepair),
+        (status = 400, description = "Budget out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Marketo failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_jwt" = ["oppsync.write"]))
+)]
+pub async fn drift_repair(
+    AdminWrite(claims): AdminWrite,
+    State(state): State<AppState>,
+    Q(q): Q<DriftQuery>,
+) -> Result<Json<DriftRepair>, ApiError> {
+    let budget = budget(&q)?;
+    tracing::info!(by = claims.sub.as_deref().unwrap_or(""), "admin repairs drift");
+    match state.worker.drift_repair(budget).await {
+        Some(r) => Ok(Json(r.map_err(drift_error)?)),
         None => Err(ApiError::WorkerNotRunning),
     }
 }

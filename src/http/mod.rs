@@ -72,6 +72,8 @@ pub fn api_router() -> OpenApiRouter<AppState> {
             admin_sync::cancel_backfill
         ))
         .routes(routes!(admin_sync::reconcile_status, admin_sync::reconcile_now))
+        .routes(routes!(admin_sync::drift_report))
+        .routes(routes!(admin_sync::drift_repair))
         .routes(routes!(
             refusal::refuse_get,
             refusal::refuse_post,

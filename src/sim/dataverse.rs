@@ -509,6 +509,9 @@ struct SimState {
     latency: Duration,
     in_flight: usize,
     max_in_flight: usize,
+    /// Row ids by (entity set, column) and value, built on demand for `$filter`s that name
+    /// many values of one column, with the change counter it was built at.
+    index: HashMap<(String, String), (u64, HashMap<String, Vec<Uuid>>)>,
 }
 
 impl SimState {
@@ -531,6 +534,7 @@ impl SimState {
             latency: Duration::ZERO,
             in_flight: 0,
             max_in_flight: 0,
+            index: HashMap::new(),
         };
         for (id, name, category) in SEED_ROLES {
             s.put_role(*id, name, *category);

@@ -621,6 +621,11 @@ impl Store {
         dispatch!(self, s => s.opportunity_row(id).await)
     }
 
+    /// Puts writes back to pending, done ones included (drift repair). Returns how many.
+    pub async fn requeue_writes(&self, keys: &[String]) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.requeue_writes(keys, now_ms()).await)
+    }
+
     /// Up to `limit` opportunity rows in id order after `after` (None: from the first).
     pub async fn opportunities_after(
         &self,

@@ -871,6 +871,26 @@ macro_rules! sql_store {
                 row.map(|r| state_row(&r, true)).transpose()
             }
 
+            /// Puts writes back to pending, done ones included (a drift repair: Marketo lost what
+            /// it took). Returns how many.
+            pub async fn requeue_writes(&self, keys: &[String], now: i64) -> Result<u64, StoreError> {
+                let mut n = 0;
+                for chunk in keys.chunks(IN_CHUNK) {
+                    let sql = with_in_list(
+                        "UPDATE marketo_writes SET status = 'pending', revision = revision + 1, attempts = 0, \
+                         next_attempt_at = $1, last_error = NULL, updated_at = $1 WHERE status <> 'pending' AND key IN ({})",
+                        2,
+                        chunk.len(),
+                    );
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                    for key in chunk {
+                        q = q.bind(key);
+                    }
+                    n += q.execute(&self.pool).await?.rows_affected();
+                }
+                Ok(n)
+            }
+
             /// Up to `limit` opportunity rows in id order after `after` (a sweep over all of them).
             pub async fn opportunities_after(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<StateRow>, StoreError> {
                 let rows = sqlx::query(

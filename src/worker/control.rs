@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::WorkerContext;
 use super::backfill::{self, BackfillProgress, BackfillRequest, StartError};
+use super::drift::{self, DriftError, DriftRepair, DriftReport};
 use super::planner::{self, PlanError};
 use super::reconcile::{self, ReconcileStatus};
 use crate::marketo::Usage;
@@ -118,5 +119,18 @@ impl WorkerControl {
             Some(worker) => Some(reconcile::pass(worker).await),
             None => None,
         }
+    }
+
+    /// Compares Marketo with oppsync's projections within `budget` Marketo calls (None where no
+    /// worker runs in this process).
+    pub async fn drift_report(&self, budget: usize) -> Option<Result<DriftReport, DriftError>> {
+        let worker = self.worker.as_ref()?;
+        Some(drift::report(worker, budget).await.map(|(r, _)| r))
+    }
+
+    /// Reports within `budget`, then queues the writes that put Marketo back.
+    pub async fn drift_repair(&self, budget: usize) -> Option<Result<DriftRepair, DriftError>> {
+        let worker = self.worker.as_ref()?;
+        Some(drift::repair(worker, budget).await)
     }
 }

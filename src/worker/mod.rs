@@ -4,12 +4,14 @@
 
 pub mod backfill;
 mod control;
+pub mod drift;
 pub mod planner;
 pub mod pusher;
 pub mod reconcile;
 
 pub use backfill::{BackfillPhase, BackfillProgress, BackfillRequest, BackfillStatus, StartError};
 pub use control::{ResyncError, WorkerControl};
+pub use drift::{Difference, DriftError, DriftKind, DriftRepair, DriftReport};
 pub use reconcile::{ReconcileStatus, TableReconcile};
 
 use std::sync::Arc;

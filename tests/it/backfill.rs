@@ -511,3 +511,56 @@ async fn live_writes_go_before_background_writes_of_the_same_phase() {
         .unwrap();
     assert_eq!(store.pending_background_writes().await.unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backfill_command_starts_it_shows_progress_and_exits_when_it_ends() {
+    let sims = simulators(roomy()).await;
+    let mut org = DynamicsOrg::new(START, Some(sims.dataverse.clone()));
+    existing_org(300, &mut org);
+    let env = TestEnv::start_with(EnvOptions {
+        sims: Some(sims),
+        tweak: Some(Box::new(|c| {
+            c.backfill.page_size = 20;
+            c.admin.jwt_secret = Some(oppsync::config::Secret::new(jwt::SECRET));
+            c.admin.issuer = Some(jwt::ISSUER.into());
+            c.admin.audience = Some(jwt::AUDIENCE.into());
+        })),
+        ..EnvOptions::default()
+    })
+    .await;
+    let binary = env!("CARGO_BIN_EXE_oppsync");
+    let without_token = tokio::process::Command::new(binary)
+        .args(["backfill", "--url", &env.app.url()])
+        .env_remove("OPPSYNC_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(without_token.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&without_token.stderr).contains("OPPSYNC_ADMIN_TOKEN"));
+
+    let out = tokio::process::Command::new(binary)
+        .args(["backfill", "--url", &env.app.url(), "--filter", "statecode eq 0"])
+        .env("OPPSYNC_ADMIN_TOKEN", jwt::write_token())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("started"), "{stderr}");
+    assert!(
+        stdout.contains("opportunities read"),
+        "plain progress lines off a terminal: {stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("backfill completed: 300 opportunities"),
+        "{stdout}"
+    );
+    env.settle().await;
+    assert_eq!(env.sims.marketo.opportunities().len(), 300);
+    env.stop().await;
+}

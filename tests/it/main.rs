@@ -8,6 +8,7 @@ mod admin_auth;
 mod admin_flows;
 mod backfill;
 mod demo;
+mod drift;
 mod durability;
 mod intake;
 mod openapi;

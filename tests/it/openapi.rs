@@ -38,6 +38,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/admin/backfill"),
     ("GET", "/admin/reconcile"),
     ("POST", "/admin/reconcile"),
+    ("GET", "/admin/drift"),
+    ("POST", "/admin/drift/repair"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];

@@ -9,7 +9,7 @@
 //! the tracked read began: a row changed while the pages were being read comes again in the next
 //! delta rather than being missed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use axum::http::StatusCode;
@@ -62,7 +62,7 @@ enum Entry<'a> {
 
 /// `GET {set}` with its query options.
 pub(super) fn query(
-    s: &SimState,
+    s: &mut SimState,
     set: &str,
     pk: &str,
     query: &BTreeMap<String, String>,
@@ -121,11 +121,24 @@ pub(super) fn query(
         .unwrap_or(DEFAULT_PAGE_SIZE)
         .min(DEFAULT_PAGE_SIZE);
 
+    // `(x eq a or x eq b …)`: the rows come from an index of x, not a scan of the table.
+    let candidates: Option<Vec<Uuid>> = filter
+        .as_ref()
+        .and_then(Filter::one_column_values)
+        .map(|(field, values)| s.rows_with(set, &field, &values));
+    let s: &SimState = s;
     let empty = BTreeMap::new();
     let table = s.tables.get(set).unwrap_or(&empty);
     let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-    let rows = table
-        .range((start, Bound::Unbounded))
+    let scanned: Box<dyn Iterator<Item = (&Uuid, &Row)>> = match &candidates {
+        None => Box::new(table.range((start, Bound::Unbounded))),
+        Some(ids) => Box::new(
+            ids.iter()
+                .filter(move |id| after.is_none_or(|a| **id > a))
+                .filter_map(|id| table.get_key_value(id)),
+        ),
+    };
+    let rows = scanned
         .filter(|(_, row)| delta_from.is_none_or(|from| row.version > from))
         .filter(|(_, row)| filter.as_ref().is_none_or(|f| f.matches(row)))
         .map(|(id, row)| (*id, Entry::Row(row)));
@@ -245,7 +258,55 @@ pub(super) enum Op {
     Le,
 }
 
+impl SimState {
+    /// Ids (sorted) of the rows of `set` whose `field` is one of `values` (lower-case text).
+    fn rows_with(&mut self, set: &str, field: &str, values: &[String]) -> Vec<Uuid> {
+        let version = self.next_version;
+        let key = (set.to_owned(), field.to_owned());
+        let fresh = self.index.get(&key).is_some_and(|(at, _)| *at == version);
+        if !fresh {
+            let mut by_value: HashMap<String, Vec<Uuid>> = HashMap::new();
+            for (id, row) in self.tables.get(set).into_iter().flatten() {
+                if let Some(Value::String(v)) = row.fields.get(field).map(Raw::value) {
+                    by_value.entry(v.to_lowercase()).or_default().push(*id);
+                }
+            }
+            self.index.insert(key.clone(), (version, by_value));
+        }
+        let mut ids: Vec<Uuid> = self
+            .index
+            .get(&key)
+            .into_iter()
+            .flat_map(|(_, by_value)| values.iter().filter_map(|v| by_value.get(v)).flatten().copied())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
 impl Filter {
+    /// `(x eq 'a' or x eq 'b' …)` over one column with text (or Guid) values: the column and
+    /// the values, lower-case.
+    fn one_column_values(&self) -> Option<(String, Vec<String>)> {
+        match self {
+            Filter::Compare {
+                field,
+                op: Op::Eq,
+                literal: Value::String(v),
+            } => Some((field.clone(), vec![v.to_lowercase()])),
+            Filter::Or(a, b) => {
+                let (fa, mut va) = a.one_column_values()?;
+                let (fb, vb) = b.one_column_values()?;
+                (fa == fb).then(|| {
+                    va.extend(vb);
+                    (fa, va)
+                })
+            }
+            _ => None,
+        }
+    }
+
     pub(super) fn matches(&self, row: &Row) -> bool {
         match self {
             Filter::And(a, b) => a.matches(row) && b.matches(row),
