@@ -230,6 +230,13 @@ pub struct DataverseConfig {
     pub max_rate_limit_retries: u32,
     /// Most total time one call spends waiting on 429s.
     pub max_rate_limit_wait_secs: u64,
+    /// The organisation whose notifications are accepted (`OrganizationId` of the body); others
+    /// (a sandbox copied from production keeps the endpoint and its key) are refused with 403.
+    /// When unset it is learnt at start from the Web API's `WhoAmI`.
+    pub organization_id: Option<uuid::Uuid>,
+    /// The host name Dynamics sends in `x-ms-dynamics-organization`; a notification naming
+    /// another is refused with 403. Defaults to the host of `url`.
+    pub organization_host: Option<String>,
 }
 
 impl Default for DataverseConfig {
@@ -243,11 +250,23 @@ impl Default for DataverseConfig {
             request_timeout_secs: 30,
             max_rate_limit_retries: 5,
             max_rate_limit_wait_secs: 120,
+            organization_id: None,
+            organization_host: None,
         }
     }
 }
 
 impl DataverseConfig {
+    /// The host `x-ms-dynamics-organization` must name: `organization_host`, else the host of
+    /// `url`; lower case, without a trailing dot.
+    pub fn expected_organization_host(&self) -> Option<String> {
+        self.organization_host
+            .clone()
+            .or_else(|| self.url.as_ref().and_then(|u| u.host_str().map(str::to_owned)))
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+    }
+
     pub fn effective_token_url(&self) -> Option<Url> {
         if let Some(u) = &self.token_url {
             return Some(u.clone());

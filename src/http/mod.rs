@@ -75,6 +75,8 @@ pub struct AppContext {
     pub admin_auth: Option<auth::JwtVerifier>,
     /// The worker, for admin actions that plan (re-sync); None with `intake_only`.
     pub worker: Option<Arc<WorkerContext>>,
+    /// The Dataverse organisation whose notifications are accepted.
+    pub organization: Arc<crate::dynamics::organization::Organization>,
 }
 
 pub type AppState = Arc<AppContext>;

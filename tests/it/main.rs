@@ -12,6 +12,7 @@ mod intake;
 mod openapi;
 mod operations_doc;
 mod pipeline;
+mod real_orgs;
 mod register_cli;
 mod replicas;
 mod rules_e2e;

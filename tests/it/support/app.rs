@@ -28,6 +28,8 @@ pub struct EnvOptions {
     pub postgres: bool,
     pub intake_only: bool,
     pub tweak: Option<ConfigTweak>,
+    /// Runs on the simulators before the service starts (e.g. the org WhoAmI answers).
+    pub prepare: Option<Box<dyn FnOnce(&Simulators)>>,
 }
 
 impl TestEnv {
@@ -49,6 +51,9 @@ impl TestEnv {
                 None,
             )
         };
+        if let Some(prepare) = options.prepare {
+            prepare(&sims);
+        }
         let mut config = sims.service_config(&store_url, KEY);
         Simulators::make_quick(&mut config);
         if let Some(tweak) = options.tweak {
