@@ -335,6 +335,8 @@ struct PlanStep {
     changed_connections: BTreeSet<Uuid>,
     changed_contacts: BTreeSet<Uuid>,
     changed_accounts: BTreeSet<Uuid>,
+    /// Accounts already asked of the store (found or not).
+    accounts_asked: BTreeSet<Uuid>,
     /// Marketo companies to rename (an account in Marketo changed its name).
     renamed_companies: BTreeSet<Uuid>,
     new_roles: Vec<ConnectionRoleInfo>,
@@ -411,6 +413,7 @@ impl PlanStep {
             changed_connections: BTreeSet::new(),
             changed_contacts: BTreeSet::new(),
             changed_accounts: BTreeSet::new(),
+            accounts_asked: BTreeSet::new(),
             renamed_companies: BTreeSet::new(),
             new_roles: Vec::new(),
             affected: BTreeSet::new(),
@@ -555,6 +558,9 @@ impl PlanStep {
             }
         }
         for round in 0..4 {
+            // Every account a projection may name must be loaded from the store first: its
+            // cached name decides the company's, and its row's revision the commit's.
+            self.load_accounts(ctx).await?;
             let mut lookups: BTreeSet<Lookup> = BTreeSet::new();
             let mut done = Vec::new();
             // Gone from Dynamics (a read found no row): planned as deleted, nothing to look up.
@@ -594,6 +600,32 @@ impl PlanStep {
             "{} opportunity projection(s) still need lookups",
             pending.len()
         )))
+    }
+
+    /// Loads the stored rows of the accounts the world's opportunities and contacts name and
+    /// that were not asked for yet.
+    async fn load_accounts(&mut self, ctx: &WorkerContext) -> Result<(), PlanError> {
+        let customers = self
+            .world
+            .opportunities
+            .values()
+            .filter_map(|o| o.customer().filter(|c| c.logical_name == "account").map(|c| c.id));
+        let parents = self
+            .world
+            .contacts
+            .values()
+            .filter_map(|c| c.parent_account.as_ref().map(|a| a.id));
+        let mut keys = RowKeys::default();
+        for id in customers.chain(parents).collect::<BTreeSet<Uuid>>() {
+            if !self.world.accounts.contains_key(&id) && self.accounts_asked.insert(id) {
+                keys.account_ids.push(id);
+            }
+        }
+        if !keys.account_ids.is_empty() {
+            let rows = ctx.store.load_rows(&keys).await?;
+            self.absorb(&rows)?;
+        }
+        Ok(())
     }
 
     /// Performs one round of lookups and merges the results; returns opportunities to

@@ -494,3 +494,62 @@ async fn a_body_with_a_byte_order_mark_is_accepted() {
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
     env.stop().await;
 }
+
+/// Collects what the service logs on this thread.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_correlation_request_id_header_is_logged() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // A current-thread test runtime: the server's tasks log on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let env = TestEnv::start_with(EnvOptions {
+        intake_only: true,
+        ..EnvOptions::default()
+    })
+    .await;
+    // Other tests of this binary run on other threads without a subscriber; callsites they
+    // registered first may have cached "not interested": ask again now that ours exists.
+    tracing::callsite::rebuild_interest_cache();
+    let n = NotificationBuilder::contact_create(Uuid::new_v4(), START);
+    let r = env
+        .http
+        .post(env.webhook_url())
+        .body(n.to_json())
+        .header("content-type", "application/json")
+        .header(
+            "x-ms-correlation-request-id",
+            "5d0c1e2f-aaaa-4bbb-8ccc-0123456789ab",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    env.stop().await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let stored = text
+        .lines()
+        .find(|l| l.contains("notification stored"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        stored.contains("correlation_request_id=5d0c1e2f-aaaa-4bbb-8ccc-0123456789ab"),
+        "{stored}"
+    );
+}
