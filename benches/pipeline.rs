@@ -364,7 +364,7 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
         );
         since = sims.marketo.calls().len();
         clock = Instant::now();
-        let _ = store.set_control("paused", "false").await;
+        let _ = store.set_paused(false).await;
     } else {
         println!(
             "  ({} notifications posted in {:.1} s while the pipeline runs)",

@@ -14,10 +14,11 @@ use crate::config::Config;
 use crate::dynamics::organization::Organization;
 use crate::dynamics::webapi::DataverseClient;
 use crate::http::auth::JwtVerifier;
-use crate::http::{AppContext, AppState, Lifecycle};
+use crate::http::{AppContext, AppState};
 use crate::marketo::MarketoClient;
+use crate::service::Lifecycle;
 use crate::store::{GroupCommitter, Store};
-use crate::worker::WorkerContext;
+use crate::worker::{WorkerContext, WorkerControl};
 
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
@@ -143,9 +144,9 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
         store: store.clone(),
         intake,
         lifecycle: lifecycle.clone(),
-        metrics: crate::http::metrics::install(),
+        metrics: crate::service::metrics::install(),
         admin_auth,
-        worker: worker.clone(),
+        worker: WorkerControl::new(store.clone(), worker.clone()),
         organization,
     });
 

@@ -255,7 +255,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Openapi => {
-            print!("{}", oppsync::openapi::yaml()?);
+            print!("{}", oppsync::http::openapi::yaml()?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -96,7 +96,7 @@ async fn run_inner(report: &mut Report, target: usize) -> anyhow::Result<()> {
     let queued = store.stats(now_ms()).await?.writes_pending;
     let since = sims.marketo.calls().len();
     let clock = Instant::now();
-    store.set_control("paused", "false").await?;
+    store.set_paused(false).await?;
     let drained = eventually(Duration::from_secs(900), || async {
         store.is_idle().await.unwrap_or(false)
     })

@@ -14,8 +14,7 @@ use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
 use crate::rules::{ConnectionState, OpportunityState, Projection};
 use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
-use crate::worker::planner::PlanError;
-use crate::worker::pusher::PAUSED;
+use crate::worker::ResyncError;
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
@@ -268,20 +267,22 @@ pub async fn resync(
     State(state): State<AppState>,
     P(id): P<Uuid>,
 ) -> Result<Json<Resynced>, ApiError> {
-    let worker = state.worker.as_ref().ok_or(ApiError::WorkerNotRunning)?;
+    if !state.worker.is_running() {
+        return Err(ApiError::WorkerNotRunning);
+    }
     tracing::info!(opportunity = %id, by = claims.sub.as_deref().unwrap_or(""), "admin re-sync");
-    match crate::worker::planner::resync_opportunity(worker, id).await {
-        Ok(Some(writes)) => Ok(Json(Resynced {
+    match state.worker.resync(id).await {
+        Ok(writes) => Ok(Json(Resynced {
             opportunity_id: id.to_string(),
             writes_planned: writes,
         })),
-        Ok(None) => Err(ApiError::NotFound(format!(
+        Err(ResyncError::NotRunning) => Err(ApiError::WorkerNotRunning),
+        Err(ResyncError::NotFound(_)) => Err(ApiError::NotFound(format!(
             "Dynamics has no opportunity {id} (the Dataverse Web API answered 404)."
         ))),
-        Err(PlanError::Dataverse(e)) => Err(ApiError::Upstream(format!("Dataverse Web API: {e}"))),
-        Err(PlanError::Unresolved(e)) => Err(ApiError::Upstream(e)),
-        Err(PlanError::Store(e)) => Err(e.into()),
-        Err(e) => Err(ApiError::Internal(e.to_string())),
+        Err(ResyncError::Upstream(e)) => Err(ApiError::Upstream(e.to_string())),
+        Err(ResyncError::Store(e)) => Err(e.into()),
+        Err(ResyncError::Internal(e)) => Err(ApiError::Internal(e.to_string())),
     }
 }
 
@@ -615,7 +616,7 @@ pub async fn retry_write(
         by = claims.sub.as_deref().unwrap_or(""),
         "admin retry of a write"
     );
-    wake_pusher(&state);
+    state.worker.wake_pusher();
     Ok(Json(Changed { changed }))
 }
 
@@ -679,14 +680,8 @@ pub async fn retry_dead_writes(
         by = claims.sub.as_deref().unwrap_or(""),
         "admin retry of dead writes"
     );
-    wake_pusher(&state);
+    state.worker.wake_pusher();
     Ok(Json(Changed { changed }))
-}
-
-fn wake_pusher(state: &AppState) {
-    if let Some(worker) = &state.worker {
-        worker.pusher_wakeup.notify_one();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -715,7 +710,7 @@ pub async fn pause(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
 ) -> Result<Json<PauseState>, ApiError> {
-    state.store.set_control(PAUSED, "true").await?;
+    state.worker.pause().await?;
     tracing::warn!(
         by = claims.sub.as_deref().unwrap_or(""),
         "pushing to Marketo paused"
@@ -740,12 +735,11 @@ pub async fn resume(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
 ) -> Result<Json<PauseState>, ApiError> {
-    state.store.set_control(PAUSED, "false").await?;
+    state.worker.resume().await?;
     tracing::info!(
         by = claims.sub.as_deref().unwrap_or(""),
         "pushing to Marketo resumed"
     );
-    wake_pusher(&state);
     Ok(Json(PauseState { paused: false }))
 }
 
@@ -794,22 +788,19 @@ pub struct AdminStats {
 pub async fn stats(_auth: AdminRead, State(state): State<AppState>) -> Result<Json<AdminStats>, ApiError> {
     let at = now_ms();
     let store = state.store.stats(at).await?;
-    let paused = state.store.control(PAUSED).await?.as_deref() == Some("true");
-    let marketo = state.worker.as_ref().map(|w| {
-        let u = w.marketo.usage();
-        MarketoUsage {
-            calls_today: u.calls_today,
-            daily_quota: u.daily_quota,
-            quota_left: u.quota_left,
-            limiter_waits: u.limiter_waits,
-            limiter_wait_seconds: u.limiter_wait_seconds,
-            token_refreshes: u.token_refreshes,
-        }
+    let paused = state.worker.is_paused().await?;
+    let marketo = state.worker.marketo_usage().map(|u| MarketoUsage {
+        calls_today: u.calls_today,
+        daily_quota: u.daily_quota,
+        quota_left: u.quota_left,
+        limiter_waits: u.limiter_waits,
+        limiter_wait_seconds: u.limiter_wait_seconds,
+        token_refreshes: u.token_refreshes,
     });
     Ok(Json(AdminStats {
         store,
         paused,
-        worker_running: state.worker.is_some(),
+        worker_running: state.worker.is_running(),
         marketo,
         marketo_problem: state.lifecycle.marketo_problem(),
         at,

@@ -16,7 +16,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::problem::ApiError;
 use crate::config::AdminConfig;
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
@@ -88,6 +87,18 @@ impl TokenRefusal {
             ),
         }
     }
+}
+
+/// Why an admin call is refused before its handler runs (`problem.rs` answers each as
+/// problem+json).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// No JWT key is configured: the admin API is off (503).
+    NotConfigured,
+    /// The bearer token is missing or refused (401).
+    Token(TokenRefusal),
+    /// The token lacks this scope (403).
+    InsufficientScope(&'static str),
 }
 
 /// Verifies admin bearer tokens with the configured key.
@@ -239,12 +250,12 @@ impl Claims {
     }
 }
 
-async fn authorize(parts: &Parts, state: &AppState, needed: &'static str) -> Result<Claims, ApiError> {
-    let verifier = state.admin_auth.as_ref().ok_or(ApiError::AdminNotConfigured)?;
+async fn authorize(parts: &Parts, state: &AppState, needed: &'static str) -> Result<Claims, AdminRefusal> {
+    let verifier = state.admin_auth.as_ref().ok_or(AdminRefusal::NotConfigured)?;
     let value = parts
         .headers
         .get(header::AUTHORIZATION)
-        .ok_or(ApiError::InvalidToken(TokenRefusal::Missing))?;
+        .ok_or(AdminRefusal::Token(TokenRefusal::Missing))?;
     let token = value
         .to_str()
         .ok()
@@ -253,10 +264,10 @@ async fn authorize(parts: &Parts, state: &AppState, needed: &'static str) -> Res
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
         .filter(|t| !t.is_empty())
-        .ok_or(ApiError::InvalidToken(TokenRefusal::Malformed))?;
-    let claims = verifier.verify(token).map_err(ApiError::InvalidToken)?;
+        .ok_or(AdminRefusal::Token(TokenRefusal::Malformed))?;
+    let claims = verifier.verify(token).map_err(AdminRefusal::Token)?;
     if !claims.allows(needed) {
-        return Err(ApiError::InsufficientScope(needed));
+        return Err(AdminRefusal::InsufficientScope(needed));
     }
     tracing::debug!(
         subject = claims.sub.as_deref().unwrap_or(""),
@@ -273,17 +284,17 @@ pub struct AdminRead(pub Claims);
 pub struct AdminWrite(pub Claims);
 
 impl FromRequestParts<AppState> for AdminRead {
-    type Rejection = ApiError;
+    type Rejection = AdminRefusal;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AdminRefusal> {
         authorize(parts, state, SCOPE_READ).await.map(AdminRead)
     }
 }
 
 impl FromRequestParts<AppState> for AdminWrite {
-    type Rejection = ApiError;
+    type Rejection = AdminRefusal;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AdminRefusal> {
         authorize(parts, state, SCOPE_WRITE).await.map(AdminWrite)
     }
 }

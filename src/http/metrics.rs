@@ -1,32 +1,12 @@
-//! `GET /metrics` in Prometheus text format. Counters and histograms are recorded where things
-//! happen (intake, worker, Marketo client); store-derived gauges are refreshed at scrape time.
-
-use std::sync::OnceLock;
+//! `GET /metrics` in Prometheus text format: the registry of `crate::service::metrics`, with the
+//! store-derived gauges refreshed at scrape time.
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use super::AppState;
 use crate::store::now_ms;
-
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the process-wide recorder once (tests start several apps in one process).
-pub fn install() -> Option<PrometheusHandle> {
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ])
-                .ok()?
-                .install_recorder()
-                .ok()
-        })
-        .clone()
-}
 
 /// Prometheus metrics.
 #[utoipa::path(
@@ -49,15 +29,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         metrics::gauge!("oppsync_dead_letters", "kind" => "notification").set(stats.inbox_dead as f64);
         metrics::gauge!("oppsync_dead_letters", "kind" => "marketo_write").set(stats.writes_dead as f64);
     }
-    if let Ok(paused) = state.store.control(crate::worker::pusher::PAUSED).await {
-        metrics::gauge!("oppsync_paused").set(if paused.as_deref() == Some("true") {
-            1.0
-        } else {
-            0.0
-        });
+    if let Ok(paused) = state.worker.is_paused().await {
+        metrics::gauge!("oppsync_paused").set(if paused { 1.0 } else { 0.0 });
     }
-    if let Some(worker) = &state.worker {
-        let usage = worker.marketo.usage();
+    if let Some(usage) = state.worker.marketo_usage() {
         metrics::gauge!("oppsync_marketo_quota_used").set(f64::from(usage.calls_today));
         metrics::gauge!("oppsync_marketo_quota_left").set(f64::from(usage.quota_left));
         // Counters appear only once incremented; register them so dashboards and alerts see a

@@ -5,64 +5,27 @@ pub mod admin;
 pub mod auth;
 pub mod health;
 pub mod metrics;
+pub mod openapi;
 pub mod problem;
 pub mod refusal;
 pub mod webhook;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
-use parking_lot::RwLock;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::config::Config;
+use crate::service::Lifecycle;
 use crate::store::{GroupCommitter, Store};
-use crate::worker::WorkerContext;
+use crate::worker::WorkerControl;
 use problem::ApiError;
-
-/// Process lifecycle flags shared by the server, the worker and the probes.
-#[derive(Debug, Default)]
-pub struct Lifecycle {
-    draining: AtomicBool,
-    pushing: AtomicBool,
-    marketo_problem: RwLock<Option<String>>,
-}
-
-impl Lifecycle {
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Whether this replica currently holds the push lease.
-    pub fn set_pushing(&self, pushing: bool) {
-        self.pushing.store(pushing, Ordering::SeqCst);
-    }
-
-    pub fn is_pushing(&self) -> bool {
-        self.pushing.load(Ordering::SeqCst)
-    }
-
-    /// A Marketo configuration error (e.g. 1018 native CRM sync enabled) stops pushing and
-    /// turns readiness red until it clears.
-    pub fn set_marketo_problem(&self, problem: Option<String>) {
-        *self.marketo_problem.write() = problem;
-    }
-
-    pub fn marketo_problem(&self) -> Option<String> {
-        self.marketo_problem.read().clone()
-    }
-}
 
 /// What handlers share.
 pub struct AppContext {
@@ -73,8 +36,8 @@ pub struct AppContext {
     pub metrics: Option<PrometheusHandle>,
     /// Verifies admin bearer tokens; None when no key is configured (admin routes answer 503).
     pub admin_auth: Option<auth::JwtVerifier>,
-    /// The worker, for admin actions that plan (re-sync); None with `intake_only`.
-    pub worker: Option<Arc<WorkerContext>>,
+    /// The admin API's handle on the worker (pause, resume, re-sync, what it reports).
+    pub worker: WorkerControl,
     /// The Dataverse organisation whose notifications are accepted.
     pub organization: Arc<crate::dynamics::organization::Organization>,
 }
@@ -83,7 +46,7 @@ pub type AppState = Arc<AppContext>;
 
 /// Routes with their OpenAPI documentation, declared together.
 pub fn api_router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(crate::openapi::base())
+    OpenApiRouter::with_openapi(openapi::base())
         .routes(routes!(webhook::receive))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
@@ -138,7 +101,7 @@ pub async fn openapi_json() -> axum::Json<serde_json::Value> {
     // Built once: the document is a function of the code.
     static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
     axum::Json(
-        DOC.get_or_init(|| serde_json::to_value(crate::openapi::document()).unwrap_or_default())
+        DOC.get_or_init(|| serde_json::to_value(openapi::document()).unwrap_or_default())
             .clone(),
     )
 }

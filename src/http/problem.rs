@@ -7,6 +7,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::auth::{AdminRefusal, TokenRefusal};
+
 /// An RFC 9457 problem details object (`application/problem+json`).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Problem {
@@ -89,7 +91,7 @@ pub enum ApiError {
     #[error("admin API not configured")]
     AdminNotConfigured,
     #[error("bearer token refused: {0:?}")]
-    InvalidToken(super::auth::TokenRefusal),
+    InvalidToken(TokenRefusal),
     #[error("insufficient scope: {0} needed")]
     InsufficientScope(&'static str),
     #[error("unauthorized: {0}")]
@@ -269,9 +271,7 @@ impl IntoResponse for ApiError {
         let challenge = match &self {
             // RFC 6750 §3: say why, so that clients know whether to fetch a new token.
             // No credentials at all: a bare challenge, no error code (RFC 6750 §3.1).
-            ApiError::InvalidToken(super::auth::TokenRefusal::Missing) => {
-                Some("Bearer realm=\"oppsync\"".to_owned())
-            }
+            ApiError::InvalidToken(TokenRefusal::Missing) => Some("Bearer realm=\"oppsync\"".to_owned()),
             ApiError::InvalidToken(refusal) => Some(format!(
                 "Bearer realm=\"oppsync\", error=\"invalid_token\", error_description=\"{}\"",
                 refusal.describe().0
@@ -286,6 +286,22 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
         }
         response
+    }
+}
+
+impl From<AdminRefusal> for ApiError {
+    fn from(refusal: AdminRefusal) -> Self {
+        match refusal {
+            AdminRefusal::NotConfigured => ApiError::AdminNotConfigured,
+            AdminRefusal::Token(refusal) => ApiError::InvalidToken(refusal),
+            AdminRefusal::InsufficientScope(needed) => ApiError::InsufficientScope(needed),
+        }
+    }
+}
+
+impl IntoResponse for AdminRefusal {
+    fn into_response(self) -> Response {
+        ApiError::from(self).into_response()
     }
 }
 

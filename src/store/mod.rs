@@ -7,6 +7,7 @@ mod group_commit;
 mod sql;
 mod sqlite_inbox;
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod suite;
 
 use std::collections::HashMap;
@@ -26,6 +27,9 @@ pub use sqlite_inbox::SqliteInbox;
 /// Group committers on PostgreSQL, each with a connection of intake's own pool. (SQLite has one
 /// writer.)
 pub const INTAKE_COMMITTERS_PG: usize = 4;
+
+/// Control key of the pause flag (`"true"` while pushing is paused).
+const PAUSED: &str = "paused";
 
 /// Whether an SQLite URL names an in-memory database (`sqlite::memory:`, `mode=memory`), which
 /// intake's own connection could not share and which would lose the inbox at exit.
@@ -551,6 +555,16 @@ impl Store {
 
     pub async fn set_control(&self, key: &str, value: &str) -> Result<(), StoreError> {
         dispatch!(self, s => s.set_control(key, value).await)
+    }
+
+    /// Whether pushing to Marketo is paused (shared by every replica through the store).
+    pub async fn paused(&self) -> Result<bool, StoreError> {
+        Ok(self.control(PAUSED).await?.as_deref() == Some("true"))
+    }
+
+    pub async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        self.set_control(PAUSED, if paused { "true" } else { "false" })
+            .await
     }
 
     pub async fn notification(&self, id: i64) -> Result<Option<InboxEntry>, StoreError> {

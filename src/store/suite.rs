@@ -708,6 +708,12 @@ async fn controls_and_lead_ids_round_trip(store: &Store) {
     store.set_control("paused", "true").await.unwrap();
     store.set_control("paused", "false").await.unwrap();
     assert_eq!(store.control("paused").await.unwrap().as_deref(), Some("false"));
+    // The typed pause flag.
+    assert!(!store.paused().await.unwrap());
+    store.set_paused(true).await.unwrap();
+    assert!(store.paused().await.unwrap());
+    store.set_paused(false).await.unwrap();
+    assert!(!store.paused().await.unwrap());
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     store.save_lead_ids(&[(a, 7), (b, 8)]).await.unwrap();
     store.save_lead_ids(&[(a, 9)]).await.unwrap();

@@ -2,8 +2,11 @@
 //! resulting Marketo writes (`pusher`). Intake never waits for either; a Dataverse or Marketo
 //! outage delays work and never drops it.
 
+mod control;
 pub mod planner;
 pub mod pusher;
+
+pub use control::{ResyncError, WorkerControl};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dynamics::webapi::DataverseClient;
-use crate::http::Lifecycle;
 use crate::marketo::MarketoClient;
+use crate::service::Lifecycle;
 use crate::store::{PushLease, Store, now_ms};
 
 /// What the worker tasks share.
@@ -58,7 +61,7 @@ impl WorkerContext {
 
     /// Pushing is paused by configuration at start or by an operator (shared by replicas).
     pub async fn is_paused(&self) -> bool {
-        matches!(self.store.control(pusher::PAUSED).await, Ok(Some(v)) if v == "true")
+        matches!(self.store.paused().await, Ok(true))
     }
 }
 
@@ -74,7 +77,7 @@ pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
 /// Starts the planner and the pusher; they stop when `shutdown` is cancelled.
 pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> JoinSet<()> {
     if ctx.config.worker.paused
-        && let Err(e) = ctx.store.set_control(pusher::PAUSED, "true").await
+        && let Err(e) = ctx.store.set_paused(true).await
     {
         tracing::error!(error = %e, "could not record the paused state");
     }

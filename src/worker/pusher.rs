@@ -76,9 +76,6 @@ impl Default for PrepareAhead {
     }
 }
 
-/// Control key: pushing paused (`"true"`), shared by every replica through the store.
-pub const PAUSED: &str = "paused";
-
 /// What one push cycle did, and when another one may find something to send.
 #[derive(Debug, Default)]
 pub struct CycleOutcome {

@@ -43,7 +43,7 @@ fn concrete(path: &str) -> String {
 }
 
 fn documented() -> BTreeSet<(String, String)> {
-    let doc = serde_json::to_value(oppsync::openapi::document()).unwrap();
+    let doc = serde_json::to_value(oppsync::http::openapi::document()).unwrap();
     let mut out = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
@@ -122,7 +122,7 @@ async fn openapi_routes_are_served_by_the_router() {
         .unwrap();
     assert_eq!(
         served,
-        serde_json::to_value(oppsync::openapi::document()).unwrap()
+        serde_json::to_value(oppsync::http::openapi::document()).unwrap()
     );
     env.stop().await;
 }
@@ -131,7 +131,7 @@ async fn openapi_routes_are_served_by_the_router() {
 fn openapi_committed_yaml_is_the_generated_one() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.yaml");
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    let generated = oppsync::openapi::yaml().unwrap();
+    let generated = oppsync::http::openapi::yaml().unwrap();
     assert!(
         committed == generated,
         "openapi/openapi.yaml is out of date: run `cargo run -- openapi > openapi/openapi.yaml` and commit it"

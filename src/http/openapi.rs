@@ -69,7 +69,7 @@ pub fn base() -> utoipa::openapi::OpenApi {
 
 /// The complete document: the base plus every route's documentation.
 pub fn document() -> utoipa::openapi::OpenApi {
-    crate::http::api_router().split_for_parts().1
+    super::api_router().split_for_parts().1
 }
 
 /// The document as YAML, as committed in `openapi/openapi.yaml`.

@@ -1,0 +1,89 @@
+//! The admin API's one handle on the worker: pause, resume, re-sync, and what it reports. The
+//! HTTP surface knows the worker through this type alone, not through the planner's or the
+//! pusher's files.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::WorkerContext;
+use super::planner::{self, PlanError};
+use crate::marketo::Usage;
+use crate::store::{Store, StoreError};
+
+/// Pause, resume, re-sync and usage for the admin API. The pause flag lives in the store, so
+/// pausing works (and is shared by every replica) also where this process runs no worker.
+#[derive(Clone)]
+pub struct WorkerControl {
+    store: Store,
+    worker: Option<Arc<WorkerContext>>,
+}
+
+/// Why a re-sync did not plan.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    #[error("no worker runs in this process")]
+    NotRunning,
+    #[error("Dynamics has no opportunity {0}")]
+    NotFound(Uuid),
+    /// Dataverse failed, or the lookups it answered did not settle.
+    #[error("{0}")]
+    Upstream(#[source] PlanError),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("{0}")]
+    Internal(#[source] PlanError),
+}
+
+impl WorkerControl {
+    /// `worker` is None where this process runs no worker (`intake_only`).
+    pub fn new(store: Store, worker: Option<Arc<WorkerContext>>) -> WorkerControl {
+        WorkerControl { store, worker }
+    }
+
+    /// Whether this process runs a worker (planner and pusher).
+    pub fn is_running(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// Pauses pushing to Marketo on every replica (intake and planning go on).
+    pub async fn pause(&self) -> Result<(), StoreError> {
+        self.store.set_paused(true).await
+    }
+
+    /// Resumes pushing to Marketo, and wakes this process's pusher.
+    pub async fn resume(&self) -> Result<(), StoreError> {
+        self.store.set_paused(false).await?;
+        self.wake_pusher();
+        Ok(())
+    }
+
+    pub async fn is_paused(&self) -> Result<bool, StoreError> {
+        self.store.paused().await
+    }
+
+    /// Reads one opportunity from the Dataverse Web API and plans it as if a full-row
+    /// notification had arrived; returns the number of Marketo writes planned.
+    pub async fn resync(&self, id: Uuid) -> Result<usize, ResyncError> {
+        let worker = self.worker.as_ref().ok_or(ResyncError::NotRunning)?;
+        match planner::resync_opportunity(worker, id).await {
+            Ok(Some(writes)) => Ok(writes),
+            Ok(None) => Err(ResyncError::NotFound(id)),
+            Err(PlanError::Store(e)) => Err(ResyncError::Store(e)),
+            Err(e @ (PlanError::Dataverse(_) | PlanError::Unresolved(_))) => Err(ResyncError::Upstream(e)),
+            Err(e) => Err(ResyncError::Internal(e)),
+        }
+    }
+
+    /// Pokes the pusher (after writes were put back to pending) so it need not wait for its poll.
+    pub fn wake_pusher(&self) {
+        if let Some(worker) = &self.worker {
+            worker.pusher_wakeup.notify_one();
+        }
+    }
+
+    /// Marketo API use by this process today (None where it runs no worker).
+    pub fn marketo_usage(&self) -> Option<Usage> {
+        self.worker.as_ref().map(|w| w.marketo.usage())
+    }
+}
