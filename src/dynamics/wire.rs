@@ -299,12 +299,12 @@ impl ExecutionContext {
                 }
                 _ => {
                     match parameters.get("EntityMoniker") {
-                        Some(ParameterValue::Value(AttributeValue::EntityReference(moniker))) => {
-                            if record_id.is_nil() {
-                                record_id = moniker.id;
-                            }
+                        Some(ParameterValue::Value(AttributeValue::EntityReference(moniker)))
+                            if record_id.is_nil() =>
+                        {
+                            record_id = moniker.id;
                         }
-                        None => {}
+                        Some(ParameterValue::Value(AttributeValue::EntityReference(_))) | None => {}
                         Some(_) => {
                             return Err(DecodeError::not_a_context(
                                 "EntityMoniker is not an EntityReference",

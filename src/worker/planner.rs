@@ -897,6 +897,14 @@ impl PlanStep {
             // pair, planned at once, would each still see the other row active (write skew).
             opportunities.insert(*id);
             for w in rules::plan(old, projection) {
+                // A company write names the account as this plan saw it: writing the account
+                // back makes its revision part of the commit, so a rename committed meanwhile
+                // and this plan cannot both commit (the loser re-plans with the new name).
+                if let rules::MarketoWrite::UpsertCompany { account_id, .. } = &w
+                    && self.world.accounts.contains_key(account_id)
+                {
+                    self.changed_accounts.insert(*account_id);
+                }
                 commit.writes.push(PlannedWrite {
                     key: w.key(),
                     opportunity_id: Some(*id),
