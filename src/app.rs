@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::dynamics::organization::Organization;
 use crate::dynamics::webapi::DataverseClient;
 use crate::http::auth::JwtVerifier;
 use crate::http::{AppContext, AppState};
@@ -116,6 +117,22 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
+    // Which organisation's notifications to accept: configured, or learnt through WhoAmI.
+    let organization = Arc::new(Organization::new(&config.dataverse));
+    if organization.id().is_none() {
+        match DataverseClient::new(&config.dataverse) {
+            Ok(client) => {
+                crate::dynamics::organization::learn(organization.clone(), client, shutdown.clone()).await;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "no Dataverse client to learn the organisation with; notifications are not checked against it (set dataverse.organization_id)"
+            ),
+        }
+    } else {
+        tracing::info!(organization_id = ?organization.id(), "serving the configured Dataverse organisation");
+    }
+
     let worker = if options.intake_only {
         None
     } else {
@@ -141,6 +158,7 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
         metrics: crate::service::metrics::install(),
         admin_auth,
         worker: WorkerControl::new(store.clone(), worker.clone()),
+        organization,
     });
 
     let router = crate::http::router(state.clone());

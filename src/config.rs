@@ -238,6 +238,13 @@ pub struct DataverseConfig {
     /// Most Web API calls in flight at once (Dataverse's service protection also limits
     /// concurrent requests per user, to 52).
     pub max_concurrent_requests: u32,
+    /// The organisation whose notifications are accepted (`OrganizationId` of the body); others
+    /// (a sandbox copied from production keeps the endpoint and its key) are refused with 403.
+    /// When unset it is learnt at start from the Web API's `WhoAmI`.
+    pub organization_id: Option<uuid::Uuid>,
+    /// The host name Dynamics sends in `x-ms-dynamics-organization`; a notification naming
+    /// another is refused with 403. Defaults to the host of `url`.
+    pub organization_host: Option<String>,
 }
 
 impl Default for DataverseConfig {
@@ -252,11 +259,23 @@ impl Default for DataverseConfig {
             max_rate_limit_retries: 5,
             max_rate_limit_wait_secs: 120,
             max_concurrent_requests: 16,
+            organization_id: None,
+            organization_host: None,
         }
     }
 }
 
 impl DataverseConfig {
+    /// The host `x-ms-dynamics-organization` must name: `organization_host`, else the host of
+    /// `url`; lower case, without a trailing dot.
+    pub fn expected_organization_host(&self) -> Option<String> {
+        self.organization_host
+            .clone()
+            .or_else(|| self.url.as_ref().and_then(|u| u.host_str().map(str::to_owned)))
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+    }
+
     pub fn effective_token_url(&self) -> Option<Url> {
         if let Some(u) = &self.token_url {
             return Some(u.clone());

@@ -91,6 +91,24 @@ pub struct RowRecord {
     pub modified_on: Version,
 }
 
+/// An account: its name is the Marketo company's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub modified_on: Version,
+}
+
+/// The `WhoAmI` function's answer: who oppsync's application user is, and in which
+/// organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct WhoAmI {
+    pub organization_id: Uuid,
+    pub user_id: Uuid,
+    pub business_unit_id: Uuid,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionRoleRecord {
     pub id: Uuid,
@@ -212,6 +230,40 @@ impl DataverseClient {
             parent,
             modified_on: modified_on(&fields)?,
         }))
+    }
+
+    /// `GET accounts(id)?$select=name,modifiedon`; `None` when the account does not exist.
+    pub async fn account(&self, id: Uuid) -> Result<Option<AccountRecord>, WebApiError> {
+        let Some(body) = self
+            .get_row(&format!("accounts({id})"), &[("$select", "name,modifiedon")])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let fields = parse_object(&body)?;
+        let name = match fields.get("name").map(|r| convert_value(r)).transpose()? {
+            Some(AttributeValue::String(s)) => Some(s),
+            _ => None,
+        };
+        Ok(Some(AccountRecord {
+            id: row_id(&fields, "accountid", id)?,
+            name,
+            modified_on: modified_on(&fields)?,
+        }))
+    }
+
+    /// `GET WhoAmI()`: the organisation (and user) oppsync's credentials belong to.
+    pub async fn who_am_i(&self) -> Result<WhoAmI, WebApiError> {
+        let url = self.api_url("WhoAmI", &[])?;
+        let reply = self.execute(Method::GET, url, None, false).await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Err(WebApiError::Rejected(format!(
+                "WhoAmI: not found: {}",
+                odata_error(&reply.body)
+            )));
+        }
+        serde_json::from_str(&reply.body)
+            .map_err(|e| WebApiError::Rejected(format!("WhoAmI: unreadable answer: {e}")))
     }
 
     /// `GET opportunities(id)` with the given logical columns (lookups are translated to their

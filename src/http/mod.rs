@@ -39,6 +39,8 @@ pub struct AppContext {
     pub admin_auth: Option<auth::JwtVerifier>,
     /// The admin API's handle on the worker (pause, resume, re-sync, what it reports).
     pub worker: WorkerControl,
+    /// The Dataverse organisation whose notifications are accepted.
+    pub organization: Arc<crate::dynamics::organization::Organization>,
 }
 
 pub type AppState = Arc<AppContext>;

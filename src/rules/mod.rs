@@ -18,7 +18,7 @@ pub use config::{Conversion, DerivedFields, FieldMapping, LeadMatch, MissingLead
 pub use plan::{MarketoWrite, plan};
 pub use project::{CompanyRecord, Lookup, Projection, RoleKey, project};
 pub use state::{
-    Applied, ConnectionRoleInfo, ConnectionState, ContactState, NeedsRow, OpportunityState, Versioned,
-    VersionedAttributes, World, apply, connection_opportunity, customer_contact, event_opportunity,
-    full_row_event,
+    AccountState, Applied, ConnectionRoleInfo, ConnectionState, ContactState, NeedsRow,
+    OpportunityState, Versioned, VersionedAttributes, World, apply, connection_opportunity, customer_contact,
+    event_opportunity, full_row_event,
 };

@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID, SyncConfig};
 use super::mapping::convert;
-use super::state::World;
-use crate::dynamics::AttributeValue;
+use super::state::{ContactState, World};
+use crate::dynamics::{AttributeValue, EntityRef};
 
 /// A read the projection needs before it can be made.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -20,6 +20,8 @@ pub enum Lookup {
     ConnectionRole(Uuid),
     /// The opportunity was never seen in full (no Create, no post image, no read): read the row.
     OpportunityRow(Uuid),
+    /// The company's account name is unknown (references rarely carry it): read the account.
+    Account(Uuid),
 }
 
 /// A Marketo company (`externalCompanyId` = Dynamics accountid).
@@ -81,31 +83,42 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
 
     // Potential customer (DESIGN.md §2): an account is the company; a contact gets a role and
     // its parent account (when that is an account) is the company.
-    let mut company = None;
+    let mut company_account: Option<&EntityRef> = None;
     if let Some(customer) = state.customer() {
         match customer.logical_name.as_str() {
-            "account" => {
-                company = Some(CompanyRecord {
-                    account_id: customer.id,
-                    name: customer.name.clone(),
-                });
-            }
+            "account" => company_account = Some(customer),
             "contact" => {
-                roles.insert(RoleKey {
-                    contact_id: customer.id,
-                    role: cfg.customer_role.clone(),
-                });
-                role_contacts.insert(customer.id);
-                if let Some(contact) = world.contacts.get(&customer.id) {
-                    company = contact.parent_account.as_ref().map(|a| CompanyRecord {
-                        account_id: a.id,
-                        name: a.name.clone(),
+                let contact = world.contacts.get(&customer.id);
+                // A deleted contact has no role; its last known account stays the company.
+                if !contact.is_some_and(ContactState::is_deleted) {
+                    roles.insert(RoleKey {
+                        contact_id: customer.id,
+                        role: cfg.customer_role.clone(),
                     });
+                    role_contacts.insert(customer.id);
                 }
+                company_account = contact.and_then(|c| c.parent_account.as_ref());
             }
             _ => {}
         }
     }
+    // The company's name: the account's own (cached from an account notification or a read)
+    // wins over a name a reference carried; with neither, the account is read.
+    let company = company_account.map(|account| {
+        let name = match world.accounts.get(&account.id).and_then(|a| a.known_name()) {
+            Some(known) => known.map(str::to_owned),
+            None => {
+                if account.name.is_none() {
+                    lookups.insert(Lookup::Account(account.id));
+                }
+                account.name.clone()
+            }
+        };
+        CompanyRecord {
+            account_id: account.id,
+            name,
+        }
+    });
 
     // Stakeholders: active connections to a contact whose role is in a stakeholder category.
     // Both rows of a reciprocal pair give the same key, so the second is a no-op.
@@ -120,7 +133,12 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
             lookups.insert(Lookup::ConnectionRole(role_id));
             continue;
         };
-        if cfg.stakeholder_categories.contains(&role.category) {
+        if cfg.stakeholder_categories.contains(&role.category)
+            && !world
+                .contacts
+                .get(&contact_id)
+                .is_some_and(ContactState::is_deleted)
+        {
             roles.insert(RoleKey {
                 contact_id,
                 role: role.name.clone(),

@@ -311,8 +311,15 @@ pub fn connection_opportunity(state: &ConnectionState) -> Option<Uuid> {
     state.opportunity_id
 }
 
-/// Contact attributes the rules read (specs/dynamics.md §7.1).
-const CONTACT_ATTRIBUTES: &[&str] = &["parentcustomerid", "emailaddress1", "firstname", "lastname"];
+/// Contact attributes the rules read (specs/dynamics.md §7.1). `merged` marks the losing
+/// contact of a merge.
+const CONTACT_ATTRIBUTES: &[&str] = &[
+    "parentcustomerid",
+    "emailaddress1",
+    "firstname",
+    "lastname",
+    "merged",
+];
 
 /// What oppsync knows of a contact: its parent account (the company of opportunities whose
 /// potential customer it is) and what lead matching needs.
@@ -328,6 +335,15 @@ pub struct ContactState {
     pub last_name: Option<String>,
     /// The newest version merged.
     pub version: Version,
+    /// Tombstone: the contact was deleted in Dynamics (its Delete notification, or merged into
+    /// another contact). It then has no roles; Dynamics never reuses a row id, so nothing
+    /// brings it back.
+    #[serde(default)]
+    pub deleted_at: Option<Version>,
+    /// The last Web API read found no such contact (its Delete notification may not have come,
+    /// or no Delete step is registered): a role for it cannot be pushed, and says why.
+    #[serde(default)]
+    pub not_found: bool,
 }
 
 impl ContactState {
@@ -340,7 +356,26 @@ impl ContactState {
             first_name: None,
             last_name: None,
             version: Version::MIN,
+            deleted_at: None,
+            not_found: false,
         }
+    }
+
+    /// A contact a Web API read did not find: a full row of nulls, marked not found.
+    pub fn not_found(id: Uuid) -> Self {
+        let mut contact = ContactState::from_row(id, &Attributes::new(), Version::MIN);
+        contact.not_found = true;
+        contact
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+
+    fn delete(&mut self, version: Version) -> bool {
+        let before = self.clone();
+        self.deleted_at = Some(self.deleted_at.map_or(version, |d| d.max(version)));
+        *self != before
     }
 
     /// A contact from a full row (a Web API read converted to webhook logical names, with
@@ -355,9 +390,10 @@ impl ContactState {
     /// True when the parent account and email are known (possibly as null), so the customer rule
     /// and lead matching need no read.
     pub fn is_complete(&self) -> bool {
-        ["parentcustomerid", "emailaddress1"]
-            .iter()
-            .all(|a| self.attributes.contains_key(*a))
+        self.is_deleted()
+            || ["parentcustomerid", "emailaddress1"]
+                .iter()
+                .all(|a| self.attributes.contains_key(*a))
     }
 
     /// Merges another view of the same contact (e.g. a fresh Web API read); newer fields win.
@@ -372,6 +408,11 @@ impl ContactState {
             }
         }
         self.version = self.version.max(other.version);
+        if let Some(at) = other.deleted_at {
+            self.delete(at);
+        }
+        // The newer view tells whether Dataverse has the row.
+        self.not_found = other.not_found;
         self.derive();
         *self != before
     }
@@ -395,6 +436,12 @@ impl ContactState {
         row.extend(missing.iter().map(|name| (name, &null)));
         merge_attributes(&mut self.attributes, row, version);
         self.version = self.version.max(version);
+        self.not_found = false;
+        // The losing contact of a merge is deactivated and flagged `merged`: it is gone as a
+        // person, like a deleted one.
+        if attributes.get("merged").and_then(AttributeValue::as_bool) == Some(true) {
+            self.delete(version);
+        }
         self.derive();
         *self != before
     }
@@ -418,6 +465,39 @@ impl ContactState {
     }
 }
 
+/// What oppsync knows of an account: its name, which is the Marketo company's name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountState {
+    pub id: Uuid,
+    /// The name with the version that set it (None inside: the account has no name, or a read
+    /// found no such account). None until known.
+    pub name: Option<Versioned<Option<String>>>,
+    /// True once a projection made this account a Marketo company: a rename is then pushed to
+    /// the company. Accounts no opportunity uses are not written to Marketo.
+    #[serde(default)]
+    pub in_marketo: bool,
+}
+
+impl AccountState {
+    pub fn new(id: Uuid) -> Self {
+        AccountState {
+            id,
+            name: None,
+            in_marketo: false,
+        }
+    }
+
+    /// The known name (outer None: not known yet).
+    pub fn known_name(&self) -> Option<Option<&str>> {
+        self.name.as_ref().map(|n| n.value.as_deref())
+    }
+
+    /// Merges a name seen at `version`; true when it changed.
+    pub fn merge_name(&mut self, name: Option<String>, version: Version) -> bool {
+        merge_register(&mut self.name, Versioned { value: name, version })
+    }
+}
+
 /// A connection role (`connectionrole`), looked up once and cached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionRoleInfo {
@@ -433,6 +513,8 @@ pub struct World {
     pub connections: BTreeMap<Uuid, ConnectionState>,
     pub contacts: BTreeMap<Uuid, ContactState>,
     pub roles: BTreeMap<Uuid, ConnectionRoleInfo>,
+    #[serde(default)]
+    pub accounts: BTreeMap<Uuid, AccountState>,
 }
 
 impl World {
@@ -480,6 +562,10 @@ pub struct Applied {
     pub connections_changed: BTreeSet<Uuid>,
     /// Contact states that changed (to be stored).
     pub contacts_changed: BTreeSet<Uuid>,
+    /// Account states that changed (to be stored).
+    pub accounts_changed: BTreeSet<Uuid>,
+    /// Marketo companies whose name changed (an account already in Marketo was renamed).
+    pub companies: BTreeSet<Uuid>,
 }
 
 impl Applied {
@@ -499,7 +585,8 @@ pub struct NeedsRow {
 
 /// Merges one event into `world`: order-independent and idempotent (see the module comment).
 /// Attributes use webhook logical names (`customerid`, `parentcustomerid` as entity references).
-/// A contact Delete is not handled (DESIGN.md §2) and changes nothing.
+/// A contact Delete leaves a tombstone (the contact loses its roles); an account Update
+/// changes the name of the company.
 pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsRow> {
     if event.data_missing && event.message != MessageKind::Delete {
         return Err(NeedsRow {
@@ -545,21 +632,34 @@ pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsR
             }
         }
         EntityKind::Contact => {
-            if event.message == MessageKind::Delete {
-                return Ok(applied);
-            }
-            let changed = world
-                .contacts
-                .entry(id)
-                .or_insert_with(|| ContactState::new(id))
-                .merge_row(
+            let contact = world.contacts.entry(id).or_insert_with(|| ContactState::new(id));
+            let changed = if event.message == MessageKind::Delete {
+                contact.delete(event.version)
+            } else if contact.is_deleted() {
+                false
+            } else {
+                contact.merge_row(
                     &event.attributes,
                     event.version,
                     event.message == MessageKind::Create,
-                );
+                )
+            };
             if changed {
                 applied.contacts_changed.insert(id);
                 applied.opportunities = world.opportunities_of_contact(id);
+            }
+        }
+        EntityKind::Account => {
+            // Only the name is read; an Update that does not carry it changes nothing.
+            let Some(name) = event.attributes.get("name") else {
+                return Ok(applied);
+            };
+            let account = world.accounts.entry(id).or_insert_with(|| AccountState::new(id));
+            if account.merge_name(name.as_str().map(str::to_owned), event.version) {
+                applied.accounts_changed.insert(id);
+                if account.in_marketo {
+                    applied.companies.insert(id);
+                }
             }
         }
     }
@@ -574,7 +674,7 @@ pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsR
 pub fn event_opportunity(event: &DynamicsEvent) -> Option<Uuid> {
     match event.entity {
         EntityKind::Opportunity => Some(event.record_id),
-        EntityKind::Contact => None,
+        EntityKind::Contact | EntityKind::Account => None,
         EntityKind::Connection => [&event.attributes, &event.pre_image]
             .into_iter()
             .flat_map(|a| [a.get("record1id"), a.get("record2id")])

@@ -50,6 +50,13 @@ pub const ROLE_BUSINESS_PARTNER: Uuid = Uuid::from_u128(0x5a1e_0000_0000_4000_80
 pub const MESSAGE_CREATE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0001);
 pub const MESSAGE_UPDATE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0002);
 pub const MESSAGE_DELETE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0003);
+pub const MESSAGE_WIN: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0004);
+pub const MESSAGE_LOSE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0005);
+
+/// The organisation `WhoAmI` names unless changed: the one composed notifications carry.
+pub const SIM_ORGANIZATION_ID: Uuid = crate::dynamics::compose::DEFAULT_ORGANIZATION_ID;
+const SIM_USER_ID: Uuid = Uuid::from_u128(0x75c2dd85_e89e_e711_8122_000d3aa2331c);
+const SIM_BUSINESS_UNIT_ID: Uuid = Uuid::from_u128(0xe2b9dd85_e89e_e711_8122_000d3aa2331c);
 
 const SEED_ROLES: &[(Uuid, &str, i32)] = &[
     (ROLE_STAKEHOLDER, "Stakeholder", 1000),
@@ -291,6 +298,20 @@ impl DataverseSimHandle {
         self.state().remove("contacts", id);
     }
 
+    /// Seeds (or renames) an account.
+    pub fn put_account(&self, id: Uuid, name: &str, modified_on: OffsetDateTime) {
+        let mut f = Fields::new();
+        f.insert("accountid".into(), json_str(&id.to_string()));
+        f.insert("name".into(), json_str(name));
+        f.insert("modifiedon".into(), json_date(modified_on));
+        self.state().put("accounts", id, f);
+    }
+
+    /// The organisation `WhoAmI` answers (a sandbox copy has another).
+    pub fn set_organization_id(&self, id: Uuid) {
+        self.state().organization_id = id;
+    }
+
     /// Seeds an opportunity from webhook-vocabulary attributes: lookups become `_x_value` with
     /// annotations, money and decimals exact numbers, option sets integers, dates ISO.
     /// `modifiedon` is taken from the attributes, else now.
@@ -512,6 +533,7 @@ struct SimState {
     /// Row ids by (entity set, column) and value, built on demand for `$filter`s that name
     /// many values of one column, with the change counter it was built at.
     index: HashMap<(String, String), (u64, HashMap<String, Vec<Uuid>>)>,
+    organization_id: Uuid,
 }
 
 impl SimState {
@@ -535,6 +557,7 @@ impl SimState {
             in_flight: 0,
             max_in_flight: 0,
             index: HashMap::new(),
+            organization_id: SIM_ORGANIZATION_ID,
         };
         for (id, name, category) in SEED_ROLES {
             s.put_role(*id, name, *category);
@@ -543,13 +566,18 @@ impl SimState {
             (MESSAGE_CREATE, "Create"),
             (MESSAGE_UPDATE, "Update"),
             (MESSAGE_DELETE, "Delete"),
+            (MESSAGE_WIN, "Win"),
+            (MESSAGE_LOSE, "Lose"),
         ];
         for (mi, (message, name)) in messages.iter().enumerate() {
             let mut f = Fields::new();
             f.insert("sdkmessageid".into(), json_str(&message.to_string()));
             f.insert("name".into(), json_str(name));
             s.put("sdkmessages", *message, f);
-            for (ei, entity) in ["opportunity", "connection", "contact"].iter().enumerate() {
+            for (ei, entity) in ["opportunity", "connection", "contact", "account"]
+                .iter()
+                .enumerate()
+            {
                 let id = message_filter_id(mi, ei);
                 let mut f = Fields::new();
                 f.insert("sdkmessagefilterid".into(), json_str(&id.to_string()));
@@ -910,6 +938,20 @@ fn handle(
             &format!("Resource not found for the segment '{rest}'."),
         )
     };
+    if method == Method::GET && matches!(rest, "WhoAmI" | "WhoAmI()") {
+        // The unbound function (specs/dynamics.md, addendum): who the caller is, and where.
+        return Reply {
+            status: StatusCode::OK,
+            body: serde_json::json!({
+                "@odata.context": format!("{}{API_PREFIX}$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", s.org),
+                "BusinessUnitId": SIM_BUSINESS_UNIT_ID,
+                "UserId": SIM_USER_ID,
+                "OrganizationId": s.organization_id,
+            })
+            .to_string(),
+            headers: Vec::new(),
+        };
+    }
     let Some((set_name, id)) = parse_resource(rest) else {
         return not_found_segment();
     };

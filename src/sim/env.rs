@@ -40,6 +40,9 @@ impl Simulators {
         c.marketo.max_concurrent = m.max_concurrent;
         c.marketo.daily_quota = m.daily_quota;
         c.dataverse = self.dataverse.config();
+        // Composed notifications name this host, as a real org names its own domain.
+        c.dataverse.organization_host =
+            Some(crate::dynamics::compose::DEFAULT_ORGANIZATION_DOMAIN.to_owned());
         c.worker.poll_interval_ms = 25;
         c
     }

@@ -60,6 +60,10 @@ pub fn serve_env(sims: &Simulators, store_url: &str, port: u16, webhook_key: &st
     ];
     let d = &c.dataverse;
     v.push((
+        "OPPSYNC__DATAVERSE__ORGANIZATION_HOST".into(),
+        d.organization_host.clone().unwrap_or_default(),
+    ));
+    v.push((
         "OPPSYNC__DATAVERSE__URL".into(),
         d.url.as_ref().map(|u| u.to_string()).unwrap_or_default(),
     ));

@@ -166,7 +166,10 @@ pub struct RowKeys {
     pub connections_of_opportunities: Vec<Uuid>,
     /// Load every opportunity whose potential customer is one of these contacts.
     pub opportunities_with_customer: Vec<Uuid>,
+    /// Load every connection that links one of these contacts.
+    pub connections_of_contacts: Vec<Uuid>,
     pub role_ids: Vec<Uuid>,
+    pub account_ids: Vec<Uuid>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -175,6 +178,7 @@ pub struct LoadedRows {
     pub connections: Vec<StateRow>,
     pub contacts: Vec<StateRow>,
     pub roles: Vec<RoleRow>,
+    pub accounts: Vec<StateRow>,
 }
 
 /// A row to write in a commit. `expected_revision` None means "must not exist yet".
@@ -224,6 +228,7 @@ pub struct Commit {
     pub connections: Vec<RowWrite>,
     pub contacts: Vec<RowWrite>,
     pub roles: Vec<RoleRow>,
+    pub accounts: Vec<RowWrite>,
     pub writes: Vec<PlannedWrite>,
     /// The writes come from a background job (the initial sync, reconciliation): they are
     /// pushed after live ones of the same phase.

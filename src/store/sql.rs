@@ -111,6 +111,12 @@ const CONTACT_UPDATE: &str = "WITH v(id, rev, state) AS (VALUES {}) \
 const CONTACT_INSERT: &str = "WITH v(id, state) AS (VALUES {}) \
      INSERT INTO contacts (id, revision, state, updated_at) \
      SELECT id, 1, state, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
+const ACCOUNT_UPDATE: &str = "WITH v(id, rev, state) AS (VALUES {}) \
+     UPDATE accounts SET revision = accounts.revision + 1, state = v.state, updated_at = $1 \
+     FROM v WHERE accounts.id = v.id AND accounts.revision = v.rev";
+const ACCOUNT_INSERT: &str = "WITH v(id, state) AS (VALUES {}) \
+     INSERT INTO accounts (id, revision, state, updated_at) \
+     SELECT id, 1, state, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
 // Coalescing: one row per Marketo record; a newer plan replaces the payload and bumps the
 // revision (keys must be distinct within one statement). A write pending for live traffic stays
 // live when a background job (the initial sync) plans the same record. A plan equal to the payload Marketo
@@ -374,7 +380,7 @@ macro_rules! sql_store {
                 let mut seen_opportunities = std::collections::BTreeSet::new();
                 let mut seen_connections = std::collections::BTreeSet::new();
                 let mut seen_contacts = std::collections::BTreeSet::new();
-                let lookups: [(&[Uuid], &str, u8); 6] = [
+                let lookups: [(&[Uuid], &str, u8); 8] = [
                     (&keys.opportunity_ids, "SELECT id, revision, state, projection FROM opportunities WHERE id IN ({})", 0),
                     (
                         &keys.opportunities_with_customer,
@@ -387,8 +393,14 @@ macro_rules! sql_store {
                         "SELECT id, revision, state FROM connections WHERE opportunity_id IN ({})",
                         1,
                     ),
+                    (
+                        &keys.connections_of_contacts,
+                        "SELECT id, revision, state FROM connections WHERE contact_id IN ({})",
+                        1,
+                    ),
                     (&keys.contact_ids, "SELECT id, revision, state FROM contacts WHERE id IN ({})", 2),
                     (&keys.role_ids, "SELECT id, name, category FROM connection_roles WHERE id IN ({})", 3),
+                    (&keys.account_ids, "SELECT id, revision, state FROM accounts WHERE id IN ({})", 4),
                 ];
                 for (ids, query, kind) in lookups {
                     for chunk in id_texts(ids).chunks(IN_CHUNK) {
@@ -417,6 +429,7 @@ macro_rules! sql_store {
                                         out.contacts.push(row);
                                     }
                                 }
+                                4 => out.accounts.push(state_row(&r, false)?),
                                 _ => {
                                     let id: String = r.try_get("id")?;
                                     out.roles.push(RoleRow {
@@ -526,6 +539,26 @@ macro_rules! sql_store {
                 }
                 for chunk in inserts.chunks(ROW_CHUNK) {
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONTACT_INSERT, chunk.len(), 2))).bind(now);
+                    for w in chunk {
+                        q = q.bind(w.id.to_string()).bind(&w.state);
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
+                    commit.accounts.iter().partition(|w| w.expected_revision.is_some());
+                for chunk in updates.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(ACCOUNT_UPDATE, chunk.len(), 3))).bind(now);
+                    for w in chunk {
+                        q = q.bind(w.id.to_string()).bind(w.expected_revision).bind(&w.state);
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                for chunk in inserts.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(ACCOUNT_INSERT, chunk.len(), 2))).bind(now);
                     for w in chunk {
                         q = q.bind(w.id.to_string()).bind(&w.state);
                     }

@@ -561,6 +561,10 @@ async fn ensure_leads(
     let mut to_create: Vec<Uuid> = Vec::new();
     for c in &unknown {
         match match_value(c) {
+            // A read found no such contact: say so, rather than blame a missing email.
+            None if states.get(c).is_some_and(|s| s.not_found) => {
+                outcome.insert(*c, dead(format!("contact {c} not found in Dataverse")));
+            }
             None => {
                 outcome.insert(
                     *c,

@@ -1,5 +1,5 @@
 //! Reconciliation: every `reconcile.interval_secs`, the replica that pushes asks Dataverse what
-//! changed in opportunity, connection and contact since its last pass, and plans those rows
+//! changed in opportunity, connection, contact and account since its last pass, and plans those rows
 //! through the same rules as webhooks (full rows versioned by `modifiedon`, deletions as deletes).
 //! A change a webhook already brought plans nothing (per-field versions); a change a webhook
 //! missed is planned, and counted.
@@ -26,13 +26,14 @@ use super::planner::{PlanError, plan_and_commit};
 use crate::dynamics::webapi::{Change, CollectionQuery, Page, WebApiError, any_of};
 use crate::dynamics::{Attributes, DynamicsEvent, EntityKind, MessageKind};
 use crate::rules::{self, OpportunityState};
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{RowKeys, Store, StoreError, now_ms};
 
 /// The tables a pass asks about, by entity set.
-const TABLES: [(EntityKind, &str); 3] = [
+const TABLES: [(EntityKind, &str); 4] = [
     (EntityKind::Opportunity, "opportunities"),
     (EntityKind::Connection, "connections"),
     (EntityKind::Contact, "contacts"),
+    (EntityKind::Account, "accounts"),
 ];
 
 /// A `modifiedon` query starts this long before the last pass began: clocks of oppsync and
@@ -215,6 +216,7 @@ fn query(ctx: &WorkerContext, kind: EntityKind) -> CollectionQuery {
         }
         EntityKind::Connection => CollectionQuery::connections(size),
         EntityKind::Contact => CollectionQuery::contacts(size),
+        EntityKind::Account => CollectionQuery::accounts(size),
     }
 }
 
@@ -297,8 +299,32 @@ async fn apply(
     page: &Page,
     state: &mut TableReconcile,
 ) -> Result<(), PassError> {
+    // Of accounts, only those oppsync already holds matter (a lost rename of a Marketo
+    // company); the rest of the organisation's accounts are not kept.
+    let held: Option<BTreeSet<Uuid>> = if kind == EntityKind::Account {
+        let ids: Vec<Uuid> = page
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Row(row) => Some(row.id),
+                Change::Deleted(_) => None,
+            })
+            .collect();
+        let keys = RowKeys {
+            account_ids: ids,
+            ..RowKeys::default()
+        };
+        Some(ctx.store.load_rows(&keys).await?.accounts.iter().map(|r| r.id).collect())
+    } else {
+        None
+    };
     let mut events = Vec::with_capacity(page.changes.len());
     for change in &page.changes {
+        if let (Some(held), Change::Row(row)) = (&held, change)
+            && !held.contains(&row.id)
+        {
+            continue;
+        }
         match change {
             Change::Row(row) => events.push(rules::full_row_event(
                 kind,
@@ -306,8 +332,8 @@ async fn apply(
                 row.modified_on,
                 row.attributes.clone(),
             )),
-            // A contact delete changes nothing oppsync holds (DESIGN.md §2).
-            Change::Deleted(_) if kind == EntityKind::Contact => {}
+            // A deleted account changes no company: Marketo keeps the name it has.
+            Change::Deleted(_) if kind == EntityKind::Account => {}
             Change::Deleted(id) => events.push(deleted(kind, *id)),
         }
     }

@@ -15,6 +15,7 @@ mod openapi;
 mod operations_doc;
 mod pipeline;
 mod reconcile;
+mod real_orgs;
 mod register_cli;
 mod replicas;
 mod rules_e2e;

@@ -300,7 +300,7 @@ fn customer_contact_with_account_sets_company_to_parent_account() {
         writes[0],
         MarketoWrite::UpsertCompany {
             account_id: account_id(1),
-            name: None
+            name: Some("Account 1".into())
         }
     );
     assert_eq!(
@@ -416,7 +416,7 @@ fn customer_account_sets_company_and_creates_no_role() {
         writes[0],
         MarketoWrite::UpsertCompany {
             account_id: account_id(1),
-            name: None
+            name: Some("Account 1".into())
         }
     );
     assert_eq!(h.project(1).roles, BTreeSet::new());
@@ -457,7 +457,7 @@ fn customer_change_from_contact_to_account_removes_the_role_and_sets_company() {
         writes.first(),
         Some(&MarketoWrite::UpsertCompany {
             account_id: account_id(1),
-            name: None
+            name: Some("Account 1".into())
         })
     );
     assert_eq!(
@@ -1039,7 +1039,7 @@ fn keys_share_one_record_between_upsert_and_delete() {
     assert_eq!(
         MarketoWrite::UpsertCompany {
             account_id: account_id(1),
-            name: None
+            name: Some("Account 1".into())
         }
         .key(),
         format!("company:{}", account_id(1))

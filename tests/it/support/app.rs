@@ -30,6 +30,8 @@ pub struct EnvOptions {
     pub tweak: Option<ConfigTweak>,
     /// Simulators started (and seeded) by the test; `marketo` is then ignored.
     pub sims: Option<Simulators>,
+    /// Runs on the simulators before the service starts (e.g. the org WhoAmI answers).
+    pub prepare: Option<Box<dyn FnOnce(&Simulators)>>,
 }
 
 impl TestEnv {
@@ -54,6 +56,9 @@ impl TestEnv {
                 None,
             )
         };
+        if let Some(prepare) = options.prepare {
+            prepare(&sims);
+        }
         let mut config = sims.service_config(&store_url, KEY);
         Simulators::make_quick(&mut config);
         if let Some(tweak) = options.tweak {
