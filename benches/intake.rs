@@ -23,6 +23,11 @@ use oppsync::dynamics::AttributeValue;
 use oppsync::dynamics::compose::{NotificationBuilder, reference};
 use uuid::Uuid;
 
+/// The allocator the `oppsync` binary ships with (src/main.rs), so that the service measured in
+/// process allocates as it does in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const KEY: &str = "bench-webhook-key";
 
 struct Run {

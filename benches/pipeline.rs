@@ -21,6 +21,11 @@ use oppsync::sim::org::DynamicsOrg;
 use oppsync::store::now_ms;
 use serde_json::Value;
 
+/// The allocator the `oppsync` binary ships with (src/main.rs), so that the service measured in
+/// process allocates as it does in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CALLS_PER_WINDOW: u32 = 10;
 const WINDOW: Duration = Duration::from_secs(2);
 const BATCH: usize = 300;

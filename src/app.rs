@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::dynamics::organization::Organization;
 use crate::dynamics::webapi::DataverseClient;
 use crate::http::auth::JwtVerifier;
 use crate::http::{AppContext, AppState};
@@ -62,9 +63,12 @@ impl RunningApp {
     /// which stops the rest), then gives what is left `server.shutdown_grace_secs` to finish.
     pub async fn wait(&mut self) {
         tokio::select! {
+            // A requested stop also ends the parts: it is checked first, and again below, so
+            // that it is never taken for one of them failing.
+            biased;
             _ = self.shutdown.cancelled() => {}
             ended = self.tasks.join_next() => {
-                if ended.is_some() {
+                if ended.is_some() && !self.shutdown.is_cancelled() {
                     tracing::error!("a part of the service stopped unexpectedly; shutting down");
                 }
                 self.shutdown.cancel();
@@ -86,6 +90,14 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Store>
         .context("connecting to the store (store.url)")?;
     if migrate {
         store.migrate().await.context("applying migrations")?;
+    } else if store.is_new().await? {
+        // A store nothing was ever written to gets its schema; an existing older one is still
+        // refused without `--migrate` (an upgrade is the operator's decision).
+        tracing::info!("the store is new and empty: creating its schema");
+        store
+            .migrate()
+            .await
+            .context("creating the schema of a new store")?;
     }
     store.ensure_schema().await?;
     Ok(store)
@@ -104,6 +116,22 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+
+    // Which organisation's notifications to accept: configured, or learnt through WhoAmI.
+    let organization = Arc::new(Organization::new(&config.dataverse));
+    if organization.id().is_none() {
+        match DataverseClient::new(&config.dataverse) {
+            Ok(client) => {
+                crate::dynamics::organization::learn(organization.clone(), client, shutdown.clone()).await;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "no Dataverse client to learn the organisation with; notifications are not checked against it (set dataverse.organization_id)"
+            ),
+        }
+    } else {
+        tracing::info!(organization_id = ?organization.id(), "serving the configured Dataverse organisation");
+    }
 
     let worker = if options.intake_only {
         None
@@ -130,6 +158,7 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
         metrics: crate::service::metrics::install(),
         admin_auth,
         worker: WorkerControl::new(store.clone(), worker.clone()),
+        organization,
     });
 
     let router = crate::http::router(state.clone());

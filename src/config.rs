@@ -101,6 +101,8 @@ pub struct Config {
     pub sync: SyncConfig,
     pub admin: AdminConfig,
     pub worker: WorkerConfig,
+    pub backfill: BackfillConfig,
+    pub reconcile: ReconcileConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,8 +175,11 @@ pub struct MarketoConfig {
     pub base_url: Option<Url>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
-    /// Calls allowed per rate window (Marketo: 100 per 20 s per instance, shared).
-    pub calls_per_20s: u32,
+    /// Calls allowed per rate window of `window_secs` (Marketo: 100 per 20 s per instance,
+    /// shared). Formerly `calls_per_20s` (`OPPSYNC__MARKETO__CALLS_PER_20S`), still read for
+    /// this release.
+    #[serde(alias = "calls_per_20s")]
+    pub calls_per_window: u32,
     /// Length of the rate window in seconds (20 in production; scaled down in tests).
     pub window_secs: f64,
     pub max_concurrent: u32,
@@ -199,7 +204,7 @@ impl Default for MarketoConfig {
             base_url: None,
             client_id: None,
             client_secret: None,
-            calls_per_20s: 100,
+            calls_per_window: 100,
             window_secs: 20.0,
             max_concurrent: 10,
             daily_quota: 50_000,
@@ -230,6 +235,16 @@ pub struct DataverseConfig {
     pub max_rate_limit_retries: u32,
     /// Most total time one call spends waiting on 429s.
     pub max_rate_limit_wait_secs: u64,
+    /// Most Web API calls in flight at once (Dataverse's service protection also limits
+    /// concurrent requests per user, to 52).
+    pub max_concurrent_requests: u32,
+    /// The organisation whose notifications are accepted (`OrganizationId` of the body); others
+    /// (a sandbox copied from production keeps the endpoint and its key) are refused with 403.
+    /// When unset it is learnt at start from the Web API's `WhoAmI`.
+    pub organization_id: Option<uuid::Uuid>,
+    /// The host name Dynamics sends in `x-ms-dynamics-organization`; a notification naming
+    /// another is refused with 403. Defaults to the host of `url`.
+    pub organization_host: Option<String>,
 }
 
 impl Default for DataverseConfig {
@@ -243,11 +258,24 @@ impl Default for DataverseConfig {
             request_timeout_secs: 30,
             max_rate_limit_retries: 5,
             max_rate_limit_wait_secs: 120,
+            max_concurrent_requests: 16,
+            organization_id: None,
+            organization_host: None,
         }
     }
 }
 
 impl DataverseConfig {
+    /// The host `x-ms-dynamics-organization` must name: `organization_host`, else the host of
+    /// `url`; lower case, without a trailing dot.
+    pub fn expected_organization_host(&self) -> Option<String> {
+        self.organization_host
+            .clone()
+            .or_else(|| self.url.as_ref().and_then(|u| u.host_str().map(str::to_owned)))
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+    }
+
     pub fn effective_token_url(&self) -> Option<Url> {
         if let Some(u) = &self.token_url {
             return Some(u.clone());
@@ -274,7 +302,9 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// Start with pushing to Marketo paused (intake and planning go on).
+    /// `true` records a pause of pushing to Marketo at every start (intake and planning go on).
+    /// The pause is one flag in the store, shared by every replica; `false` never lifts it:
+    /// only `POST /admin/resume` does (docs/operations.md, "Pausing").
     pub paused: bool,
     /// How long a claimed notification stays leased; renewed while working.
     pub lease_secs: u64,
@@ -307,6 +337,56 @@ impl Default for WorkerConfig {
             retry_max_ms: 600_000,
             restart_base_ms: 1_000,
             restart_limit: 5,
+        }
+    }
+}
+
+/// The initial sync (`POST /admin/backfill`, `oppsync backfill`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackfillConfig {
+    /// Start one the first time `serve` runs on an empty store.
+    pub on_empty_store: bool,
+    /// Opportunities read per Web API page; each page is planned in one commit.
+    pub page_size: u32,
+    /// Marketo calls of the daily quota left to live traffic: the backfill pauses when no more
+    /// than this many are left.
+    pub quota_reserve: u32,
+    /// Most Marketo writes the backfill keeps waiting to be pushed; it reads on as the pusher
+    /// takes them.
+    pub max_queued_writes: u32,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            on_empty_store: false,
+            page_size: 200,
+            quota_reserve: 5_000,
+            max_queued_writes: 6_000,
+        }
+    }
+}
+
+/// Reconciliation: what changed in Dataverse since the last pass, planned like webhooks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Seconds between passes; 0 turns reconciliation off.
+    pub interval_secs: u64,
+    /// Rows per Web API page of a pass.
+    pub page_size: u32,
+    /// Where a table has change tracking off, deletes are unseen: each pass checks this many
+    /// batches of 50 known opportunities still exist, and reports the missing ones.
+    pub delete_check_batches: u32,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            interval_secs: 900,
+            page_size: 1_000,
+            delete_check_batches: 20,
         }
     }
 }
@@ -361,17 +441,13 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(env);
-        figment.extract().map_err(|e| ConfigError {
-            problems: e.into_iter().map(describe_figment_error).collect(),
-        })
+        extract_listing_every_problem(&figment)
     }
 
     /// Parses a TOML document (tests, `check-config`).
     pub fn from_toml(text: &str, purpose: Purpose) -> Result<Config, ConfigError> {
         let figment = Figment::new().merge(Toml::string(text));
-        let config: Config = figment.extract().map_err(|e| ConfigError {
-            problems: e.into_iter().map(describe_figment_error).collect(),
-        })?;
+        let config = extract_listing_every_problem(&figment)?;
         let problems = config.problems(purpose);
         if problems.is_empty() {
             Ok(config)
@@ -427,6 +503,20 @@ impl Config {
         if self.webhook.keys.iter().any(|k| k.expose().len() < 8) {
             p.push("webhook.keys: every key must be at least 8 characters".into());
         }
+        // Credentials and tokens travel to these: https, or plain http to this machine only
+        // (the simulators, a local proxy).
+        let token_url = self.dataverse.token_url.as_ref();
+        for (name, env, url) in [
+            ("marketo.base_url", "OPPSYNC__MARKETO__BASE_URL", self.marketo.base_url.as_ref()),
+            ("dataverse.url", "OPPSYNC__DATAVERSE__URL", self.dataverse.url.as_ref()),
+            ("dataverse.token_url", "OPPSYNC__DATAVERSE__TOKEN_URL", token_url),
+        ] {
+            if let Some(url) = url
+                && let Err(why) = check_service_url(url)
+            {
+                p.push(format!("{name} ({env}): {why}"));
+            }
+        }
         let m = &self.marketo;
         if purpose == Purpose::Serve {
             if m.base_url.is_none() {
@@ -439,8 +529,8 @@ impl Config {
                 p.push("marketo.client_secret (OPPSYNC__MARKETO__CLIENT_SECRET): required".into());
             }
         }
-        if m.calls_per_20s == 0 {
-            p.push("marketo.calls_per_20s: must be at least 1".into());
+        if m.calls_per_window == 0 {
+            p.push("marketo.calls_per_window: must be at least 1".into());
         }
         if m.window_secs.is_nan() || m.window_secs <= 0.0 {
             p.push("marketo.window_secs: must be positive".into());
@@ -502,6 +592,18 @@ impl Config {
         if self.worker.claim_batch == 0 {
             p.push("worker.claim_batch: must be at least 1".into());
         }
+        if self.backfill.page_size == 0 || self.backfill.page_size > 5_000 {
+            p.push("backfill.page_size: must be between 1 and 5000 (Dataverse's largest page)".into());
+        }
+        if self.backfill.max_queued_writes == 0 {
+            p.push("backfill.max_queued_writes: must be at least 1".into());
+        }
+        if self.reconcile.page_size == 0 || self.reconcile.page_size > 5_000 {
+            p.push("reconcile.page_size: must be between 1 and 5000 (Dataverse's largest page)".into());
+        }
+        if self.dataverse.max_concurrent_requests == 0 {
+            p.push("dataverse.max_concurrent_requests: must be at least 1".into());
+        }
         p.extend(self.sync.problems());
         p
     }
@@ -531,6 +633,67 @@ fn strip_nulls(v: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Extracts the configuration; when values do not fit their type, lists every one of them, not
+/// only the first that serde stops at: each bad key is set aside and the rest extracted again.
+fn extract_listing_every_problem(figment: &Figment) -> Result<Config, ConfigError> {
+    let first = match figment.extract::<Config>() {
+        Ok(config) => return Ok(config),
+        Err(e) => e,
+    };
+    let mut problems: Vec<String> = Vec::new();
+    let mut paths: Vec<Vec<String>> = Vec::new();
+    for e in first {
+        paths.push(e.path.clone());
+        problems.push(describe_figment_error(e));
+    }
+    // The same data as one value, to take keys out of.
+    let Ok(mut data) = figment.extract::<figment::value::Value>() else {
+        return Err(ConfigError { problems });
+    };
+    // Bounded: each round removes at least one key, or stops.
+    for _ in 0..64 {
+        if paths.is_empty() || !paths.iter().all(|p| remove_key(&mut data, p)) {
+            break;
+        }
+        paths.clear();
+        let rest = Figment::from(figment::providers::Serialized::defaults(&data));
+        match rest.extract::<Config>() {
+            Ok(_) => break,
+            Err(e) => {
+                for e in e {
+                    let problem = describe_figment_error(e.clone());
+                    if !problems.contains(&problem) {
+                        problems.push(problem);
+                        paths.push(e.path);
+                    }
+                }
+            }
+        }
+    }
+    Err(ConfigError { problems })
+}
+
+/// Removes the key at `path` (dotted into sections); false when there is none.
+fn remove_key(value: &mut figment::value::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for key in parents {
+        match at {
+            figment::value::Value::Dict(_, dict) => match dict.get_mut(key) {
+                Some(next) => at = next,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    match at {
+        figment::value::Value::Dict(_, dict) => dict.remove(last).is_some(),
+        _ => false,
+    }
+}
+
 fn describe_figment_error(e: figment::Error) -> String {
     let path = e.path.join(".");
     let env_name = if path.is_empty() {
@@ -550,6 +713,24 @@ fn describe_figment_error(e: figment::Error) -> String {
         kind
     } else {
         format!("{path}{env_name}: {kind}")
+    }
+}
+
+/// A service URL oppsync sends secrets to: `https://`, or `http://` to a loopback address.
+fn check_service_url(url: &Url) -> Result<(), String> {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" if url.host().is_some() => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "{url} is plain http; use https (http is accepted only to a loopback address, e.g. a simulator)"
+        )),
+        scheme => Err(format!("{url}: the scheme {scheme}:// is not accepted; use https://")),
     }
 }
 
@@ -613,6 +794,37 @@ mod tests {
     }
 
     #[test]
+    fn service_urls_are_https_or_loopback_http() {
+        let with = |marketo: &str, dataverse: &str| {
+            let file = serve_ready()
+                .replace("https://123-ABC-456.mktorest.com", marketo)
+                .replace("https://contoso.crm.dynamics.com", dataverse);
+            Config::from_toml(&file, Purpose::Serve).map_err(|e| e.problems.join("\n"))
+        };
+        let err = with("ftp://123-ABC-456.mktorest.com", "http://contoso.crm.dynamics.com").unwrap_err();
+        assert!(err.contains("marketo.base_url") && err.contains("ftp://"), "{err}");
+        assert!(err.contains("dataverse.url") && err.contains("plain http"), "{err}");
+        assert!(with("http://127.0.0.1:9000", "http://localhost:9001").is_ok());
+        assert!(with("http://[::1]:9000", "https://contoso.crm.dynamics.com").is_ok());
+        let err = with("https://123-ABC-456.mktorest.com", "file:///etc/passwd").unwrap_err();
+        assert!(err.contains("dataverse.url"), "{err}");
+    }
+
+    #[test]
+    fn every_badly_typed_value_is_listed_not_only_the_first() {
+        let err = Config::from_toml(
+            "[server]\nbody_limit_bytes = \"lots\"\n[marketo]\nbatch_size = \"many\"\n[worker]\nmax_attempts = -3\n",
+            Purpose::Inspect,
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        for key in ["server.body_limit_bytes", "marketo.batch_size", "worker.max_attempts"] {
+            assert!(all.contains(key), "{key} missing from:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 3, "{all}");
+    }
+
+    #[test]
     fn type_errors_name_the_key_and_its_environment_variable() {
         let err = Config::from_toml("[server]\nbody_limit_bytes = \"lots\"\n", Purpose::Inspect).unwrap_err();
         let all = err.problems.join("\n");
@@ -630,15 +842,31 @@ mod tests {
                 "rotated-key-1, rotated-key-2,rotated-key-3",
             );
             jail.set_env("OPPSYNC__SERVER__LISTEN", "127.0.0.1:9999");
-            jail.set_env("OPPSYNC__MARKETO__CALLS_PER_20S", "50");
+            jail.set_env("OPPSYNC__MARKETO__CALLS_PER_WINDOW", "50");
             let c =
                 Config::load(Some(Path::new("oppsync.toml")), Purpose::Serve).map_err(|e| e.to_string())?;
             let keys: Vec<&str> = c.webhook.keys.iter().map(|k| k.expose()).collect();
             assert_eq!(keys, ["rotated-key-1", "rotated-key-2", "rotated-key-3"]);
             assert_eq!(c.server.listen, "127.0.0.1:9999");
-            assert_eq!(c.marketo.calls_per_20s, 50);
+            assert_eq!(c.marketo.calls_per_window, 50);
             Ok(())
         });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
+    fn the_former_calls_per_20s_name_still_sets_calls_per_window() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("oppsync.toml", serve_ready())?;
+            jail.set_env("OPPSYNC__MARKETO__CALLS_PER_20S", "40");
+            let c =
+                Config::load(Some(Path::new("oppsync.toml")), Purpose::Serve).map_err(|e| e.to_string())?;
+            assert_eq!(c.marketo.calls_per_window, 40);
+            Ok(())
+        });
+        let file = "[marketo]\ncalls_per_20s = 30\n";
+        let c: Config = toml::from_str(file).unwrap();
+        assert_eq!(c.marketo.calls_per_window, 30);
     }
 
     #[test]

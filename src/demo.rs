@@ -40,6 +40,10 @@ struct Step {
 fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
     let contoso = (Uuid::new_v4(), "Contoso Ltd");
     let fabrikam = (Uuid::new_v4(), "Fabrikam Inc");
+    // Dataverse holds the accounts: real bodies name them by id only, so oppsync reads the
+    // company names through the Web API.
+    org.put_account(contoso.0, contoso.1);
+    org.put_account(fabrikam.0, fabrikam.1);
     let mut steps = Vec::new();
     let (james, n1) = org.create_contact("James", "Glynn", "james@contoso.com", Some(contoso));
     let (tom, n2) = org.create_contact("Tom", "Avery", "tom@contoso.com", Some(contoso));
@@ -116,8 +120,8 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
         notifications: deleted,
     });
     steps.push(Step {
-        caption: "the renewal is won",
-        notifications: vec![org.win(renewal)],
+        caption: "the renewal is won (the Win message)",
+        notifications: vec![org.close(renewal, true, 3, Decimal::new(142_500, 0)).0],
     });
     let names = vec![
         (renewal, "Contoso - 500 seats renewal"),

@@ -1,5 +1,6 @@
 //! The `oppsync` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +10,13 @@ use oppsync::dynamics::webapi::DataverseClient;
 use oppsync::marketo::MarketoClient;
 use oppsync::register::{self, RegisterOptions};
 use url::Url;
+
+/// mimalloc instead of the system allocator: intake allocates per request (the body, its
+/// decode, its compressed copy), and glibc's malloc was a fifth of intake's CPU time under
+/// concurrent load. Set in the binary, not the library, so that the fuzz target keeps the
+/// allocator its sanitizer checks; the benchmarks that measure intake set it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +45,8 @@ enum LogFormat {
 enum Command {
     /// Run the service.
     Serve {
-        /// Apply pending database migrations first (otherwise an old schema is refused).
+        /// Apply pending database migrations first (otherwise an older schema is refused; a new,
+        /// empty store gets its schema either way).
         #[arg(long)]
         migrate: bool,
     },
@@ -62,6 +71,33 @@ enum Command {
         /// Show what would change without writing anything.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Start the initial sync on a running service (or follow the one running) and show its
+    /// progress until it ends. The admin token (oppsync.write) is read from OPPSYNC_ADMIN_TOKEN.
+    Backfill {
+        /// The service's base URL, e.g. https://oppsync.example.com.
+        #[arg(long)]
+        url: Url,
+        /// Only the opportunities this OData $filter selects, e.g. "statecode eq 0".
+        #[arg(long)]
+        filter: Option<String>,
+        /// Only the opportunities modified at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Compare what Marketo holds for oppsync's opportunities and roles with what oppsync
+    /// projects, and print every difference (exit 1 when there are any). The admin token is read
+    /// from OPPSYNC_ADMIN_TOKEN.
+    Drift {
+        /// The service's base URL, e.g. https://oppsync.example.com.
+        #[arg(long)]
+        url: Url,
+        /// Most Marketo calls to spend (each 300 opportunities take 6).
+        #[arg(long, default_value_t = 100)]
+        budget: usize,
+        /// Also queue the writes that fix the differences (needs oppsync.write).
+        #[arg(long)]
+        repair: bool,
     },
     /// Print the OpenAPI document (YAML).
     Openapi,
@@ -102,7 +138,8 @@ fn init_logging(format: LogFormat, default_filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        // Colours only on a terminal: a log file or `kubectl logs` gets plain text.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
@@ -139,6 +176,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            let signal = shutdown_signal();
             let mut app = oppsync::app::start(
                 config,
                 oppsync::app::StartOptions {
@@ -149,7 +187,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             .await?;
             let token = app.shutdown_token();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                signal.await;
                 tracing::info!("shutdown signal received; draining");
                 token.cancel();
             });
@@ -215,7 +253,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
             println!("  export OPPSYNC__WEBHOOK__KEYS=local-webhook-key");
             println!("\nThese are simulators with well-known test credentials; press Ctrl-C to stop.");
-            wait_for_signal().await;
+            shutdown_signal().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Register {
@@ -253,6 +291,46 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let token = oppsync::http::auth::mint(&config.admin, subject, scopes, *ttl)?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill { url, filter, since } => {
+            let Ok(token) = std::env::var(oppsync::admin_cli::TOKEN_ENV) else {
+                eprintln!(
+                    "{} is not set: put an admin token with the oppsync.write scope there (`oppsync token --scope oppsync.write`)",
+                    oppsync::admin_cli::TOKEN_ENV
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let request = oppsync::worker::BackfillRequest {
+                filter: filter.clone(),
+                since: since.clone(),
+            }
+            .validated()
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let ended =
+                oppsync::admin_cli::backfill(url, token.trim(), &request, std::time::Duration::from_secs(1))
+                    .await?;
+            Ok(match ended {
+                oppsync::admin_cli::Ended::Completed => ExitCode::SUCCESS,
+                oppsync::admin_cli::Ended::NotCompleted(why) => {
+                    eprintln!("the backfill did not complete: {why}");
+                    ExitCode::FAILURE
+                }
+            })
+        }
+        Command::Drift { url, budget, repair } => {
+            let Ok(token) = std::env::var(oppsync::admin_cli::TOKEN_ENV) else {
+                eprintln!(
+                    "{} is not set: put an admin token there (`oppsync token`)",
+                    oppsync::admin_cli::TOKEN_ENV
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let found = oppsync::admin_cli::drift(url, token.trim(), *budget, *repair).await?;
+            Ok(if found == 0 || *repair {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Openapi => {
             print!("{}", oppsync::http::openapi::yaml()?);
@@ -411,24 +489,22 @@ async fn check_dataverse(config: &Config) -> Result<String, String> {
     ))
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for SIGTERM and Ctrl-C from the moment it is called (a SIGTERM that comes while the
+/// service is still starting is not lost, nor does it kill the process); the future completes
+/// at the first of them.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = ctrl_c.await;
     }
 }

@@ -79,7 +79,8 @@ impl RegisterReport {
     }
 
     fn push(&mut self, object: String, outcome: Outcome, detail: String) {
-        tracing::info!(object = %object, outcome = %outcome, detail = %detail, "registration");
+        // The report is printed once, as a table; the log has each action only at debug.
+        tracing::debug!(object = %object, outcome = %outcome, detail = %detail, "registration");
         self.actions.push(RegisterAction {
             object,
             outcome,
@@ -148,15 +149,26 @@ const CONNECTION_FILTERING: &[&str] = &[
     "statecode",
 ];
 const CONNECTION_IMAGE_EXTRA: &[&str] = &["ismaster", "relatedconnectionid"];
-const CONTACT_FILTERING: &[&str] = &["parentcustomerid", "emailaddress1", "firstname", "lastname"];
+/// `merged`: the losing contact of a merge is flagged, and loses its roles.
+const CONTACT_FILTERING: &[&str] = &[
+    "parentcustomerid",
+    "emailaddress1",
+    "firstname",
+    "lastname",
+    "merged",
+];
 const CONTACT_IMAGE_EXTRA: &[&str] = &["fullname"];
+/// An account's name is its Marketo company's name; nothing else of it is read.
+const ACCOUNT_FILTERING: &[&str] = &["name"];
 
 struct StepSpec {
     entity: EntityKind,
     message: MessageKind,
     /// Update only.
     filtering: Option<String>,
-    image: ImageSpec,
+    /// None where the message takes no image (Win and Lose carry their data as parameters; a
+    /// deleted contact needs nothing but its id).
+    image: Option<ImageSpec>,
 }
 
 struct ImageSpec {
@@ -197,17 +209,22 @@ fn step_specs(opts: &RegisterOptions) -> Vec<StepSpec> {
     let connection_image = attribute_list(CONNECTION_FILTERING.iter().chain(CONNECTION_IMAGE_EXTRA).copied());
     let contact_filter = attribute_list(CONTACT_FILTERING.iter().copied());
     let contact_image = attribute_list(CONTACT_FILTERING.iter().chain(CONTACT_IMAGE_EXTRA).copied());
-    let post = |property, attributes: &String| ImageSpec {
-        alias: "PostImage",
-        image_type: IMAGE_POST,
-        property,
-        attributes: attributes.clone(),
+    let account = attribute_list(ACCOUNT_FILTERING.iter().copied());
+    let post = |property, attributes: &String| {
+        Some(ImageSpec {
+            alias: "PostImage",
+            image_type: IMAGE_POST,
+            property,
+            attributes: attributes.clone(),
+        })
     };
-    let pre = |attributes: &String| ImageSpec {
-        alias: "PreImage",
-        image_type: IMAGE_PRE,
-        property: "Target",
-        attributes: attributes.clone(),
+    let pre = |attributes: &String| {
+        Some(ImageSpec {
+            alias: "PreImage",
+            image_type: IMAGE_PRE,
+            property: "Target",
+            attributes: attributes.clone(),
+        })
     };
     use EntityKind as E;
     use MessageKind as M;
@@ -229,6 +246,19 @@ fn step_specs(opts: &RegisterOptions) -> Vec<StepSpec> {
             message: M::Delete,
             filtering: None,
             image: pre(&opportunity),
+        },
+        // Closing a deal is its own message, not an Update (specs/dynamics.md, addendum).
+        StepSpec {
+            entity: E::Opportunity,
+            message: M::Win,
+            filtering: None,
+            image: None,
+        },
+        StepSpec {
+            entity: E::Opportunity,
+            message: M::Lose,
+            filtering: None,
+            image: None,
         },
         StepSpec {
             entity: E::Connection,
@@ -259,6 +289,20 @@ fn step_specs(opts: &RegisterOptions) -> Vec<StepSpec> {
             message: M::Update,
             filtering: Some(contact_filter),
             image: post("Target", &contact_image),
+        },
+        // A deleted contact loses its roles.
+        StepSpec {
+            entity: E::Contact,
+            message: M::Delete,
+            filtering: None,
+            image: None,
+        },
+        // A renamed account renames its Marketo company.
+        StepSpec {
+            entity: E::Account,
+            message: M::Update,
+            filtering: Some(account.clone()),
+            image: post("Target", &account),
         },
     ]
 }
@@ -532,7 +576,9 @@ async fn ensure_image(
     spec: &StepSpec,
     report: &mut RegisterReport,
 ) -> Result<(), WebApiError> {
-    let image = &spec.image;
+    let Some(image) = &spec.image else {
+        return Ok(());
+    };
     let object = format!(
         "image {} {} {}",
         spec.entity.logical_name(),
@@ -697,14 +743,23 @@ mod tests {
     async fn a_fresh_org_gets_endpoint_steps_and_images() {
         let (sim, client) = setup().await;
         let report = register(&client, &options(HOOK, false)).await.unwrap();
-        assert_eq!(report.actions.len(), 17, "{report}");
+        assert_eq!(report.actions.len(), 22, "{report}");
         assert!(
             outcomes(&report).iter().all(|o| *o == Outcome::Created),
             "{report}"
         );
         let shown = report.to_string();
         assert!(!shown.contains(KEY), "{shown}");
-        assert!(shown.contains("step opportunity Update"), "{shown}");
+        for step in [
+            "step opportunity Update",
+            "step opportunity Win",
+            "step opportunity Lose",
+            "step contact Delete",
+            "step account Update",
+            "image account Update PostImage",
+        ] {
+            assert!(shown.contains(step), "{step}: {shown}");
+        }
 
         let endpoints = sim.rows("serviceendpoints");
         assert_eq!(endpoints.len(), 1);
@@ -719,7 +774,7 @@ mod tests {
         assert_eq!(sim.authvalue(ep_id).as_deref(), Some(KEY));
 
         let steps = sim.rows("sdkmessageprocessingsteps");
-        assert_eq!(steps.len(), 8);
+        assert_eq!(steps.len(), 12);
         for s in &steps {
             assert_eq!(s["stage"], 40, "{s}");
             assert_eq!(s["mode"], 1, "{s}");
@@ -747,8 +802,35 @@ mod tests {
         );
         assert_eq!(
             step_for(&sim, "contact", "Update")["filteringattributes"],
-            "emailaddress1,firstname,lastname,parentcustomerid"
+            "emailaddress1,firstname,lastname,merged,parentcustomerid"
         );
+        assert_eq!(step_for(&sim, "account", "Update")["filteringattributes"], "name");
+        let img = image_for(&sim, &step_for(&sim, "account", "Update"));
+        assert_eq!(
+            (&img["entityalias"], &img["attributes"]),
+            (&json!("PostImage"), &json!("name"))
+        );
+        // Win and Lose are PostOperation, asynchronous, without images (their data are the
+        // message's parameters); so is the contact Delete.
+        for (entity, message) in [
+            ("opportunity", "Win"),
+            ("opportunity", "Lose"),
+            ("contact", "Delete"),
+        ] {
+            let step = step_for(&sim, entity, message);
+            assert_eq!(
+                (&step["stage"], &step["mode"]),
+                (&json!(40), &json!(1)),
+                "{entity} {message}"
+            );
+            let id = str_of(&step, "sdkmessageprocessingstepid");
+            assert!(
+                !sim.rows("sdkmessageprocessingstepimages")
+                    .iter()
+                    .any(|i| i["_sdkmessageprocessingstepid_value"] == id),
+                "{entity} {message} has no image"
+            );
+        }
         assert!(
             step_for(&sim, "opportunity", "Create")
                 .get("filteringattributes")
@@ -774,7 +856,7 @@ mod tests {
         let img = image_for(&sim, &step_for(&sim, "contact", "Update"));
         assert_eq!(img["entityalias"], "PostImage");
         assert!(str_of(&img, "attributes").contains("parentcustomerid"));
-        assert_eq!(sim.rows("sdkmessageprocessingstepimages").len(), 8);
+        assert_eq!(sim.rows("sdkmessageprocessingstepimages").len(), 9);
     }
 
     #[tokio::test]
@@ -784,7 +866,7 @@ mod tests {
         let writes = sim.write_count();
         let again = register(&client, &options(HOOK, false)).await.unwrap();
         assert_eq!(again.changes(), 0, "{again}");
-        assert_eq!(again.actions.len(), 17);
+        assert_eq!(again.actions.len(), 22);
         assert_eq!(sim.write_count(), writes);
     }
 
@@ -809,7 +891,7 @@ mod tests {
         assert!(!report.to_string().contains("rotated-webhook-key-456"));
         assert_eq!(sim.authvalue(ep_id).as_deref(), Some("rotated-webhook-key-456"));
         assert_eq!(sim.rows("serviceendpoints").len(), 1);
-        assert_eq!(sim.rows("sdkmessageprocessingsteps").len(), 8);
+        assert_eq!(sim.rows("sdkmessageprocessingsteps").len(), 12);
     }
 
     #[tokio::test]
@@ -843,7 +925,20 @@ mod tests {
     async fn a_dry_run_writes_nothing() {
         let (sim, client) = setup().await;
         let report = register(&client, &options(HOOK, true)).await.unwrap();
-        assert_eq!(report.actions.len(), 17);
+        assert_eq!(report.actions.len(), 22);
+        let shown = report.to_string();
+        for step in [
+            "step opportunity Win",
+            "step opportunity Lose",
+            "step contact Delete",
+            "step account Update",
+        ] {
+            let line = shown
+                .lines()
+                .find(|l| l.starts_with(&format!("{step} ")))
+                .unwrap_or("");
+            assert!(line.contains("would create"), "{step}: {shown}");
+        }
         assert!(
             outcomes(&report).iter().all(|o| *o == Outcome::WouldCreate),
             "{report}"

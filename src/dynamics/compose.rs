@@ -50,6 +50,20 @@ pub struct NotificationBuilder {
     organization_domain: String,
     size_exceeded: bool,
     parent_context: bool,
+    organization_id: Uuid,
+    /// InputParameters of a state change (Win, Lose, SetState…), which has no Target.
+    parameters: Vec<(String, Parameter)>,
+}
+
+/// A message parameter other than Target.
+#[derive(Debug, Clone)]
+enum Parameter {
+    Value(AttributeValue),
+    /// An Entity (`OpportunityClose`), written with its `__type` hint.
+    Entity {
+        logical_name: String,
+        attributes: Vec<(String, AttributeValue)>,
+    },
 }
 
 impl NotificationBuilder {
@@ -71,7 +85,7 @@ impl NotificationBuilder {
             pre_images: Vec::new(),
             post_images: Vec::new(),
             // Async steps always get this image, except Delete where the row is gone (§1.7, §9.3).
-            async_primary_name_image: message != MessageKind::Delete,
+            async_primary_name_image: message != MessageKind::Delete && !message.is_state_change(),
             operation_id: Some(derived_uuid("operation", &seed)),
             correlation_id: derived_uuid("correlation", &seed),
             request_id: Some(derived_uuid("request", &seed)),
@@ -80,11 +94,13 @@ impl NotificationBuilder {
             mode: 1,
             depth: 1,
             organization_name: "unq4ef5b371e89ee7118122000d3aa23".to_owned(),
-            organization_domain: "contoso.crm.dynamics.com".to_owned(),
+            organization_domain: DEFAULT_ORGANIZATION_DOMAIN.to_owned(),
             size_exceeded: false,
             parent_context: false,
+            organization_id: DEFAULT_ORGANIZATION_ID,
+            parameters: Vec::new(),
         };
-        if message != MessageKind::Delete {
+        if message != MessageKind::Delete && !message.is_state_change() {
             let at = AttributeValue::DateTime(datetime_from_ms(version_ms));
             builder = builder.attr(primary_key(entity), AttributeValue::String(record_id.to_string()));
             if message == MessageKind::Create {
@@ -118,6 +134,92 @@ impl NotificationBuilder {
     }
     pub fn contact_update(id: Uuid, version_ms: Version) -> Self {
         Self::new(EntityKind::Contact, MessageKind::Update, id, version_ms)
+    }
+    pub fn contact_delete(id: Uuid, version_ms: Version) -> Self {
+        Self::new(EntityKind::Contact, MessageKind::Delete, id, version_ms)
+    }
+    pub fn account_update(id: Uuid, version_ms: Version) -> Self {
+        Self::new(EntityKind::Account, MessageKind::Update, id, version_ms)
+    }
+
+    /// A `Win` (or, with `won` false, `Lose`) of an opportunity, in the shape of
+    /// WinOpportunityRequest / LoseOpportunityRequest: InputParameters `OpportunityClose` (an
+    /// `opportunityclose` Entity naming the opportunity, with the actual revenue and close date
+    /// when given) and `Status` (the status reason; -1 asks for the default). No Target, no
+    /// images; `at_ms` is OperationCreatedOn, the change's version.
+    pub fn opportunity_close(
+        id: Uuid,
+        at_ms: Version,
+        won: bool,
+        status: i32,
+        actual_revenue: Option<Decimal>,
+        actual_end_ms: Option<i64>,
+    ) -> Self {
+        let message = if won { MessageKind::Win } else { MessageKind::Lose };
+        let mut close = vec![("opportunityid".to_owned(), reference("opportunity", id))];
+        if let Some(revenue) = actual_revenue {
+            close.push(("actualrevenue".to_owned(), AttributeValue::Money(revenue)));
+        }
+        if let Some(end) = actual_end_ms {
+            close.push((
+                "actualend".to_owned(),
+                AttributeValue::DateTime(datetime_from_ms(end)),
+            ));
+        }
+        let subject = if won {
+            "Opportunity Close - Won"
+        } else {
+            "Opportunity Close - Lost"
+        };
+        close.push(("subject".to_owned(), AttributeValue::String(subject.to_owned())));
+        close.push(("description".to_owned(), AttributeValue::Null));
+        let mut builder = Self::new(EntityKind::Opportunity, message, id, at_ms);
+        builder.parameters = vec![
+            (
+                "OpportunityClose".to_owned(),
+                Parameter::Entity {
+                    logical_name: "opportunityclose".to_owned(),
+                    attributes: close,
+                },
+            ),
+            (
+                "Status".to_owned(),
+                Parameter::Value(AttributeValue::OptionSet(status)),
+            ),
+        ];
+        builder
+    }
+
+    /// A `SetState` (or `SetStateDynamicEntity`) of an opportunity: InputParameters
+    /// `EntityMoniker`, `State`, `Status`, as older organisations send them.
+    pub fn opportunity_set_state(
+        id: Uuid,
+        at_ms: Version,
+        dynamic_entity: bool,
+        state: i32,
+        status: i32,
+    ) -> Self {
+        let message = if dynamic_entity {
+            MessageKind::SetStateDynamicEntity
+        } else {
+            MessageKind::SetState
+        };
+        let mut builder = Self::new(EntityKind::Opportunity, message, id, at_ms);
+        builder.parameters = vec![
+            (
+                "EntityMoniker".to_owned(),
+                Parameter::Value(reference("opportunity", id)),
+            ),
+            (
+                "State".to_owned(),
+                Parameter::Value(AttributeValue::OptionSet(state)),
+            ),
+            (
+                "Status".to_owned(),
+                Parameter::Value(AttributeValue::OptionSet(status)),
+            ),
+        ];
+        builder
     }
 
     /// Sets a Target attribute (replacing an earlier value of the same name). Delete bodies
@@ -217,6 +319,11 @@ impl NotificationBuilder {
         self.organization_domain = domain.into();
         self
     }
+    /// `OrganizationId` (body).
+    pub fn organization_id(mut self, id: Uuid) -> Self {
+        self.organization_id = id;
+        self
+    }
     /// Adds the MainOperation (stage 30) ParentContext a UI-initiated change has.
     pub fn with_parent_context(mut self) -> Self {
         self.parent_context = true;
@@ -291,35 +398,41 @@ impl NotificationBuilder {
         if !omit_payload {
             key(out, "InputParameters");
             out.push('[');
-            kv_start(out, "Target");
-            if self.message == MessageKind::Delete {
-                write_reference(out, entity, self.record_id, None);
-            } else {
-                // The parent (MainOperation) Target holds only what the caller submitted.
-                let attrs: Vec<_> = if is_parent {
-                    self.target
-                        .iter()
-                        .filter(|(n, _)| !matches!(n.as_str(), "modifiedon" | "createdon"))
-                        .cloned()
-                        .collect()
-                } else {
-                    self.target.clone()
-                };
-                let formatted = if is_parent {
-                    &[][..]
-                } else {
-                    &self.formatted_values[..]
-                };
-                write_entity(out, entity, Some(self.record_id), &attrs, formatted, true);
-            }
-            out.push('}');
-            if is_parent && self.message != MessageKind::Delete {
+            if self.message.is_state_change() {
+                self.write_parameters(out);
+                out.push(']');
                 out.push(',');
-                kv_start(out, "SuppressDuplicateDetection");
-                out.push_str("false}");
+            } else {
+                kv_start(out, "Target");
+                if self.message == MessageKind::Delete {
+                    write_reference(out, entity, self.record_id, None);
+                } else {
+                    // The parent (MainOperation) Target holds only what the caller submitted.
+                    let attrs: Vec<_> = if is_parent {
+                        self.target
+                            .iter()
+                            .filter(|(n, _)| !matches!(n.as_str(), "modifiedon" | "createdon"))
+                            .cloned()
+                            .collect()
+                    } else {
+                        self.target.clone()
+                    };
+                    let formatted = if is_parent {
+                        &[][..]
+                    } else {
+                        &self.formatted_values[..]
+                    };
+                    write_entity(out, entity, Some(self.record_id), &attrs, formatted, true);
+                }
+                out.push('}');
+                if is_parent && self.message != MessageKind::Delete {
+                    out.push(',');
+                    kv_start(out, "SuppressDuplicateDetection");
+                    out.push_str("false}");
+                }
+                out.push(']');
+                out.push(',');
             }
-            out.push(']');
-            out.push(',');
         }
         member_raw(out, "IsExecutingOffline", "false");
         member_raw(
@@ -333,7 +446,7 @@ impl NotificationBuilder {
         member_raw(out, "Mode", &self.mode.to_string());
         member_str(out, "OperationCreatedOn", &format!("/Date({created_on}+0000)/"));
         member_str(out, "OperationId", &operation_id.to_string());
-        member_str(out, "OrganizationId", ORGANIZATION_ID);
+        member_str(out, "OrganizationId", &self.organization_id.to_string());
         member_str(out, "OrganizationName", &self.organization_name);
         key(out, "OutputParameters");
         if self.message == MessageKind::Create && stage == 40 {
@@ -410,11 +523,28 @@ impl NotificationBuilder {
         out.push('}');
     }
 
+    fn write_parameters(&self, out: &mut String) {
+        for (i, (name, parameter)) in self.parameters.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            kv_start(out, name);
+            match parameter {
+                Parameter::Value(value) => write_value(out, value),
+                Parameter::Entity {
+                    logical_name,
+                    attributes,
+                } => write_entity(out, logical_name, None, attributes, &[], true),
+            }
+            out.push('}');
+        }
+    }
+
     /// The automatic image holds the primary name column (if the Target has it) and the id.
     fn primary_name_attrs(&self) -> Vec<(String, AttributeValue)> {
         let name_column = match self.entity {
             EntityKind::Contact => "fullname",
-            EntityKind::Opportunity | EntityKind::Connection => "name",
+            EntityKind::Opportunity | EntityKind::Connection | EntityKind::Account => "name",
         };
         let mut attrs = Vec::new();
         if let Some((_, name)) = self.target.iter().find(|(n, _)| n == name_column) {
@@ -463,6 +593,7 @@ pub fn primary_key(entity: EntityKind) -> &'static str {
         EntityKind::Opportunity => "opportunityid",
         EntityKind::Connection => "connectionid",
         EntityKind::Contact => "contactid",
+        EntityKind::Account => "accountid",
     }
 }
 
@@ -478,7 +609,10 @@ pub fn datetime_from_ms(ms: i64) -> OffsetDateTime {
 const BUSINESS_UNIT_ID: &str = "e2b9dd85-e89e-e711-8122-000d3aa2331c";
 const USER_ID: &str = "75c2dd85-e89e-e711-8122-000d3aa2331c";
 const AAD_OBJECT_ID: &str = "3d280606-3712-4759-b6b9-7302f8d1a3b0";
-const ORGANIZATION_ID: &str = "4ef5b371-e89e-e711-8122-000d3aa2331c";
+/// `OrganizationId` of composed bodies unless set (the Dataverse simulator's WhoAmI answers it).
+pub const DEFAULT_ORGANIZATION_ID: Uuid = Uuid::from_u128(0x4ef5b371_e89e_e711_8122_000d3aa2331c);
+/// `x-ms-dynamics-organization` of composed bodies unless set.
+pub const DEFAULT_ORGANIZATION_DOMAIN: &str = "contoso.crm.dynamics.com";
 
 /// A random-looking but reproducible v4 Guid.
 fn derived_uuid(purpose: &str, seed: &str) -> Uuid {
@@ -1021,11 +1155,59 @@ mod tests {
             decode_notification(pre_op.to_json().as_bytes(), false),
             Err(DecodeError::UnsupportedStage(20))
         );
-        let contact_delete =
-            NotificationBuilder::new(EntityKind::Contact, MessageKind::Delete, id(CONTACT), VERSION);
+        let account_delete =
+            NotificationBuilder::new(EntityKind::Account, MessageKind::Delete, id(ACCOUNT), VERSION);
         assert!(matches!(
-            decode_notification(contact_delete.to_json().as_bytes(), false),
+            decode_notification(account_delete.to_json().as_bytes(), false),
             Err(DecodeError::Unsupported { .. })
         ));
+    }
+
+    #[test]
+    fn closes_and_state_changes_compose_as_their_requests_and_decode() {
+        let win = NotificationBuilder::opportunity_close(
+            id(OPP),
+            VERSION,
+            true,
+            3,
+            Some(dec("500.00")),
+            Some(VERSION - 1),
+        );
+        let body = win.to_json();
+        assert!(
+            body.contains("\"key\":\"OpportunityClose\",\"value\":{\"__type\":\"Entity:"),
+            "{body}"
+        );
+        assert!(!body.contains("\"Target\""), "a Win has no Target");
+        assert!(
+            win.headers()
+                .contains(&("x-ms-dynamics-request-name".to_owned(), "Win".to_owned()))
+        );
+        let e = decode_notification(body.as_bytes(), false).unwrap().event;
+        assert_eq!(
+            (e.message, e.record_id, e.version),
+            (MessageKind::Win, id(OPP), VERSION)
+        );
+        assert_eq!(e.attributes["actualvalue"], AttributeValue::Money(dec("500.00")));
+        assert_eq!(
+            e.attributes["actualclosedate"],
+            AttributeValue::DateTime(datetime_from_ms(VERSION - 1))
+        );
+        let lose = NotificationBuilder::opportunity_close(id(OPP), VERSION, false, -1, None, None);
+        let e = decode_notification(lose.to_json().as_bytes(), false)
+            .unwrap()
+            .event;
+        assert_eq!(e.attributes["statecode"], AttributeValue::OptionSet(2));
+        assert_eq!(e.attributes["statuscode"], AttributeValue::OptionSet(4));
+        let set_state =
+            NotificationBuilder::opportunity_set_state(id(OPP), VERSION, true, 0, 1).with_parent_context();
+        let e = decode_notification(set_state.to_json().as_bytes(), false)
+            .unwrap()
+            .event;
+        assert_eq!(e.message, MessageKind::SetStateDynamicEntity);
+        assert_eq!(e.attributes["statecode"], AttributeValue::OptionSet(0));
+        let org = Uuid::from_u128(5);
+        let n = decode_notification(win.organization_id(org).to_json().as_bytes(), false).unwrap();
+        assert_eq!(n.organization_id, Some(org.to_string()));
     }
 }

@@ -17,6 +17,8 @@ pub enum EntityKind {
     Opportunity,
     Connection,
     Contact,
+    /// Only its name is read: the name of the Marketo company (`externalCompanyId` = accountid).
+    Account,
 }
 
 impl EntityKind {
@@ -25,6 +27,7 @@ impl EntityKind {
             EntityKind::Opportunity => "opportunity",
             EntityKind::Connection => "connection",
             EntityKind::Contact => "contact",
+            EntityKind::Account => "account",
         }
     }
 
@@ -33,18 +36,26 @@ impl EntityKind {
             "opportunity" => Some(EntityKind::Opportunity),
             "connection" => Some(EntityKind::Connection),
             "contact" => Some(EntityKind::Contact),
+            "account" => Some(EntityKind::Account),
             _ => None,
         }
     }
 }
 
-/// The messages oppsync handles (Assign and SetState arrive as Update in current Dataverse).
+/// The messages oppsync handles. Closing an opportunity comes as `Win` / `Lose`; older
+/// organisations also send `SetState` / `SetStateDynamicEntity` (current Dataverse routes
+/// SetState and Assign through Update). Every message but Create and Delete is a change of some
+/// columns of an existing row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageKind {
     Create,
     Update,
     Delete,
+    Win,
+    Lose,
+    SetState,
+    SetStateDynamicEntity,
 }
 
 impl MessageKind {
@@ -53,6 +64,10 @@ impl MessageKind {
             MessageKind::Create => "Create",
             MessageKind::Update => "Update",
             MessageKind::Delete => "Delete",
+            MessageKind::Win => "Win",
+            MessageKind::Lose => "Lose",
+            MessageKind::SetState => "SetState",
+            MessageKind::SetStateDynamicEntity => "SetStateDynamicEntity",
         }
     }
 
@@ -61,8 +76,21 @@ impl MessageKind {
             "Create" => Some(MessageKind::Create),
             "Update" => Some(MessageKind::Update),
             "Delete" => Some(MessageKind::Delete),
+            "Win" => Some(MessageKind::Win),
+            "Lose" => Some(MessageKind::Lose),
+            "SetState" => Some(MessageKind::SetState),
+            "SetStateDynamicEntity" => Some(MessageKind::SetStateDynamicEntity),
             _ => None,
         }
+    }
+
+    /// Win, Lose and the SetState messages change the state of a row, from their message
+    /// parameters rather than from a Target entity.
+    pub fn is_state_change(self) -> bool {
+        matches!(
+            self,
+            MessageKind::Win | MessageKind::Lose | MessageKind::SetState | MessageKind::SetStateDynamicEntity
+        )
     }
 }
 
@@ -71,11 +99,17 @@ pub const HANDLED: &[(EntityKind, MessageKind)] = &[
     (EntityKind::Opportunity, MessageKind::Create),
     (EntityKind::Opportunity, MessageKind::Update),
     (EntityKind::Opportunity, MessageKind::Delete),
+    (EntityKind::Opportunity, MessageKind::Win),
+    (EntityKind::Opportunity, MessageKind::Lose),
+    (EntityKind::Opportunity, MessageKind::SetState),
+    (EntityKind::Opportunity, MessageKind::SetStateDynamicEntity),
     (EntityKind::Connection, MessageKind::Create),
     (EntityKind::Connection, MessageKind::Update),
     (EntityKind::Connection, MessageKind::Delete),
     (EntityKind::Contact, MessageKind::Create),
     (EntityKind::Contact, MessageKind::Update),
+    (EntityKind::Contact, MessageKind::Delete),
+    (EntityKind::Account, MessageKind::Update),
 ];
 
 /// One change of one Dynamics row.

@@ -3,6 +3,7 @@
 
 pub mod compose;
 pub mod event;
+pub mod organization;
 pub mod value;
 pub mod webapi;
 pub mod wire;

@@ -22,6 +22,10 @@ use uuid::Uuid;
 use crate::config::{DataverseConfig, Secret};
 use crate::dynamics::{AttributeValue, Attributes, EntityRef, Version};
 
+mod paging;
+
+pub use paging::{CHANGE_TRACKING_OFF_CODE, Change, CollectionQuery, MAX_PAGE_SIZE, Page, any_of};
+
 const API_PATH: &str = "api/data/v9.2/";
 const LOOKUP_ANNOTATION: &str = "@Microsoft.Dynamics.CRM.lookuplogicalname";
 const NAVIGATION_ANNOTATION: &str = "@Microsoft.Dynamics.CRM.associatednavigationproperty";
@@ -55,6 +59,9 @@ pub enum WebApiError {
     Rejected(String),
     #[error("Dataverse client configuration: {0}")]
     Config(String),
+    /// A change-tracking read of a table that has change tracking off.
+    #[error("change tracking is off for the Dataverse table {0}")]
+    ChangeTrackingOff(String),
 }
 
 impl WebApiError {
@@ -84,6 +91,24 @@ pub struct RowRecord {
     pub modified_on: Version,
 }
 
+/// An account: its name is the Marketo company's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub modified_on: Version,
+}
+
+/// The `WhoAmI` function's answer: who oppsync's application user is, and in which
+/// organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct WhoAmI {
+    pub organization_id: Uuid,
+    pub user_id: Uuid,
+    pub business_unit_id: Uuid,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionRoleRecord {
     pub id: Uuid,
@@ -108,6 +133,9 @@ struct Inner {
     token: tokio::sync::Mutex<Option<CachedToken>>,
     max_rate_limit_retries: u32,
     max_rate_limit_wait: Duration,
+    /// Bounds the Web API calls in flight (Dataverse's service protection counts concurrent
+    /// requests per user).
+    permits: tokio::sync::Semaphore,
 }
 
 struct CachedToken {
@@ -164,6 +192,7 @@ impl DataverseClient {
                 token: tokio::sync::Mutex::new(None),
                 max_rate_limit_retries: cfg.max_rate_limit_retries,
                 max_rate_limit_wait: Duration::from_secs(cfg.max_rate_limit_wait_secs),
+                permits: tokio::sync::Semaphore::new(cfg.max_concurrent_requests.max(1) as usize),
             }),
         })
     }
@@ -201,6 +230,40 @@ impl DataverseClient {
             parent,
             modified_on: modified_on(&fields)?,
         }))
+    }
+
+    /// `GET accounts(id)?$select=name,modifiedon`; `None` when the account does not exist.
+    pub async fn account(&self, id: Uuid) -> Result<Option<AccountRecord>, WebApiError> {
+        let Some(body) = self
+            .get_row(&format!("accounts({id})"), &[("$select", "name,modifiedon")])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let fields = parse_object(&body)?;
+        let name = match fields.get("name").map(|r| convert_value(r)).transpose()? {
+            Some(AttributeValue::String(s)) => Some(s),
+            _ => None,
+        };
+        Ok(Some(AccountRecord {
+            id: row_id(&fields, "accountid", id)?,
+            name,
+            modified_on: modified_on(&fields)?,
+        }))
+    }
+
+    /// `GET WhoAmI()`: the organisation (and user) oppsync's credentials belong to.
+    pub async fn who_am_i(&self) -> Result<WhoAmI, WebApiError> {
+        let url = self.api_url("WhoAmI", &[])?;
+        let reply = self.execute(Method::GET, url, None, false).await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Err(WebApiError::Rejected(format!(
+                "WhoAmI: not found: {}",
+                odata_error(&reply.body)
+            )));
+        }
+        serde_json::from_str(&reply.body)
+            .map_err(|e| WebApiError::Rejected(format!("WhoAmI: unreadable answer: {e}")))
     }
 
     /// `GET opportunities(id)` with the given logical columns (lookups are translated to their
@@ -403,12 +466,32 @@ impl DataverseClient {
         body: Option<&serde_json::Value>,
         if_match: bool,
     ) -> Result<Reply, WebApiError> {
+        self.execute_with(method, url, body, if_match, None).await
+    }
+
+    /// [`Self::execute`] with a `Prefer` header of the caller's (paging, change tracking) in
+    /// place of the default one. At most `dataverse.max_concurrent_requests` calls are in
+    /// flight; a 429's wait is spent without holding a place.
+    async fn execute_with(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&serde_json::Value>,
+        if_match: bool,
+        prefer: Option<&str>,
+    ) -> Result<Reply, WebApiError> {
         let what = format!("{method} {}", url.path());
         let mut rate_limited = 0u32;
         let mut waited = Duration::ZERO;
         let mut refreshed = false;
         loop {
             let token = self.bearer().await?;
+            let permit = self
+                .inner
+                .permits
+                .acquire()
+                .await
+                .map_err(|e| WebApiError::Transient(format!("{what}: {e}")))?;
             let mut req = self
                 .inner
                 .http
@@ -417,7 +500,7 @@ impl DataverseClient {
                 .header(ACCEPT, "application/json")
                 .header("OData-MaxVersion", "4.0")
                 .header("OData-Version", "4.0")
-                .header("Prefer", "odata.include-annotations=\"*\"");
+                .header("Prefer", prefer.unwrap_or("odata.include-annotations=\"*\""));
             if let Some(b) = body {
                 req = req.json(b);
             }
@@ -429,7 +512,10 @@ impl DataverseClient {
                 .await
                 .map_err(|e| WebApiError::Transient(format!("{what}: {e}")))?;
             let status = resp.status();
+            metrics::counter!("oppsync_dataverse_requests_total", "status" => status.as_u16().to_string())
+                .increment(1);
             if status == StatusCode::TOO_MANY_REQUESTS {
+                drop(permit);
                 // Service protection limits (spec §7.3): wait as told, within a budget, then
                 // hand the work back to the worker as transient.
                 let wait = retry_after(resp.headers())
@@ -448,6 +534,7 @@ impl DataverseClient {
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED && !refreshed {
+                drop(permit);
                 // The token may have been revoked or expired early: fetch a new one once.
                 refreshed = true;
                 self.forget_token(&token).await;
@@ -458,6 +545,7 @@ impl DataverseClient {
                 .text()
                 .await
                 .map_err(|e| WebApiError::Transient(format!("{what}: reading the answer: {e}")))?;
+            drop(permit);
             tracing::debug!(call = %what, status = status.as_u16(), "Dataverse call");
             return match status {
                 s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(Reply {

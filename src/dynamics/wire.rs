@@ -38,6 +38,8 @@ pub struct Notification {
     /// Recognises a repeated delivery of the same notification.
     pub dedupe_key: String,
     pub stage: i32,
+    /// `OrganizationId`: which Dataverse organisation sent it.
+    pub organization_id: Option<String>,
     pub organization_name: Option<String>,
 }
 
@@ -131,6 +133,9 @@ impl ExecutionContext {
         if self.stage != POST_OPERATION_STAGE {
             return Err(DecodeError::UnsupportedStage(self.stage));
         }
+        if message.is_state_change() {
+            return self.into_state_change(entity, message, size_exceeded);
+        }
 
         let mut record_id = self.primary_entity_id;
         let mut attributes = Attributes::new();
@@ -208,13 +213,171 @@ impl ExecutionContext {
 
         let data_missing = size_exceeded
             || (matches!(message, MessageKind::Create | MessageKind::Update) && !target_present);
+        Ok(Header {
+            correlation_id: self.correlation_id,
+            operation_id: self.operation_id,
+            request_id: self.request_id,
+            organization_id: self.organization_id,
+            organization_name: self.organization_name,
+            stage: self.stage,
+            depth: self.depth,
+        }
+        .notification(DynamicsEvent {
+            entity,
+            message,
+            record_id,
+            version,
+            attributes,
+            pre_image,
+            data_missing,
+            correlation_id: None,
+            operation_id: None,
+            request_id: None,
+            depth: 1,
+        }))
+    }
 
+    /// Win / Lose (InputParameters `OpportunityClose` and `Status`) and SetState /
+    /// SetStateDynamicEntity (`EntityMoniker`, `State`, `Status`) become a change of
+    /// `statecode` / `statuscode` (and, for a close, `actualvalue` / `actualclosedate`), versioned
+    /// by `OperationCreatedOn`: these messages carry no row, so no `modifiedon`.
+    fn into_state_change(
+        self,
+        entity: EntityKind,
+        message: MessageKind,
+        size_exceeded: bool,
+    ) -> Result<Notification, DecodeError> {
+        let mut record_id = self.primary_entity_id;
+        let mut attributes = Attributes::new();
+        let parameters = self.input_parameters.as_ref().filter(|_| !size_exceeded);
+        if let Some(parameters) = parameters {
+            let option = |name: &str| -> Result<Option<i32>, DecodeError> {
+                match parameters.get(name) {
+                    None | Some(ParameterValue::Value(AttributeValue::Null)) => Ok(None),
+                    Some(ParameterValue::Value(v)) => v.as_option_value().map(Some).ok_or_else(|| {
+                        DecodeError::not_a_context(format!("{name} is not an OptionSetValue"))
+                    }),
+                    Some(ParameterValue::Entity(_)) => Err(DecodeError::not_a_context(format!(
+                        "{name} is not an OptionSetValue"
+                    ))),
+                }
+            };
+            // A negative status asks for the state's default status reason.
+            let status = option("Status")?.filter(|s| *s >= 0);
+            match message {
+                MessageKind::Win | MessageKind::Lose => {
+                    let won = message == MessageKind::Win;
+                    match parameters.get("OpportunityClose") {
+                        Some(ParameterValue::Entity(close)) => {
+                            if record_id.is_nil()
+                                && let Some(opportunity) = close
+                                    .attributes
+                                    .get("opportunityid")
+                                    .and_then(AttributeValue::as_entity_ref)
+                            {
+                                record_id = opportunity.id;
+                            }
+                            if let Some(revenue) = close.attributes.get("actualrevenue") {
+                                attributes.insert("actualvalue".to_owned(), revenue.clone());
+                            }
+                            if let Some(end) = close.attributes.get("actualend") {
+                                attributes.insert("actualclosedate".to_owned(), end.clone());
+                            }
+                        }
+                        None | Some(ParameterValue::Value(AttributeValue::Null)) => {}
+                        Some(ParameterValue::Value(_)) => {
+                            return Err(DecodeError::not_a_context("OpportunityClose is not an Entity"));
+                        }
+                    }
+                    // statecode 1 Won (default reason 3 Won), 2 Lost (default reason 4 Canceled).
+                    let (state, default_status) = if won { (1, 3) } else { (2, 4) };
+                    attributes.insert("statecode".to_owned(), AttributeValue::OptionSet(state));
+                    attributes.insert(
+                        "statuscode".to_owned(),
+                        AttributeValue::OptionSet(status.unwrap_or(default_status)),
+                    );
+                }
+                _ => {
+                    match parameters.get("EntityMoniker") {
+                        Some(ParameterValue::Value(AttributeValue::EntityReference(moniker)))
+                            if record_id.is_nil() =>
+                        {
+                            record_id = moniker.id;
+                        }
+                        Some(ParameterValue::Value(AttributeValue::EntityReference(_))) | None => {}
+                        Some(_) => {
+                            return Err(DecodeError::not_a_context(
+                                "EntityMoniker is not an EntityReference",
+                            ));
+                        }
+                    }
+                    let state = option("State")?.ok_or_else(|| {
+                        DecodeError::not_a_context(format!("{} without State", message.name()))
+                    })?;
+                    attributes.insert("statecode".to_owned(), AttributeValue::OptionSet(state));
+                    if let Some(status) = status {
+                        attributes.insert("statuscode".to_owned(), AttributeValue::OptionSet(status));
+                    }
+                }
+            }
+        }
+        if record_id.is_nil() {
+            return Err(DecodeError::not_a_context(
+                "no record id (PrimaryEntityId is empty)",
+            ));
+        }
+        let version = self.operation_created_on.map(epoch_ms).ok_or_else(|| {
+            DecodeError::not_a_context(format!("{} without OperationCreatedOn", message.name()))
+        })?;
+        let data_missing = parameters.is_none();
+        Ok(Header {
+            correlation_id: self.correlation_id,
+            operation_id: self.operation_id,
+            request_id: self.request_id,
+            organization_id: self.organization_id,
+            organization_name: self.organization_name,
+            stage: self.stage,
+            depth: self.depth,
+        }
+        .notification(DynamicsEvent {
+            entity,
+            message,
+            record_id,
+            version,
+            attributes,
+            pre_image: Attributes::new(),
+            data_missing,
+            correlation_id: None,
+            operation_id: None,
+            request_id: None,
+            depth: 1,
+        }))
+    }
+}
+
+/// The members of a context that go into every notification, whatever its message.
+struct Header {
+    correlation_id: Option<String>,
+    operation_id: Option<String>,
+    request_id: Option<String>,
+    organization_id: Option<String>,
+    organization_name: Option<String>,
+    stage: i32,
+    depth: Option<i32>,
+}
+
+impl Header {
+    /// Completes `event` with the ids and makes its dedupe key.
+    fn notification(self, mut event: DynamicsEvent) -> Notification {
         // Why these parts: OperationId names the async System Job, so a Dynamics retry
         // (502/503/504, §4) or a re-run of the failed job carries the same one and maps to the
         // same key. RequestId / CorrelationId are fall-backs for synchronous steps, where
         // OperationId is empty. CorrelationId is shared by every change made in one user
         // operation (plugins, cascades), so entity, message, stage, record id and version are
         // part of the key too: two changes of one record in one correlation stay distinct.
+        // One operation can still run a step twice with the same ids and `modifiedon` (an Update
+        // of the status and other columns runs Update steps twice), so a digest of what the
+        // notification changes ends the key: only an exact re-delivery maps to the same key.
         // The version (the time of the change) leads, so keys arrive almost in order: the
         // inbox's unique index then grows at its right edge, where a key led by a random GUID
         // would dirty a different index page for every notification of a group commit.
@@ -227,32 +390,41 @@ impl ExecutionContext {
         .find_map(|(kind, id)| id.as_deref().map(|id| format!("{kind}:{id}")))
         .unwrap_or_else(|| "none".to_owned());
         let dedupe_key = format!(
-            "{version:013}|{origin}|{}|{}|{}|{record_id}",
-            entity.logical_name(),
-            message.name(),
-            self.stage
+            "{:013}|{origin}|{}|{}|{}|{}|{}",
+            event.version,
+            event.entity.logical_name(),
+            event.message.name(),
+            self.stage,
+            event.record_id,
+            content_digest(&event)
         );
-
-        Ok(Notification {
-            event: DynamicsEvent {
-                entity,
-                message,
-                record_id,
-                version,
-                attributes,
-                pre_image,
-                data_missing,
-                correlation_id: self.correlation_id,
-                operation_id: self.operation_id,
-                request_id: self.request_id,
-                // A missing Depth is taken as a direct call.
-                depth: self.depth.unwrap_or(1),
-            },
+        event.correlation_id = self.correlation_id;
+        event.operation_id = self.operation_id;
+        event.request_id = self.request_id;
+        // A missing Depth is taken as a direct call.
+        event.depth = self.depth.unwrap_or(1);
+        Notification {
+            event,
             dedupe_key,
             stage: self.stage,
+            organization_id: self.organization_id,
             organization_name: self.organization_name,
-        })
+        }
     }
+}
+
+/// 16 hex digits of SHA-256 over what the event changes (its attributes, which hold the Target,
+/// the post images and any message parameters, and the pre image) and whether its data is
+/// missing. Attribute maps are ordered, so the same content always gives the same digest.
+fn content_digest(event: &DynamicsEvent) -> String {
+    use sha2::{Digest, Sha256};
+    let content =
+        serde_json::to_vec(&(&event.attributes, &event.pre_image, event.data_missing)).unwrap_or_default();
+    Sha256::digest(&content)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Decodes a webhook body. `size_exceeded` is the `x-ms-dynamics-msg-size-exceeded` header.
@@ -273,7 +445,10 @@ pub fn decode_context(body: &[u8]) -> Result<ExecutionContext, DecodeError> {
 
 fn body_text(body: &[u8]) -> Result<&str, DecodeError> {
     // Checked up front: serde_json does not validate UTF-8 inside members it skips.
-    std::str::from_utf8(body).map_err(|e| DecodeError::Malformed(format!("invalid UTF-8: {e}")))
+    let text =
+        std::str::from_utf8(body).map_err(|e| DecodeError::Malformed(format!("invalid UTF-8: {e}")))?;
+    // .NET writers may put a UTF-8 byte-order mark first; it is not part of the JSON.
+    Ok(text.strip_prefix('\u{feff}').unwrap_or(text))
 }
 
 fn epoch_ms(at: OffsetDateTime) -> i64 {
@@ -724,6 +899,13 @@ mod tests {
         "opportunity-update-negative-dates.json",
         "opportunity-update-offset-dates.json",
         "opportunity-update-size-exceeded.json",
+        "opportunity-win.json",
+        "opportunity-lose.json",
+        "opportunity-setstatedynamicentity.json",
+        "contact-delete.json",
+        "account-update-name.json",
+        "opportunity-update-sync-status.json",
+        "opportunity-update-sync-columns.json",
     ];
 
     pub(crate) fn fixture(name: &str) -> Vec<u8> {
@@ -837,9 +1019,18 @@ mod tests {
             e.request_id.as_deref(),
             Some("7e6d5c4b-3a29-4817-9605-f4e3d2c1b0a9")
         );
-        assert_eq!(
-            n.dedupe_key,
-            format!("1736942400000|op:5b1d1b1a-79f1-4f98-8467-81a6347f8865|opportunity|Update|40|{OPP_A1}")
+        assert!(
+            n.dedupe_key.starts_with(&format!(
+                "1736942400000|op:5b1d1b1a-79f1-4f98-8467-81a6347f8865|opportunity|Update|40|{OPP_A1}|"
+            )),
+            "{}",
+            n.dedupe_key
+        );
+        // The key ends in 16 hex digits of the content digest.
+        let digest = n.dedupe_key.rsplit('|').next().unwrap();
+        assert!(
+            digest.len() == 16 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{digest}"
         );
     }
 
@@ -1237,39 +1428,227 @@ mod tests {
     #[test]
     fn given_unhandled_entity_or_message_then_unsupported() {
         let f = "opportunity-update-async.json";
-        let account = edited(
+        let lead = edited(
             f,
             "\"PrimaryEntityName\": \"opportunity\",\n  \"RequestId\"",
-            "\"PrimaryEntityName\": \"account\",\n  \"RequestId\"",
+            "\"PrimaryEntityName\": \"lead\",\n  \"RequestId\"",
         );
         assert_eq!(
-            decode_notification(&account, false),
+            decode_notification(&lead, false),
             Err(DecodeError::Unsupported {
-                entity: "account".into(),
+                entity: "lead".into(),
                 message: "Update".into()
             })
         );
-        let win = edited(
+        let merge = edited(
             f,
             "\"MessageName\": \"Update\",\n  \"Mode\"",
-            "\"MessageName\": \"Win\",\n  \"Mode\"",
+            "\"MessageName\": \"Merge\",\n  \"Mode\"",
         );
         assert!(matches!(
-            decode_notification(&win, false),
+            decode_notification(&merge, false),
             Err(DecodeError::Unsupported { .. })
         ));
-        let contact_delete = edited(
-            "contact-update-parentcustomer.json",
+        let account_delete = edited(
+            "account-update-name.json",
             "\"MessageName\": \"Update\",\n  \"Mode\"",
             "\"MessageName\": \"Delete\",\n  \"Mode\"",
         );
         assert_eq!(
-            decode_notification(&contact_delete, false),
+            decode_notification(&account_delete, false),
             Err(DecodeError::Unsupported {
-                entity: "contact".into(),
+                entity: "account".into(),
                 message: "Delete".into()
             })
         );
+        let contact_win = edited(
+            "contact-update-parentcustomer.json",
+            "\"MessageName\": \"Update\",\n  \"Mode\"",
+            "\"MessageName\": \"Win\",\n  \"Mode\"",
+        );
+        assert!(matches!(
+            decode_notification(&contact_win, false),
+            Err(DecodeError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn given_a_win_then_the_opportunity_is_won_with_its_status_actual_value_and_close_date() {
+        let n = decode("opportunity-win.json");
+        let e = &n.event;
+        assert_eq!((e.entity, e.message), (EntityKind::Opportunity, MessageKind::Win));
+        assert_eq!(e.record_id, id(OPP_A1));
+        // No modifiedon in a Win: OperationCreatedOn is the version.
+        assert_eq!(e.version, 1_739_966_400_000);
+        assert!(!e.data_missing);
+        assert_eq!(e.attributes["statecode"], AttributeValue::OptionSet(1));
+        assert_eq!(e.attributes["statuscode"], AttributeValue::OptionSet(3));
+        assert_eq!(
+            e.attributes["actualvalue"],
+            AttributeValue::Money(dec("118500.00"))
+        );
+        assert_eq!(e.attributes["actualclosedate"], at_ms(1_739_923_200_000));
+        assert_eq!(e.attributes.len(), 4, "{:?}", e.attributes);
+        assert!(n.dedupe_key.contains("|opportunity|Win|40|"), "{}", n.dedupe_key);
+    }
+
+    #[test]
+    fn given_a_lose_then_the_opportunity_is_lost_with_that_status_reason() {
+        let e = decode("opportunity-lose.json").event;
+        assert_eq!(e.message, MessageKind::Lose);
+        assert_eq!(e.attributes["statecode"], AttributeValue::OptionSet(2));
+        assert_eq!(e.attributes["statuscode"], AttributeValue::OptionSet(5));
+        assert_eq!(e.attributes["actualvalue"], AttributeValue::Money(dec("0.00")));
+        assert_eq!(e.version, 1_740_052_800_000);
+    }
+
+    #[test]
+    fn given_a_default_status_or_no_primary_id_then_the_close_still_decodes() {
+        let default_status = edited("opportunity-win.json", "\"Value\": 3", "\"Value\": -1");
+        let e = decode_notification(&default_status, false).unwrap().event;
+        assert_eq!(
+            e.attributes["statuscode"],
+            AttributeValue::OptionSet(3),
+            "Won's default reason"
+        );
+        let lose_default = edited("opportunity-lose.json", "\"Value\": 5", "\"Value\": -1");
+        let e = decode_notification(&lose_default, false).unwrap().event;
+        assert_eq!(
+            e.attributes["statuscode"],
+            AttributeValue::OptionSet(4),
+            "Lost's default reason"
+        );
+        let no_primary_id = edited(
+            "opportunity-win.json",
+            &format!("\"PrimaryEntityId\": \"{OPP_A1}\""),
+            "\"PrimaryEntityId\": \"00000000-0000-0000-0000-000000000000\"",
+        );
+        assert_eq!(
+            decode_notification(&no_primary_id, false)
+                .unwrap()
+                .event
+                .record_id,
+            id(OPP_A1),
+            "from OpportunityClose.opportunityid"
+        );
+        // Over 256 KB the parameters are dropped: the row must be read.
+        assert!(
+            decode_notification(&fixture("opportunity-win.json"), true)
+                .unwrap()
+                .event
+                .data_missing
+        );
+        let bad = edited(
+            "opportunity-win.json",
+            "\"key\": \"OpportunityClose\",\n      \"value\": {",
+            "\"key\": \"OpportunityClose\",\n      \"value\": 5, \"x\": {",
+        );
+        assert!(matches!(
+            decode_notification(&bad, false),
+            Err(DecodeError::NotAContext(_))
+        ));
+    }
+
+    #[test]
+    fn given_set_state_dynamic_entity_then_state_and_status_change() {
+        let n = decode("opportunity-setstatedynamicentity.json");
+        let e = &n.event;
+        assert_eq!(e.message, MessageKind::SetStateDynamicEntity);
+        assert_eq!(e.record_id, id(OPP_A1));
+        assert_eq!(e.version, 1_740_139_200_000);
+        assert_eq!(e.attributes["statecode"], AttributeValue::OptionSet(0));
+        assert_eq!(e.attributes["statuscode"], AttributeValue::OptionSet(1));
+        let set_state = edited(
+            "opportunity-setstatedynamicentity.json",
+            "\"MessageName\": \"SetStateDynamicEntity\"",
+            "\"MessageName\": \"SetState\"",
+        );
+        assert_eq!(
+            decode_notification(&set_state, false).unwrap().event.message,
+            MessageKind::SetState
+        );
+        let without_state = edited(
+            "opportunity-setstatedynamicentity.json",
+            "\"key\": \"State\"",
+            "\"key\": \"NotState\"",
+        );
+        assert!(matches!(
+            decode_notification(&without_state, false),
+            Err(DecodeError::NotAContext(_))
+        ));
+    }
+
+    #[test]
+    fn given_contact_delete_and_account_update_then_they_decode() {
+        let e = decode("contact-delete.json").event;
+        assert_eq!((e.entity, e.message), (EntityKind::Contact, MessageKind::Delete));
+        assert_eq!(e.record_id, id(CONTACT));
+        assert!(e.attributes.is_empty());
+        let e = decode("account-update-name.json").event;
+        assert_eq!((e.entity, e.message), (EntityKind::Account, MessageKind::Update));
+        assert_eq!(e.record_id, id(ACCOUNT));
+        assert_eq!(e.attributes["name"], text("Contoso Pharmaceuticals"));
+        assert_eq!(e.version, 1_740_312_000_000);
+    }
+
+    #[test]
+    fn given_one_operation_running_a_step_twice_then_both_changes_get_their_own_key() {
+        // Microsoft documents that an Update of the status and other columns runs Update steps
+        // twice; synchronous runs share OperationId (= RequestId) and modifiedon.
+        let status = decode("opportunity-update-sync-status.json");
+        let columns = decode("opportunity-update-sync-columns.json");
+        assert_eq!(status.event.operation_id, columns.event.operation_id);
+        assert_eq!(status.event.version, columns.event.version);
+        assert_ne!(status.dedupe_key, columns.dedupe_key);
+        let (a, b) = (&status.dedupe_key, &columns.dedupe_key);
+        assert_eq!(
+            a[..a.rfind('|').unwrap()],
+            b[..b.rfind('|').unwrap()],
+            "only the digest differs"
+        );
+        // An exact re-delivery keeps its key.
+        assert_eq!(
+            decode("opportunity-update-sync-columns.json").dedupe_key,
+            columns.dedupe_key
+        );
+        // What only describes the delivery (user agent, step name) is not content.
+        let other_step = edited(
+            "opportunity-update-sync-columns.json",
+            "opportunity:Update -> oppsync",
+            "opportunity:Update -> renamed step",
+        );
+        assert_eq!(
+            decode_notification(&other_step, false).unwrap().dedupe_key,
+            columns.dedupe_key
+        );
+        // A pre image is content too.
+        let with_pre = edited(
+            "opportunity-update-sync-columns.json",
+            "\"PreEntityImages\": [],",
+            "\"PreEntityImages\": [{\"key\": \"PreImage\", \"value\": {\"Attributes\": [{\"key\": \"name\", \"value\": \"old\"}], \"LogicalName\": \"opportunity\"}}],",
+        );
+        assert_ne!(
+            decode_notification(&with_pre, false).unwrap().dedupe_key,
+            columns.dedupe_key
+        );
+    }
+
+    #[test]
+    fn given_a_byte_order_mark_before_the_json_then_it_decodes() {
+        let mut body = "\u{feff}".as_bytes().to_vec();
+        body.extend(fixture("opportunity-win.json"));
+        assert_eq!(
+            decode_notification(&body, false).unwrap(),
+            decode("opportunity-win.json")
+        );
+        assert!(decode_context(&body).is_ok());
+        // Only one, and only first.
+        let mut twice = "\u{feff}".as_bytes().to_vec();
+        twice.extend(&body);
+        assert!(matches!(
+            decode_notification(&twice, false),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

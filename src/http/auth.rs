@@ -170,7 +170,7 @@ impl JwtVerifier {
         // Name the algorithm in the refusal (and catch `none`, which jsonwebtoken cannot even
         // parse) before verifying.
         let alg = header_alg(token).ok_or(TokenRefusal::Malformed)?;
-        if !self.validation.algorithms.iter().any(|a| format!("{a:?}") == alg) {
+        if !accepts(&self.validation.algorithms, &alg) {
             return Err(TokenRefusal::AlgorithmRefused(alg));
         }
         jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
@@ -188,6 +188,12 @@ impl JwtVerifier {
                 _ => TokenRefusal::Malformed,
             })
     }
+}
+
+/// Whether the header's `alg` names one of `accepted`: parsed as jsonwebtoken parses it (`none`
+/// and unknown names parse to nothing, so they are never accepted).
+fn accepts(accepted: &[Algorithm], alg: &str) -> bool {
+    alg.parse::<Algorithm>().is_ok_and(|a| accepted.contains(&a))
 }
 
 fn header_alg(token: &str) -> Option<String> {
@@ -355,6 +361,16 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_header_algorithm_is_parsed_not_compared_as_debug_text() {
+        let hs = [Algorithm::HS256];
+        assert!(accepts(&hs, "HS256"));
+        for refused in ["none", "None", "hs256", "HS384", "RS256", "", "HS256 "] {
+            assert!(!accepts(&hs, refused), "{refused:?}");
+        }
+        assert!(accepts(&[Algorithm::RS256, Algorithm::ES256], "ES256"));
+    }
 
     #[test]
     fn ttl_units() {

@@ -88,6 +88,16 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         }
     };
     checks.insert("store", store);
+    // Intake refuses every notification after a failed fsync or a deleted store: no traffic.
+    if state.intake.has_failed() {
+        ready = false;
+        checks.insert(
+            "intake",
+            "refusing notifications: the inbox could not be made durable; restart oppsync".to_owned(),
+        );
+    } else {
+        checks.insert("intake", "ok".to_owned());
+    }
     if state.lifecycle.is_draining() {
         ready = false;
         checks.insert("lifecycle", "shutting down".to_owned());
@@ -109,6 +119,20 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Once per change, not once per probe. Draining is a requested stop, not a failure.
+    if state.lifecycle.readiness_changed(ready) {
+        if ready {
+            tracing::info!("ready to take webhooks: the store answers and its schema is current");
+        } else if state.lifecycle.is_draining() {
+            tracing::info!("not ready: shutting down");
+        } else {
+            tracing::error!(
+                store = %checks.get("store").map_or("", String::as_str),
+                intake = %checks.get("intake").map_or("", String::as_str),
+                "not ready: the store fails its check"
+            );
+        }
+    }
     (
         status,
         Json(Readiness {

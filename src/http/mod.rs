@@ -2,6 +2,7 @@
 //! API and the refusal of Marketo-side creation. Handlers know the store and little else.
 
 pub mod admin;
+pub mod admin_sync;
 pub mod auth;
 pub mod health;
 pub mod metrics;
@@ -17,7 +18,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -38,6 +39,8 @@ pub struct AppContext {
     pub admin_auth: Option<auth::JwtVerifier>,
     /// The admin API's handle on the worker (pause, resume, re-sync, what it reports).
     pub worker: WorkerControl,
+    /// The Dataverse organisation whose notifications are accepted.
+    pub organization: Arc<crate::dynamics::organization::Organization>,
 }
 
 pub type AppState = Arc<AppContext>;
@@ -66,6 +69,14 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::resume))
         .routes(routes!(admin::stats))
         .routes(routes!(
+            admin_sync::start_backfill,
+            admin_sync::backfill_progress,
+            admin_sync::cancel_backfill
+        ))
+        .routes(routes!(admin_sync::reconcile_status, admin_sync::reconcile_now))
+        .routes(routes!(admin_sync::drift_report))
+        .routes(routes!(admin_sync::drift_repair))
+        .routes(routes!(
             refusal::refuse_get,
             refusal::refuse_post,
             refusal::refuse_put,
@@ -84,7 +95,10 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::Internal("a handler panicked".into()).into_response()
         }))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx is logged by the code that answers it (ApiError, readiness once per change):
+        // the trace layer's own failure line would repeat it, on every probe of a failing
+        // /readyz.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         .with_state(state)
 }
 

@@ -78,6 +78,8 @@ pub enum ApiError {
     UnhandledMessage { entity: String, message: String },
     #[error("unhandled stage {0}")]
     UnhandledStage(i32),
+    #[error("{0}")]
+    ForeignOrganization(crate::dynamics::organization::ForeignOrganization),
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
     #[error("shutting down")]
@@ -92,10 +94,6 @@ pub enum ApiError {
     InvalidToken(TokenRefusal),
     #[error("insufficient scope: {0} needed")]
     InsufficientScope(&'static str),
-    #[error("unauthorized: {0}")]
-    Unauthorized(String),
-    #[error("forbidden: {0}")]
-    Forbidden(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("bad request: {0}")]
@@ -174,6 +172,23 @@ impl ApiError {
                     "oppsync handles PostOperation steps (stage 40) only, not stage {stage}: register the step as PostOperation, asynchronous."
                 ),
             ),
+            ApiError::ForeignOrganization(foreign) => {
+                use crate::dynamics::organization::ForeignOrganization as F;
+                let (what, ours, theirs) = match foreign {
+                    F::Id { ours, theirs } => ("OrganizationId", ours.to_string(), theirs.clone()),
+                    F::Host { ours, theirs } => ("x-ms-dynamics-organization", ours.clone(), theirs.clone()),
+                };
+                Problem::new(
+                    S::FORBIDDEN,
+                    "foreign-organization",
+                    "Notification from another organisation",
+                    format!(
+                        "The notification comes from the Dataverse organisation {theirs} ({what}), but oppsync serves {ours}; nothing was stored. A sandbox copied from production keeps the service endpoint: remove it from the copy, or point the copy at its own oppsync."
+                    ),
+                )
+                .with("organization", serde_json::json!(theirs))
+                .with("expected_organization", serde_json::json!(ours))
+            }
             ApiError::StoreUnavailable(_) => Problem::new(
                 S::SERVICE_UNAVAILABLE,
                 "store-unavailable",
@@ -216,10 +231,6 @@ impl ApiError {
                     "The token lacks the scope {needed} (in `scope` or `scp`); oppsync.write also grants oppsync.read."
                 ),
             ),
-            ApiError::Unauthorized(why) => {
-                Problem::new(S::UNAUTHORIZED, "unauthorized", "Unauthorized", why.clone())
-            }
-            ApiError::Forbidden(why) => Problem::new(S::FORBIDDEN, "forbidden", "Forbidden", why.clone()),
             ApiError::NotFound(what) => Problem::new(S::NOT_FOUND, "not-found", "Not found", what.clone()),
             ApiError::BadRequest(why) => {
                 Problem::new(S::BAD_REQUEST, "bad-request", "Bad request", why.clone())

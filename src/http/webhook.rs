@@ -17,6 +17,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::problem::{ApiError, Problem};
 use crate::config::WebhookAuth;
+use crate::dynamics::organization::ForeignOrganization;
 use crate::dynamics::{DecodeError, decode_notification};
 use crate::store::{IntakeError, NewNotification, PackedBody, Received, now_ms};
 
@@ -42,13 +43,15 @@ pub struct IntakeAck {
         ("code" = Option<String>, Query, description = "WebhookKey authentication (webhook.auth = webhook_key)"),
         ("x-ms-dynamics-msg-size-exceeded" = Option<String>, Header, description = "Set by Dynamics when the payload exceeded 256 KB and InputParameters/images were dropped"),
         ("x-ms-correlation-request-id" = Option<String>, Header, description = "Dynamics correlation id, logged"),
+        ("x-ms-dynamics-organization" = Option<String>, Header, description = "Host name of the sending organisation; refused with 403 when it is not dataverse.organization_host (default: the host of dataverse.url)"),
     ),
-    request_body(content = Object, content_type = "application/json", description = "The RemoteExecutionContext as Dynamics serialises it (DataContractJsonSerializer)"),
+    request_body(content = Object, content_type = "application/json", description = "The RemoteExecutionContext as Dynamics serialises it (DataContractJsonSerializer); a leading UTF-8 byte-order mark is tolerated. Handled: Create, Update and Delete of opportunity and connection; Win, Lose, SetState and SetStateDynamicEntity of opportunity; Create, Update and Delete of contact; Update of account"),
     responses(
         (status = 202, description = "Stored durably; will be synced", body = IntakeAck),
         (status = 200, description = "Already stored (a repeated delivery); nothing more happens", body = IntakeAck),
         (status = 400, description = "Malformed JSON or not a Dynamics execution context", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Webhook key missing or not matching", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The notification comes from another Dataverse organisation (body OrganizationId or x-ms-dynamics-organization header), e.g. a sandbox copied from production; nothing is stored", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over server.body_limit_bytes", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Entity, message or stage oppsync does not handle", body = Problem, content_type = "application/problem+json"),
@@ -63,8 +66,15 @@ pub async fn receive(
     body: Body,
 ) -> Result<(StatusCode, Json<IntakeAck>), ApiError> {
     let started = Instant::now();
+    // Dynamics' own tracking id for the request (specs/dynamics.md §2), logged as it came.
+    let correlation_request_id = headers
+        .get("x-ms-correlation-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(64).collect::<String>())
+        .unwrap_or_default();
     let span = tracing::info_span!(
         "webhook",
+        correlation_request_id = %correlation_request_id,
         correlation_id = tracing::field::Empty,
         entity = tracing::field::Empty,
         message = tracing::field::Empty,
@@ -90,6 +100,7 @@ fn outcome_label(e: &ApiError) -> &'static str {
         ApiError::UnsupportedMediaType(_) => "not_json",
         ApiError::Malformed(_) | ApiError::NotAContext(_) => "malformed",
         ApiError::UnhandledMessage { .. } | ApiError::UnhandledStage(_) => "unhandled",
+        ApiError::ForeignOrganization(_) => "foreign_organization",
         ApiError::ShuttingDown => "shutting_down",
         _ => "unavailable",
     }
@@ -140,6 +151,31 @@ async fn intake(
         DecodeError::Unsupported { entity, message } => ApiError::UnhandledMessage { entity, message },
         DecodeError::UnsupportedStage(stage) => ApiError::UnhandledStage(stage),
     })?;
+    let header_host = headers
+        .get("x-ms-dynamics-organization")
+        .and_then(|v| v.to_str().ok());
+    if let Err(foreign) = state
+        .organization
+        .check(notification.organization_id.as_deref(), header_host)
+    {
+        let check = match foreign {
+            ForeignOrganization::Id { .. } => "organization_id",
+            ForeignOrganization::Host { .. } => "host",
+        };
+        metrics::counter!("oppsync_intake_foreign_organization_total", "check" => check).increment(1);
+        tracing::warn!(
+            error = %foreign,
+            organization_name = %notification
+                .organization_name
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .take(100)
+                .collect::<String>(),
+            "refused a notification from another Dataverse organisation; nothing stored"
+        );
+        return Err(ApiError::ForeignOrganization(foreign));
+    }
     let event = &notification.event;
     span.record("correlation_id", event.correlation_id.as_deref().unwrap_or(""));
     span.record("entity", event.entity.logical_name());

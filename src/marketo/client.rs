@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::config::MarketoConfig;
 
 use super::error::{CodeClass, MarketoError, classify};
-use super::limiter::Limiter;
+use super::limiter::{Limiter, QuotaDay};
 use super::token::{AccessToken, TokenCache, transport_error};
 use super::wire::{Envelope, RecordOutcome};
 
@@ -91,6 +91,8 @@ enum Endpoint {
     SyncCompanies,
     QueryLeads,
     SyncLeads,
+    QueryOpportunities,
+    QueryRoles,
 }
 
 impl Endpoint {
@@ -104,6 +106,8 @@ impl Endpoint {
             // Always the long form (§3.3): a list of GUIDs or emails easily passes 8 KB of URI.
             Endpoint::QueryLeads => "/rest/v1/leads.json?_method=GET",
             Endpoint::SyncLeads => "/rest/v1/leads.json",
+            Endpoint::QueryOpportunities => "/rest/v1/opportunities.json?_method=GET",
+            Endpoint::QueryRoles => "/rest/v1/opportunities/roles.json?_method=GET",
         }
     }
 
@@ -116,6 +120,8 @@ impl Endpoint {
             Endpoint::SyncCompanies => "sync_companies",
             Endpoint::QueryLeads => "find_leads",
             Endpoint::SyncLeads => "sync_leads",
+            Endpoint::QueryOpportunities => "query_opportunities",
+            Endpoint::QueryRoles => "query_roles",
         }
     }
 
@@ -193,7 +199,7 @@ impl MarketoClient {
         );
         let limiter = Arc::new(
             Limiter::new(
-                cfg.calls_per_20s,
+                cfg.calls_per_window,
                 Duration::from_secs_f64(cfg.window_secs.max(0.001)),
                 cfg.max_concurrent,
                 cfg.daily_quota,
@@ -342,6 +348,47 @@ impl MarketoClient {
         Ok(leads)
     }
 
+    /// Opportunities whose `externalOpportunityId` is one of `ids` (at most 300 a call), with
+    /// `fields`: one call per 300 ids.
+    pub async fn find_opportunities(
+        &self,
+        ids: &[String],
+        fields: &[String],
+    ) -> Result<Vec<Map<String, Value>>, MarketoError> {
+        self.find(Endpoint::QueryOpportunities, ids, fields).await
+    }
+
+    /// Opportunity roles of the opportunities `ids` (externalOpportunityId), with leadId and role.
+    /// Marketo answers at most 300 rows a call: ask for few opportunities at once.
+    pub async fn find_roles(&self, ids: &[String]) -> Result<Vec<Map<String, Value>>, MarketoError> {
+        let fields = ["externalOpportunityId", "leadId", "role"].map(str::to_owned);
+        self.find(Endpoint::QueryRoles, ids, &fields).await
+    }
+
+    async fn find(
+        &self,
+        endpoint: Endpoint,
+        ids: &[String],
+        fields: &[String],
+    ) -> Result<Vec<Map<String, Value>>, MarketoError> {
+        let mut rows = Vec::new();
+        for chunk in ids.chunks(self.inner.cfg.batch_size.clamp(1, 300)) {
+            let mut form = vec![
+                ("filterType".to_owned(), "externalOpportunityId".to_owned()),
+                ("filterValues".to_owned(), chunk.join(",")),
+            ];
+            if !fields.is_empty() {
+                form.push(("fields".to_owned(), fields.join(",")));
+            }
+            let mut envelope = self.call(endpoint, &Payload::Form(form)).await?;
+            rows.extend(envelope.result().into_iter().filter_map(|v| match v {
+                Value::Object(m) => Some(m),
+                _ => None,
+            }));
+        }
+        Ok(rows)
+    }
+
     /// Gets a token, then proves the instance accepts opportunity writes without changing
     /// data: an `updateOnly` of an id that cannot exist must come back skipped with 1013, not
     /// 1018 (native CRM sync on).
@@ -400,6 +447,16 @@ impl MarketoClient {
     /// When the rate window frees its next place, if it is full of finished calls.
     pub fn next_free_call_at(&self) -> Option<std::time::Instant> {
         self.inner.limiter.next_free_at()
+    }
+
+    /// The day's use of the quota, to keep in the store.
+    pub fn quota_day(&self) -> QuotaDay {
+        self.inner.limiter.quota_day()
+    }
+
+    /// Takes back the day's use kept by an earlier process.
+    pub fn restore_quota_day(&self, kept: QuotaDay) {
+        self.inner.limiter.restore_quota_day(kept);
     }
 
     pub fn usage(&self) -> Usage {

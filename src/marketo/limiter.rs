@@ -36,6 +36,15 @@ struct Log {
     next_id: u64,
 }
 
+/// One quota day's use, as kept in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuotaDay {
+    /// Days since the epoch, on Marketo's quota clock (UTC−6).
+    pub day: i64,
+    pub used: u32,
+    pub exhausted: bool,
+}
+
 struct Daily {
     day: i64,
     used: u32,
@@ -368,6 +377,28 @@ impl Limiter {
 
     pub fn used_today(&self) -> u32 {
         self.daily().used
+    }
+
+    /// Today's quota day, calls used and whether Marketo said 607: what is kept in the store so
+    /// that a restart does not start the day's count again from zero.
+    pub fn quota_day(&self) -> QuotaDay {
+        let d = self.daily();
+        QuotaDay {
+            day: d.day,
+            used: d.used,
+            exhausted: d.exhausted,
+        }
+    }
+
+    /// Takes back a count kept by an earlier process (or replica): the larger count wins, and
+    /// only on the same quota day (a new day starts from zero).
+    pub fn restore_quota_day(&self, kept: QuotaDay) {
+        let mut d = self.daily();
+        if kept.day == d.day {
+            d.used = d.used.max(kept.used);
+            d.exhausted |= kept.exhausted;
+            metrics::gauge!("oppsync_marketo_quota_used").set(f64::from(d.used));
+        }
     }
 
     pub fn quota(&self) -> u32 {

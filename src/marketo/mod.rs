@@ -13,6 +13,8 @@ mod wire;
 
 pub use client::{Lead, MarketoClient, ProbeReport, RecordResult, RecordStatus, RoleRecord, Usage};
 pub use error::MarketoError;
+pub use limiter::QuotaDay;
+#[cfg(test)]
 pub(crate) use limiter::cst_day_of;
 
 #[cfg(test)]

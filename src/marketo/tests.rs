@@ -106,7 +106,7 @@ async fn a_burst_is_paced_under_the_rate_and_concurrency_limits() {
         ..MarketoSimConfig::default()
     };
     let (sim, client) = setup(sim_cfg, |c| {
-        c.calls_per_20s = 10;
+        c.calls_per_window = 10;
         c.window_secs = 0.5;
         c.max_concurrent = 3;
     })

@@ -201,19 +201,6 @@ impl MarketoWrite {
             MarketoWrite::DeleteOpportunity { .. } => Phase::OpportunityDeletes,
         }
     }
-
-    /// The Marketo `action` of a record sync call: always `createOrUpdate` (never `createOnly`);
-    /// None for deletes and for lead lookups.
-    pub fn sync_action(&self) -> Option<&'static str> {
-        match self {
-            MarketoWrite::UpsertCompany { .. }
-            | MarketoWrite::UpsertOpportunity { .. }
-            | MarketoWrite::UpsertRole { .. } => Some("createOrUpdate"),
-            MarketoWrite::EnsureLead { .. }
-            | MarketoWrite::DeleteRole { .. }
-            | MarketoWrite::DeleteOpportunity { .. } => None,
-        }
-    }
 }
 
 /// The writes turning `old` (the last planned projection, None if never) into `new`, in push

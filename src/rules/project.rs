@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID, SyncConfig};
 use super::mapping::convert;
-use super::state::{OpportunityState, World};
-use crate::dynamics::AttributeValue;
+use super::state::{ContactState, OpportunityState, World};
+use crate::dynamics::{AttributeValue, EntityRef};
 
 /// A read the projection needs before it can be made.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -20,6 +20,8 @@ pub enum Lookup {
     ConnectionRole(Uuid),
     /// The opportunity was never seen in full (no Create, no post image, no read): read the row.
     OpportunityRow(Uuid),
+    /// The company's account name is unknown (references rarely carry it): read the account.
+    Account(Uuid),
 }
 
 /// A Marketo company (`externalCompanyId` = Dynamics accountid).
@@ -98,8 +100,11 @@ pub fn role_sources(
         return roles;
     }
     // Potential customer (DESIGN.md §2): a contact gets a role.
+    // A deleted contact gets no role, whatever still names it.
+    let deleted = |id: Uuid| world.contacts.get(&id).is_some_and(ContactState::is_deleted);
     if let Some(customer) = state.customer()
         && customer.logical_name == "contact"
+        && !deleted(customer.id)
     {
         roles
             .entry(RoleKey {
@@ -122,7 +127,7 @@ pub fn role_sources(
             lookups.insert(Lookup::ConnectionRole(role_id));
             continue;
         };
-        if cfg.stakeholder_categories.contains(&role.category) {
+        if cfg.stakeholder_categories.contains(&role.category) && !deleted(contact_id) {
             roles
                 .entry(RoleKey {
                     contact_id,
@@ -156,27 +161,37 @@ pub fn project(opportunity_id: Uuid, world: &World, cfg: &SyncConfig) -> Result<
     let role_contacts: BTreeSet<Uuid> = roles.iter().map(|r| r.contact_id).collect();
 
     // Potential customer (DESIGN.md §2): an account is the company; a contact's parent account
-    // (when that is an account) is.
-    let mut company = None;
+    // (when that is an account) is. (Its role comes from `role_sources`.)
+    let mut company_account: Option<&EntityRef> = None;
     if let Some(customer) = state.customer() {
         match customer.logical_name.as_str() {
-            "account" => {
-                company = Some(CompanyRecord {
-                    account_id: customer.id,
-                    name: customer.name.clone(),
-                });
-            }
+            "account" => company_account = Some(customer),
             "contact" => {
-                if let Some(contact) = world.contacts.get(&customer.id) {
-                    company = contact.parent_account.as_ref().map(|a| CompanyRecord {
-                        account_id: a.id,
-                        name: a.name.clone(),
-                    });
-                }
+                let contact = world.contacts.get(&customer.id);
+                // A deleted contact has no role (role_sources); its last known account stays
+                // the company.
+                company_account = contact.and_then(|c| c.parent_account.as_ref());
             }
             _ => {}
         }
     }
+    // The company's name: the account's own (cached from an account notification or a read)
+    // wins over a name a reference carried; with neither, the account is read.
+    let company = company_account.map(|account| {
+        let name = match world.accounts.get(&account.id).and_then(|a| a.known_name()) {
+            Some(known) => known.map(str::to_owned),
+            None => {
+                if account.name.is_none() {
+                    lookups.insert(Lookup::Account(account.id));
+                }
+                account.name.clone()
+            }
+        };
+        CompanyRecord {
+            account_id: account.id,
+            name,
+        }
+    });
 
     for contact in role_contacts {
         if !world.contacts.get(&contact).is_some_and(|c| c.is_complete()) {

@@ -311,8 +311,15 @@ pub fn connection_opportunity(state: &ConnectionState) -> Option<Uuid> {
     state.opportunity_id
 }
 
-/// Contact attributes the rules read (specs/dynamics.md §7.1).
-const CONTACT_ATTRIBUTES: &[&str] = &["parentcustomerid", "emailaddress1", "firstname", "lastname"];
+/// Contact attributes the rules read (specs/dynamics.md §7.1). `merged` marks the losing
+/// contact of a merge.
+const CONTACT_ATTRIBUTES: &[&str] = &[
+    "parentcustomerid",
+    "emailaddress1",
+    "firstname",
+    "lastname",
+    "merged",
+];
 
 /// What oppsync knows of a contact: its parent account (the company of opportunities whose
 /// potential customer it is) and what lead matching needs.
@@ -328,6 +335,15 @@ pub struct ContactState {
     pub last_name: Option<String>,
     /// The newest version merged.
     pub version: Version,
+    /// Tombstone: the contact was deleted in Dynamics (its Delete notification, or merged into
+    /// another contact). It then has no roles; Dynamics never reuses a row id, so nothing
+    /// brings it back.
+    #[serde(default)]
+    pub deleted_at: Option<Version>,
+    /// The last Web API read found no such contact (its Delete notification may not have come,
+    /// or no Delete step is registered): a role for it cannot be pushed, and says why.
+    #[serde(default)]
+    pub not_found: bool,
 }
 
 impl ContactState {
@@ -340,7 +356,26 @@ impl ContactState {
             first_name: None,
             last_name: None,
             version: Version::MIN,
+            deleted_at: None,
+            not_found: false,
         }
+    }
+
+    /// A contact a Web API read did not find: a full row of nulls, marked not found.
+    pub fn not_found(id: Uuid) -> Self {
+        let mut contact = ContactState::from_row(id, &Attributes::new(), Version::MIN);
+        contact.not_found = true;
+        contact
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+
+    fn delete(&mut self, version: Version) -> bool {
+        let before = self.clone();
+        self.deleted_at = Some(self.deleted_at.map_or(version, |d| d.max(version)));
+        *self != before
     }
 
     /// A contact from a full row (a Web API read converted to webhook logical names, with
@@ -352,60 +387,13 @@ impl ContactState {
         contact
     }
 
-    /// A contact from a Dataverse Web API `GET contacts(…)` body (specs/dynamics.md §7.2), read
-    /// with `Prefer: odata.include-annotations="*"` so the parent's table is known. Selected
-    /// columns that are null or missing are null; `modifiedon` is the version.
-    pub fn from_web_api(row: &serde_json::Value) -> Result<Self, ContactRowError> {
-        let text = |name: &str| row.get(name).and_then(serde_json::Value::as_str);
-        let id = text("contactid")
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .ok_or(ContactRowError::Missing("contactid"))?;
-        let modifiedon = text("modifiedon").ok_or(ContactRowError::Missing("modifiedon"))?;
-        let version = time::OffsetDateTime::parse(modifiedon, &time::format_description::well_known::Rfc3339)
-            .map_err(|_| ContactRowError::BadModifiedOn(modifiedon.to_owned()))?;
-        let version = Version::try_from(version.unix_timestamp_nanos() / 1_000_000)
-            .map_err(|_| ContactRowError::BadModifiedOn(modifiedon.to_owned()))?;
-        let mut attributes = Attributes::new();
-        for name in ["emailaddress1", "firstname", "lastname"] {
-            let value = text(name).map_or(AttributeValue::Null, |s| AttributeValue::String(s.to_owned()));
-            attributes.insert(name.to_owned(), value);
-        }
-        const PARENT: &str = "_parentcustomerid_value";
-        let parent = match text(PARENT) {
-            None => AttributeValue::Null,
-            Some(value) => {
-                let parent_id =
-                    Uuid::parse_str(value).map_err(|_| ContactRowError::BadParent(value.to_owned()))?;
-                // The table comes from the lookuplogicalname annotation, else from the
-                // navigation property (`parentcustomerid_account` / `parentcustomerid_contact`).
-                let table = text(&format!("{PARENT}@Microsoft.Dynamics.CRM.lookuplogicalname"))
-                    .map(str::to_owned)
-                    .or_else(|| {
-                        text(&format!(
-                            "{PARENT}@Microsoft.Dynamics.CRM.associatednavigationproperty"
-                        ))
-                        .and_then(|nav| nav.strip_prefix("parentcustomerid_"))
-                        .map(str::to_owned)
-                    })
-                    .ok_or(ContactRowError::ParentTableUnknown)?;
-                AttributeValue::EntityReference(EntityRef {
-                    logical_name: table,
-                    id: parent_id,
-                    name: text(&format!("{PARENT}@OData.Community.Display.V1.FormattedValue"))
-                        .map(str::to_owned),
-                })
-            }
-        };
-        attributes.insert("parentcustomerid".to_owned(), parent);
-        Ok(ContactState::from_row(id, &attributes, version))
-    }
-
     /// True when the parent account and email are known (possibly as null), so the customer rule
     /// and lead matching need no read.
     pub fn is_complete(&self) -> bool {
-        ["parentcustomerid", "emailaddress1"]
-            .iter()
-            .all(|a| self.attributes.contains_key(*a))
+        self.is_deleted()
+            || ["parentcustomerid", "emailaddress1"]
+                .iter()
+                .all(|a| self.attributes.contains_key(*a))
     }
 
     /// Merges another view of the same contact (e.g. a fresh Web API read); newer fields win.
@@ -420,6 +408,11 @@ impl ContactState {
             }
         }
         self.version = self.version.max(other.version);
+        if let Some(at) = other.deleted_at {
+            self.delete(at);
+        }
+        // The newer view tells whether Dataverse has the row.
+        self.not_found = other.not_found;
         self.derive();
         *self != before
     }
@@ -443,6 +436,12 @@ impl ContactState {
         row.extend(missing.iter().map(|name| (name, &null)));
         merge_attributes(&mut self.attributes, row, version);
         self.version = self.version.max(version);
+        self.not_found = false;
+        // The losing contact of a merge is deactivated and flagged `merged`: it is gone as a
+        // person, like a deleted one.
+        if attributes.get("merged").and_then(AttributeValue::as_bool) == Some(true) {
+            self.delete(version);
+        }
         self.derive();
         *self != before
     }
@@ -466,19 +465,37 @@ impl ContactState {
     }
 }
 
-/// A Web API contact body that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ContactRowError {
-    #[error("the contact row has no valid {0}")]
-    Missing(&'static str),
-    #[error("the contact row's modifiedon {0:?} is not an RFC 3339 timestamp")]
-    BadModifiedOn(String),
-    #[error("the contact row's _parentcustomerid_value {0:?} is not a Guid")]
-    BadParent(String),
-    #[error(
-        "the contact row names a parent but not its table; request it with Prefer: odata.include-annotations=\"*\""
-    )]
-    ParentTableUnknown,
+/// What oppsync knows of an account: its name, which is the Marketo company's name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountState {
+    pub id: Uuid,
+    /// The name with the version that set it (None inside: the account has no name, or a read
+    /// found no such account). None until known.
+    pub name: Option<Versioned<Option<String>>>,
+    /// True once a projection made this account a Marketo company: a rename is then pushed to
+    /// the company. Accounts no opportunity uses are not written to Marketo.
+    #[serde(default)]
+    pub in_marketo: bool,
+}
+
+impl AccountState {
+    pub fn new(id: Uuid) -> Self {
+        AccountState {
+            id,
+            name: None,
+            in_marketo: false,
+        }
+    }
+
+    /// The known name (outer None: not known yet).
+    pub fn known_name(&self) -> Option<Option<&str>> {
+        self.name.as_ref().map(|n| n.value.as_deref())
+    }
+
+    /// Merges a name seen at `version`; true when it changed.
+    pub fn merge_name(&mut self, name: Option<String>, version: Version) -> bool {
+        merge_register(&mut self.name, Versioned { value: name, version })
+    }
 }
 
 /// A connection role (`connectionrole`), looked up once and cached.
@@ -496,6 +513,8 @@ pub struct World {
     pub connections: BTreeMap<Uuid, ConnectionState>,
     pub contacts: BTreeMap<Uuid, ContactState>,
     pub roles: BTreeMap<Uuid, ConnectionRoleInfo>,
+    #[serde(default)]
+    pub accounts: BTreeMap<Uuid, AccountState>,
 }
 
 impl World {
@@ -543,6 +562,10 @@ pub struct Applied {
     pub connections_changed: BTreeSet<Uuid>,
     /// Contact states that changed (to be stored).
     pub contacts_changed: BTreeSet<Uuid>,
+    /// Account states that changed (to be stored).
+    pub accounts_changed: BTreeSet<Uuid>,
+    /// Marketo companies whose name changed (an account already in Marketo was renamed).
+    pub companies: BTreeSet<Uuid>,
 }
 
 impl Applied {
@@ -562,7 +585,8 @@ pub struct NeedsRow {
 
 /// Merges one event into `world`: order-independent and idempotent (see the module comment).
 /// Attributes use webhook logical names (`customerid`, `parentcustomerid` as entity references).
-/// A contact Delete is not handled (DESIGN.md §2) and changes nothing.
+/// A contact Delete leaves a tombstone (the contact loses its roles); an account Update
+/// changes the name of the company.
 pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsRow> {
     if event.data_missing && event.message != MessageKind::Delete {
         return Err(NeedsRow {
@@ -608,21 +632,34 @@ pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsR
             }
         }
         EntityKind::Contact => {
-            if event.message == MessageKind::Delete {
-                return Ok(applied);
-            }
-            let changed = world
-                .contacts
-                .entry(id)
-                .or_insert_with(|| ContactState::new(id))
-                .merge_row(
+            let contact = world.contacts.entry(id).or_insert_with(|| ContactState::new(id));
+            let changed = if event.message == MessageKind::Delete {
+                contact.delete(event.version)
+            } else if contact.is_deleted() {
+                false
+            } else {
+                contact.merge_row(
                     &event.attributes,
                     event.version,
                     event.message == MessageKind::Create,
-                );
+                )
+            };
             if changed {
                 applied.contacts_changed.insert(id);
                 applied.opportunities = world.opportunities_of_contact(id);
+            }
+        }
+        EntityKind::Account => {
+            // Only the name is read; an Update that does not carry it changes nothing.
+            let Some(name) = event.attributes.get("name") else {
+                return Ok(applied);
+            };
+            let account = world.accounts.entry(id).or_insert_with(|| AccountState::new(id));
+            if account.merge_name(name.as_str().map(str::to_owned), event.version) {
+                applied.accounts_changed.insert(id);
+                if account.in_marketo {
+                    applied.companies.insert(id);
+                }
             }
         }
     }
@@ -637,7 +674,7 @@ pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsR
 pub fn event_opportunity(event: &DynamicsEvent) -> Option<Uuid> {
     match event.entity {
         EntityKind::Opportunity => Some(event.record_id),
-        EntityKind::Contact => None,
+        EntityKind::Contact | EntityKind::Account => None,
         EntityKind::Connection => [&event.attributes, &event.pre_image]
             .into_iter()
             .flat_map(|a| [a.get("record1id"), a.get("record2id")])

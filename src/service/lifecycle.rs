@@ -80,9 +80,18 @@ pub struct Lifecycle {
     pushing: AtomicBool,
     worker_gone: AtomicBool,
     blocked: RwLock<BTreeMap<System, Blocked>>,
+    /// What the last readiness check answered: 0 not asked yet, 1 ready, 2 not ready.
+    readiness: std::sync::atomic::AtomicU8,
 }
 
 impl Lifecycle {
+    /// Records a readiness answer; true when it differs from the last one, so that a probe
+    /// every few seconds logs a change once, not every answer.
+    pub fn readiness_changed(&self, ready: bool) -> bool {
+        let now = if ready { 1 } else { 2 };
+        self.readiness.swap(now, Ordering::SeqCst) != now
+    }
+
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }

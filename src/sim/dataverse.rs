@@ -3,7 +3,7 @@
 //! writes (service endpoints, steps, images), answering in the real Web API shape with
 //! annotations (spec §7.2). Every call is recorded; 429 and 5xx can be injected.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +26,10 @@ use uuid::Uuid;
 use crate::config::{DataverseConfig, Secret};
 use crate::dynamics::{AttributeValue, Attributes, EntityRef};
 
+mod collection;
+
+pub use collection::CHANGE_TRACKING_OFF_CODE;
+
 pub const SIM_CLIENT_ID: &str = "oppsync-sim-client";
 pub const SIM_CLIENT_SECRET: &str = "oppsync-sim-client-secret";
 const TENANT: &str = "sim-tenant";
@@ -46,6 +50,13 @@ pub const ROLE_BUSINESS_PARTNER: Uuid = Uuid::from_u128(0x5a1e_0000_0000_4000_80
 pub const MESSAGE_CREATE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0001);
 pub const MESSAGE_UPDATE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0002);
 pub const MESSAGE_DELETE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0003);
+pub const MESSAGE_WIN: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0004);
+pub const MESSAGE_LOSE: Uuid = Uuid::from_u128(0x5d3e_0000_0000_4000_8000_0000_0000_0005);
+
+/// The organisation `WhoAmI` names unless changed: the one composed notifications carry.
+pub const SIM_ORGANIZATION_ID: Uuid = crate::dynamics::compose::DEFAULT_ORGANIZATION_ID;
+const SIM_USER_ID: Uuid = Uuid::from_u128(0x75c2dd85_e89e_e711_8122_000d3aa2331c);
+const SIM_BUSINESS_UNIT_ID: Uuid = Uuid::from_u128(0xe2b9dd85_e89e_e711_8122_000d3aa2331c);
 
 const SEED_ROLES: &[(Uuid, &str, i32)] = &[
     (ROLE_STAKEHOLDER, "Stakeholder", 1000),
@@ -284,7 +295,21 @@ impl DataverseSimHandle {
     }
 
     pub fn remove_contact(&self, id: Uuid) {
-        self.state().table("contacts").remove(&id);
+        self.state().remove("contacts", id);
+    }
+
+    /// Seeds (or renames) an account.
+    pub fn put_account(&self, id: Uuid, name: &str, modified_on: OffsetDateTime) {
+        let mut f = Fields::new();
+        f.insert("accountid".into(), json_str(&id.to_string()));
+        f.insert("name".into(), json_str(name));
+        f.insert("modifiedon".into(), json_date(modified_on));
+        self.state().put("accounts", id, f);
+    }
+
+    /// The organisation `WhoAmI` answers (a sandbox copy has another).
+    pub fn set_organization_id(&self, id: Uuid) {
+        self.state().organization_id = id;
     }
 
     /// Seeds an opportunity from webhook-vocabulary attributes: lookups become `_x_value` with
@@ -303,7 +328,7 @@ impl DataverseSimHandle {
     }
 
     pub fn remove_opportunity(&self, id: Uuid) {
-        self.state().table("opportunities").remove(&id);
+        self.state().remove("opportunities", id);
     }
 
     pub fn put_connection(&self, c: ConnectionFixture) {
@@ -342,11 +367,35 @@ impl DataverseSimHandle {
     }
 
     pub fn remove_connection(&self, id: Uuid) {
-        self.state().table("connections").remove(&id);
+        self.state().remove("connections", id);
     }
 
     pub fn put_connection_role(&self, id: Uuid, name: &str, category: i32) {
         self.state().put_role(id, name, category);
+    }
+
+    /// Turns change tracking on or off for an entity set (on for every table at start).
+    pub fn set_change_tracking(&self, entity_set: &str, on: bool) {
+        let mut s = self.state();
+        if on {
+            s.untracked.remove(entity_set);
+        } else {
+            s.untracked.insert(entity_set.to_owned());
+        }
+    }
+
+    pub fn change_tracking(&self, entity_set: &str) -> bool {
+        !self.state().untracked.contains(entity_set)
+    }
+
+    /// Every data call from now on takes `latency` before it is answered.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state().latency = latency;
+    }
+
+    /// The most data calls that were in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state().max_in_flight
     }
 
     pub fn calls(&self) -> Vec<RecordedCall> {
@@ -474,6 +523,17 @@ struct SimState {
     pending_5xx: u32,
     not_member: bool,
     next_version: u64,
+    /// Deleted rows, for change tracking.
+    deleted: Vec<collection::Deletion>,
+    /// Entity sets with change tracking off.
+    untracked: BTreeSet<String>,
+    latency: Duration,
+    in_flight: usize,
+    max_in_flight: usize,
+    /// Row ids by (entity set, column) and value, built on demand for `$filter`s that name
+    /// many values of one column, with the change counter it was built at.
+    index: HashMap<(String, String), (u64, HashMap<String, Vec<Uuid>>)>,
+    organization_id: Uuid,
 }
 
 impl SimState {
@@ -491,6 +551,13 @@ impl SimState {
             pending_5xx: 0,
             not_member: false,
             next_version: 1000,
+            deleted: Vec::new(),
+            untracked: BTreeSet::new(),
+            latency: Duration::ZERO,
+            in_flight: 0,
+            max_in_flight: 0,
+            index: HashMap::new(),
+            organization_id: SIM_ORGANIZATION_ID,
         };
         for (id, name, category) in SEED_ROLES {
             s.put_role(*id, name, *category);
@@ -499,13 +566,18 @@ impl SimState {
             (MESSAGE_CREATE, "Create"),
             (MESSAGE_UPDATE, "Update"),
             (MESSAGE_DELETE, "Delete"),
+            (MESSAGE_WIN, "Win"),
+            (MESSAGE_LOSE, "Lose"),
         ];
         for (mi, (message, name)) in messages.iter().enumerate() {
             let mut f = Fields::new();
             f.insert("sdkmessageid".into(), json_str(&message.to_string()));
             f.insert("name".into(), json_str(name));
             s.put("sdkmessages", *message, f);
-            for (ei, entity) in ["opportunity", "connection", "contact"].iter().enumerate() {
+            for (ei, entity) in ["opportunity", "connection", "contact", "account"]
+                .iter()
+                .enumerate()
+            {
                 let id = message_filter_id(mi, ei);
                 let mut f = Fields::new();
                 f.insert("sdkmessagefilterid".into(), json_str(&id.to_string()));
@@ -535,6 +607,21 @@ impl SimState {
         self.next_version += 1;
         let version = self.next_version;
         self.table(set).insert(id, Row { fields, version });
+    }
+
+    /// Removes a row, noting the deletion for change tracking; false when there was none.
+    fn remove(&mut self, set: &str, id: Uuid) -> bool {
+        if self.table(set).remove(&id).is_none() {
+            return false;
+        }
+        self.next_version += 1;
+        let version = self.next_version;
+        self.deleted.push(collection::Deletion {
+            set: set.to_owned(),
+            id,
+            version,
+        });
+        true
     }
 
     fn put_role(&mut self, id: Uuid, name: &str, category: i32) {
@@ -728,6 +815,22 @@ async fn data(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // Latency, and how many calls are in flight at once (tests of the client's bound).
+    let latency = {
+        let mut s = lock(&state);
+        s.in_flight += 1;
+        s.max_in_flight = s.max_in_flight.max(s.in_flight);
+        s.latency
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let response = answer(&state, method, uri, headers, body);
+    lock(&state).in_flight -= 1;
+    response
+}
+
+fn answer(state: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_owned();
     let query: BTreeMap<String, String> = uri
         .query()
@@ -743,7 +846,7 @@ async fn data(
     let bearer = header(header::AUTHORIZATION).and_then(|a| a.strip_prefix("Bearer ").map(str::to_owned));
     let if_match = header(header::IF_MATCH).is_some();
 
-    let mut s = lock(&state);
+    let mut s = lock(state);
     let authorized = bearer
         .as_ref()
         .and_then(|t| s.tokens.get(t))
@@ -784,6 +887,7 @@ async fn data(
             &query,
             body_text.as_deref(),
             if_match,
+            prefer.as_deref(),
         )
     };
     s.calls.push(RecordedCall {
@@ -825,6 +929,7 @@ fn handle(
     query: &BTreeMap<String, String>,
     body: Option<&str>,
     if_match: bool,
+    prefer: Option<&str>,
 ) -> Reply {
     let not_found_segment = || {
         odata_error(
@@ -833,6 +938,20 @@ fn handle(
             &format!("Resource not found for the segment '{rest}'."),
         )
     };
+    if method == Method::GET && matches!(rest, "WhoAmI" | "WhoAmI()") {
+        // The unbound function (specs/dynamics.md, addendum): who the caller is, and where.
+        return Reply {
+            status: StatusCode::OK,
+            body: serde_json::json!({
+                "@odata.context": format!("{}{API_PREFIX}$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", s.org),
+                "BusinessUnitId": SIM_BUSINESS_UNIT_ID,
+                "UserId": SIM_USER_ID,
+                "OrganizationId": s.organization_id,
+            })
+            .to_string(),
+            headers: Vec::new(),
+        };
+    }
     let Some((set_name, id)) = parse_resource(rest) else {
         return not_found_segment();
     };
@@ -874,39 +993,7 @@ fn handle(
                 headers: Vec::new(),
             }
         }
-        (Method::GET, None) => {
-            let clauses = match query.get("$filter").map(|f| parse_filter(f)).transpose() {
-                Ok(c) => c.unwrap_or_default(),
-                Err(e) => return odata_error(StatusCode::BAD_REQUEST, "0x80060888", &e),
-            };
-            let cols = select.map(|mut c| {
-                if !c.iter().any(|x| x == pk) {
-                    c.push(pk.to_owned());
-                }
-                c
-            });
-            let rows: Vec<String> = s
-                .tables
-                .get(set)
-                .into_iter()
-                .flat_map(|t| t.values())
-                .filter(|row| clauses.iter().all(|c| c.matches(row)))
-                .map(|row| render_fields(row, cols.as_deref(), None))
-                .collect();
-            let context = match &select_label(query) {
-                Some(l) => format!("{api}$metadata#{set}({l})"),
-                None => format!("{api}$metadata#{set}"),
-            };
-            Reply {
-                status: StatusCode::OK,
-                body: format!(
-                    "{{\"@odata.context\":{},\"value\":[{}]}}",
-                    Value::String(context),
-                    rows.join(",")
-                ),
-                headers: Vec::new(),
-            }
-        }
+        (Method::GET, None) => collection::query(s, set, pk, query, prefer),
         (Method::POST, None) => {
             let fields = match parse_body(body) {
                 Ok(f) => f,
@@ -975,7 +1062,7 @@ fn handle(
             }
         }
         (Method::DELETE, Some(id)) => {
-            if s.table(set).remove(&id).is_none() {
+            if !s.remove(set, id) {
                 return does_not_exist(id);
             }
             s.secrets.remove(&id);
@@ -1069,49 +1156,6 @@ fn apply(s: &mut SimState, set: &str, id: Uuid, row: &mut Fields, fields: Fields
     Ok(())
 }
 
-/// `field eq literal [and …]`: all the sim understands of `$filter`.
-struct Clause {
-    field: String,
-    literal: Value,
-}
-
-impl Clause {
-    fn matches(&self, row: &Row) -> bool {
-        let actual = row.fields.get(&self.field).map_or(Value::Null, Raw::value);
-        match (&actual, &self.literal) {
-            (Value::String(a), Value::String(b)) => {
-                a == b || (Uuid::parse_str(a).is_ok() && a.eq_ignore_ascii_case(b))
-            }
-            (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-            (a, b) => a == b,
-        }
-    }
-}
-
-fn parse_filter(filter: &str) -> Result<Vec<Clause>, String> {
-    filter
-        .split(" and ")
-        .map(|clause| {
-            let clause = clause.trim();
-            let (field, literal) = clause
-                .split_once(" eq ")
-                .ok_or_else(|| format!("the simulator supports only 'eq' and 'and': {clause:?}"))?;
-            let literal = literal.trim();
-            let value = if let Some(inner) = literal.strip_prefix('\'').and_then(|l| l.strip_suffix('\'')) {
-                Value::String(inner.replace("''", "'"))
-            } else if Uuid::parse_str(literal).is_ok() {
-                Value::String(literal.to_owned())
-            } else {
-                serde_json::from_str(literal).map_err(|_| format!("unsupported literal {literal:?}"))?
-            };
-            Ok(Clause {
-                field: field.trim().to_owned(),
-                literal: value,
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -1144,17 +1188,5 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status(), 400);
         assert_eq!(sim.token_issued_count(), 0);
-    }
-
-    #[test]
-    fn filters_parse_strings_guids_and_numbers() {
-        let c = parse_filter(
-            "name eq 'O''Brien' and category eq 1000 and _x_value eq 5a1e0000-0000-4000-8000-000000001000",
-        )
-        .unwrap();
-        assert_eq!(c[0].literal, Value::String("O'Brien".into()));
-        assert_eq!(c[1].literal, serde_json::json!(1000));
-        assert_eq!(c[2].field, "_x_value");
-        assert!(parse_filter("category gt 3").is_err());
     }
 }

@@ -1,8 +1,6 @@
 //! Both simulators together, and a service configuration pointed at them: what `oppsync demo`,
 //! the end-to-end tests and the benchmarks run the real service against.
 
-use std::time::Duration;
-
 use crate::config::{Config, Secret};
 use crate::sim::dataverse::{DataverseSim, DataverseSimHandle};
 use crate::sim::marketo::{MarketoSim, MarketoSimConfig, MarketoSimHandle};
@@ -37,11 +35,14 @@ impl Simulators {
         c.marketo.base_url = url::Url::parse(&self.marketo.base_url()).ok();
         c.marketo.client_id = Some(self.marketo.client_id());
         c.marketo.client_secret = Some(Secret::new(self.marketo.client_secret()));
-        c.marketo.calls_per_20s = m.calls_per_window;
+        c.marketo.calls_per_window = m.calls_per_window;
         c.marketo.window_secs = m.window.as_secs_f64();
         c.marketo.max_concurrent = m.max_concurrent;
         c.marketo.daily_quota = m.daily_quota;
         c.dataverse = self.dataverse.config();
+        // Composed notifications name this host, as a real org names its own domain.
+        c.dataverse.organization_host =
+            Some(crate::dynamics::compose::DEFAULT_ORGANIZATION_DOMAIN.to_owned());
         c.worker.poll_interval_ms = 25;
         c
     }
@@ -58,8 +59,9 @@ impl Simulators {
     }
 }
 
-/// Polls `check` every 20 ms until it holds or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+/// Polls `check` every 20 ms until it holds or `timeout` passes (tests and the harness).
+#[cfg(feature = "testing")]
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -72,6 +74,6 @@ where
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

@@ -170,7 +170,7 @@ struct SimState {
     rate_log: VecDeque<(usize, Instant)>,
     inflight: u32,
     max_inflight_seen: u32,
-    quota_day: i64,
+    quota_day: time::Date,
     quota_used: u32,
     faults: VecDeque<(QueuedFault, u32)>,
     /// A storm in progress: (code, percent, until).
@@ -836,7 +836,7 @@ impl SimState {
             rate_log: VecDeque::new(),
             inflight: 0,
             max_inflight_seen: 0,
-            quota_day: crate::marketo::cst_day_of(time::OffsetDateTime::now_utc()),
+            quota_day: quota_day(time::OffsetDateTime::now_utc()),
             quota_used: 0,
             faults: VecDeque::new(),
             storm: None,
@@ -918,7 +918,7 @@ impl SimState {
     }
 
     fn roll_day(&mut self) {
-        let today = crate::marketo::cst_day_of(time::OffsetDateTime::now_utc());
+        let today = quota_day(time::OffsetDateTime::now_utc());
         if today != self.quota_day {
             self.quota_day = today;
             self.quota_used = 0;
@@ -1068,12 +1068,21 @@ impl SimState {
         body: &[u8],
     ) -> Answer {
         let qs = parse_form(query);
-        let is_query = method == Method::GET || qs.get("_method").map(String::as_str) == Some("GET");
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
+        // A query sent as POST says so with `_method=GET`, in the URL or in a form body (which
+        // Marketo clients commonly use for long filter lists).
+        let get_in_form = method == Method::POST
+            && content_type.starts_with("application/x-www-form-urlencoded")
+            && parse_form(&String::from_utf8_lossy(body))
+                .get("_method")
+                .map(String::as_str)
+                == Some("GET");
+        let is_query =
+            method == Method::GET || qs.get("_method").map(String::as_str) == Some("GET") || get_in_form;
         let result = match (path, is_query) {
             ("/rest/v1/opportunities/describe.json", true) => Ok(vec![self.describe_opportunities()]),
             ("/rest/v1/opportunities/roles/describe.json", true) => Ok(vec![describe_roles()]),
@@ -1688,6 +1697,14 @@ fn leak_code(code: &str) -> &'static str {
     KNOWN.iter().find(|k| **k == code).copied().unwrap_or("1003")
 }
 
+/// The simulated instance's quota day: the calendar date at 12:00 AM CST, read as the fixed
+/// UTC−6 offset (specs/marketo.md). Written apart from the client's own reckoning
+/// (`marketo::limiter`), so that a mistake there shows up against the simulator.
+fn quota_day(now: time::OffsetDateTime) -> time::Date {
+    const CST: time::UtcOffset = time::macros::offset!(-6);
+    now.to_offset(CST).date()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -2113,6 +2130,68 @@ mod tests {
         let rows = found["result"].as_array().unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0]["lastName"], "Known");
+    }
+
+    #[test]
+    fn the_quota_day_turns_at_midnight_cst_and_agrees_with_the_client() {
+        use time::macros::datetime;
+        // 05:59:59 UTC is 23:59:59 CST the day before; 06:00 UTC is midnight CST.
+        assert_eq!(
+            quota_day(datetime!(2026-03-10 05:59:59 UTC)),
+            time::macros::date!(2026 - 03 - 09)
+        );
+        assert_eq!(
+            quota_day(datetime!(2026-03-10 06:00:00 UTC)),
+            time::macros::date!(2026 - 03 - 10)
+        );
+        // In summer too (CST is written, not America/Chicago's CDT).
+        assert_eq!(
+            quota_day(datetime!(2026-07-01 05:30:00 UTC)),
+            time::macros::date!(2026 - 06 - 30)
+        );
+        // The client's day number changes at the same instants as the simulator's date.
+        let mut at = datetime!(2026-01-01 00:00:00 UTC);
+        while at < datetime!(2026-01-04 00:00:00 UTC) {
+            let next = at + time::Duration::minutes(30);
+            assert_eq!(
+                quota_day(at) == quota_day(next),
+                crate::marketo::cst_day_of(at) == crate::marketo::cst_day_of(next),
+                "at {at}"
+            );
+            at = next;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_form_body_with_method_get_is_a_lead_query_like_the_get() {
+        let c = start(MarketoSimConfig::default()).await;
+        c.sim
+            .add_lead(obj(json!({"email": "known@example.com", "lastName": "Known"})));
+        let get = c
+            .get("/rest/v1/leads.json?filterType=email&filterValues=known@example.com,new@example.com&fields=email,lastName")
+            .await;
+        assert_eq!(get["success"], true, "{get}");
+        // `_method=GET` in the form body, not in the URL.
+        let form = [
+            ("_method", "GET"),
+            ("filterType", "email"),
+            ("filterValues", "known@example.com,new@example.com"),
+            ("fields", "email,lastName"),
+        ];
+        let post: Value = c
+            .http
+            .post(format!("{}/rest/v1/leads.json", c.sim.base_url()))
+            .bearer_auth(&c.token)
+            .form(&form)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(post["success"], true, "{post}");
+        assert_eq!(post["result"], get["result"]);
+        assert_eq!(post["result"][0]["lastName"], "Known");
     }
 
     #[tokio::test]

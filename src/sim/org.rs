@@ -151,6 +151,10 @@ impl DynamicsOrg {
     /// the post image the whole row after the change.
     pub fn update_opportunity(&mut self, id: Uuid, changes: Attributes) -> NotificationBuilder {
         let v = self.tick();
+        self.update_opportunity_at(id, changes, v)
+    }
+
+    fn update_opportunity_at(&mut self, id: Uuid, changes: Attributes, v: Version) -> NotificationBuilder {
         let row = self.opportunities.entry(id).or_default();
         for (k, val) in &changes {
             row.insert(k.clone(), val.clone());
@@ -176,6 +180,97 @@ impl DynamicsOrg {
         changes.insert("statecode".into(), AttributeValue::OptionSet(1));
         changes.insert("statuscode".into(), AttributeValue::OptionSet(3));
         self.update_opportunity(id, changes)
+    }
+
+    /// Closes the opportunity as Dynamics does, through the `Win` (or `Lose`) message with the
+    /// status reason, actual revenue and close date. Returns the Win/Lose notification and the
+    /// Update notification the same close makes if Dynamics also runs Update steps for it
+    /// (unknown, specs/dynamics.md addendum): deliver either or both, in any order.
+    pub fn close(
+        &mut self,
+        id: Uuid,
+        won: bool,
+        status: i32,
+        actual_value: Decimal,
+    ) -> (NotificationBuilder, NotificationBuilder) {
+        let v = self.tick();
+        // DateOnly: the close date is midnight UTC of the day.
+        let day_ms = v - v.rem_euclid(86_400_000);
+        let close =
+            NotificationBuilder::opportunity_close(id, v, won, status, Some(actual_value), Some(day_ms));
+        let mut changes = Attributes::new();
+        changes.insert(
+            "statecode".into(),
+            AttributeValue::OptionSet(if won { 1 } else { 2 }),
+        );
+        changes.insert("statuscode".into(), AttributeValue::OptionSet(status));
+        changes.insert("actualvalue".into(), AttributeValue::Money(actual_value));
+        changes.insert(
+            "actualclosedate".into(),
+            AttributeValue::DateTime(datetime_from_ms(day_ms)),
+        );
+        let update = self.update_opportunity_at(id, changes, v);
+        (close, update)
+    }
+
+    /// Re-opens a closed opportunity (statecode 0, status reason 1 In Progress) through an
+    /// Update, as current Dataverse routes SetState.
+    pub fn reopen(&mut self, id: Uuid) -> NotificationBuilder {
+        let mut changes = Attributes::new();
+        changes.insert("statecode".into(), AttributeValue::OptionSet(0));
+        changes.insert("statuscode".into(), AttributeValue::OptionSet(1));
+        self.update_opportunity(id, changes)
+    }
+
+    /// A state change through `SetStateDynamicEntity` (or `SetState`), as older organisations
+    /// send it.
+    pub fn set_state(
+        &mut self,
+        id: Uuid,
+        dynamic_entity: bool,
+        state: i32,
+        status: i32,
+    ) -> NotificationBuilder {
+        let v = self.tick();
+        let row = self.opportunities.entry(id).or_default();
+        row.insert("statecode".into(), AttributeValue::OptionSet(state));
+        row.insert("statuscode".into(), AttributeValue::OptionSet(status));
+        row.insert("modifiedon".into(), AttributeValue::DateTime(datetime_from_ms(v)));
+        self.mirror_opportunity(id);
+        NotificationBuilder::opportunity_set_state(id, v, dynamic_entity, state, status)
+    }
+
+    /// An account as Dataverse holds it (no notification: oppsync reads accounts it needs).
+    pub fn put_account(&mut self, id: Uuid, name: &str) {
+        let v = self.tick();
+        for dv in &self.dataverse {
+            dv.put_account(id, name, datetime_from_ms(v));
+        }
+    }
+
+    /// The account is renamed: the account Update step (filtered on `name`) fires.
+    pub fn rename_account(&mut self, id: Uuid, name: &str) -> NotificationBuilder {
+        let v = self.tick();
+        for dv in &self.dataverse {
+            dv.put_account(id, name, datetime_from_ms(v));
+        }
+        let mut image = Attributes::new();
+        image.insert("accountid".into(), AttributeValue::String(id.to_string()));
+        image.insert("name".into(), AttributeValue::String(name.into()));
+        image.insert("modifiedon".into(), AttributeValue::DateTime(datetime_from_ms(v)));
+        NotificationBuilder::account_update(id, v)
+            .attr("name", AttributeValue::String(name.into()))
+            .post_image(IMAGE, image)
+    }
+
+    /// The contact is deleted (the contact Delete step fires).
+    pub fn delete_contact(&mut self, id: Uuid) -> NotificationBuilder {
+        let v = self.tick();
+        self.contacts.remove(&id);
+        for dv in &self.dataverse {
+            dv.remove_contact(id);
+        }
+        NotificationBuilder::contact_delete(id, v)
     }
 
     pub fn delete_opportunity(&mut self, id: Uuid) -> Vec<NotificationBuilder> {

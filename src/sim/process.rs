@@ -39,8 +39,8 @@ pub fn serve_env(sims: &Simulators, store_url: &str, port: u16, webhook_key: &st
             sims.marketo.client_secret(),
         ),
         (
-            "OPPSYNC__MARKETO__CALLS_PER_20S".into(),
-            c.marketo.calls_per_20s.to_string(),
+            "OPPSYNC__MARKETO__CALLS_PER_WINDOW".into(),
+            c.marketo.calls_per_window.to_string(),
         ),
         (
             "OPPSYNC__MARKETO__WINDOW_SECS".into(),
@@ -59,6 +59,10 @@ pub fn serve_env(sims: &Simulators, store_url: &str, port: u16, webhook_key: &st
         ("OPPSYNC__WORKER__LEASE_SECS".into(), "10".into()),
     ];
     let d = &c.dataverse;
+    v.push((
+        "OPPSYNC__DATAVERSE__ORGANIZATION_HOST".into(),
+        d.organization_host.clone().unwrap_or_default(),
+    ));
     v.push((
         "OPPSYNC__DATAVERSE__URL".into(),
         d.url.as_ref().map(|u| u.to_string()).unwrap_or_default(),

@@ -214,3 +214,46 @@ pub fn bulk_workload(opportunities: usize, org: &mut DynamicsOrg) -> Vec<Notific
     }
     out
 }
+
+/// An organisation that existed before oppsync: `opportunities` opportunities, half with a
+/// contact as potential customer (under an account) and half with an account, and 1.5
+/// stakeholder connections each on average (one on even, two on odd ones), as pairs of rows.
+/// Returns the notifications a calm webhook history of it would have brought, in order.
+pub fn existing_org(opportunities: usize, org: &mut DynamicsOrg) -> Vec<NotificationBuilder> {
+    let mut out = Vec::new();
+    let accounts: Vec<(Uuid, String)> = (0..(opportunities / 10).max(1))
+        .map(|i| (Uuid::new_v4(), format!("Account {i}")))
+        .collect();
+    let mut contacts = Vec::new();
+    for i in 0..(opportunities / 2).max(2) {
+        let (id, name) = &accounts[i % accounts.len()];
+        let parent = (i % 5 != 0).then_some((*id, name.as_str()));
+        let (c, n) = org.create_contact(
+            "Existing",
+            &format!("Person{i}"),
+            &format!("e{i}@existing.example"),
+            parent,
+        );
+        contacts.push(c);
+        out.push(n);
+    }
+    for i in 0..opportunities {
+        let customer = if i % 2 == 0 {
+            Customer::Contact(contacts[i % contacts.len()])
+        } else {
+            Customer::Account(accounts[i % accounts.len()].0)
+        };
+        let (o, n) = org.create_opportunity(
+            &format!("Existing deal {i}"),
+            customer,
+            Decimal::new(500 + i as i64, 0),
+            30,
+        );
+        out.push(n);
+        out.extend(org.add_stakeholder(o, contacts[(i * 7 + 1) % contacts.len()], ROLE_STAKEHOLDER));
+        if i % 2 == 1 {
+            out.extend(org.add_stakeholder(o, contacts[(i * 13 + 3) % contacts.len()], ROLE_DECISION_MAKER));
+        }
+    }
+    out
+}

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{INTAKE_COMMITTERS_PG, NewNotification, Received, SqliteInbox, Store};
+use super::{INTAKE_COMMITTERS_PG, NewNotification, Received, SqliteInbox, Store, StoreError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IntakeError {
@@ -162,14 +162,23 @@ fn sqlite_commit_loop(
             Ok(()) => {
                 let _ = answers.send(Answer::Durable(group));
             }
+            Err(e @ StoreError::SyncOpen(_)) => {
+                // Not a failed fsync (e.g. no descriptor free): this group is not known durable
+                // and is refused (Dynamics retries; a retry is a duplicate of a stored row if it
+                // did reach the disk), and the next group tries again.
+                tracing::error!(error = %e, "could not sync the inbox; the group is refused and the next one tries again");
+                let _ = answers.send(Answer::Failed(group, IntakeError::Store(e.to_string())));
+            }
             Err(e) => {
-                // After a failed fsync the kernel may have dropped the unwritten pages and
+                // The store's files were deleted or replaced: nothing SQLite writes from now
+                // on reaches them. Or: after a failed fsync the kernel may have dropped the
+                // unwritten pages and
                 // report the next fsync as clean, so no later sync can vouch for this group
                 // or any other: intake refuses from now on (503, so Dynamics retries once, and
                 // the failure shows in System Jobs) until oppsync is restarted and SQLite's
                 // recovery reads what is really on disk.
                 failed.store(true, Ordering::Release);
-                tracing::error!(error = %e, "fsync of the inbox failed; intake refuses notifications until restarted");
+                tracing::error!(error = %e, "the inbox cannot be made durable; intake refuses notifications until restarted");
                 let _ = answers.send(Answer::Failed(group, IntakeError::Store(e.to_string())));
             }
         }
@@ -213,5 +222,5 @@ async fn commit_loop(store: Store, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_b
 }
 
 fn failed_sync_error() -> IntakeError {
-    IntakeError::Store("an earlier fsync of the inbox failed; restart oppsync".into())
+    IntakeError::Store("an earlier fsync of the inbox failed, or its files were deleted or replaced; restart oppsync".into())
 }

@@ -64,6 +64,14 @@ pub enum StoreError {
     Corrupt(String),
     #[error("could not make the inbox durable (fsync): {0}")]
     Sync(String),
+    /// The store's files were deleted or replaced under the running process: what SQLite
+    /// writes no longer reaches them.
+    #[error("the store is gone: {0}")]
+    Gone(String),
+    /// The inbox's log could not be opened to sync it (e.g. no file descriptor free): the
+    /// group is not known durable, but nothing failed to reach the disk.
+    #[error("could not open the inbox log to sync it: {0}")]
+    SyncOpen(String),
 }
 
 /// A notification to store, as intake decoded it.
@@ -168,7 +176,10 @@ pub struct RowKeys {
     pub connections_of_opportunities: Vec<Uuid>,
     /// Load every opportunity whose potential customer is one of these contacts.
     pub opportunities_with_customer: Vec<Uuid>,
+    /// Load every connection that links one of these contacts.
+    pub connections_of_contacts: Vec<Uuid>,
     pub role_ids: Vec<Uuid>,
+    pub account_ids: Vec<Uuid>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -177,6 +188,7 @@ pub struct LoadedRows {
     pub connections: Vec<StateRow>,
     pub contacts: Vec<StateRow>,
     pub roles: Vec<RoleRow>,
+    pub accounts: Vec<StateRow>,
 }
 
 /// A row to write in a commit. `expected_revision` None means "must not exist yet".
@@ -226,7 +238,11 @@ pub struct Commit {
     pub connections: Vec<RowWrite>,
     pub contacts: Vec<RowWrite>,
     pub roles: Vec<RoleRow>,
+    pub accounts: Vec<RowWrite>,
     pub writes: Vec<PlannedWrite>,
+    /// The writes come from a background job (the initial sync, reconciliation): they are
+    /// pushed after live ones of the same phase.
+    pub background: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -448,6 +464,7 @@ impl Store {
     }
 
     /// Applies the migrations up to `version` only (upgrade tests).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
         dispatch!(self, s => s.migrate_to(version).await)
     }
@@ -467,6 +484,11 @@ impl Store {
                 Ok(got.then_some(PushLease::Postgres(conn)))
             }
         }
+    }
+
+    /// Nothing of oppsync's is in this database yet (no migration applied, no inbox table).
+    pub async fn is_new(&self) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.is_new().await)
     }
 
     pub async fn schema_state(&self) -> Result<SchemaState, StoreError> {
@@ -621,6 +643,20 @@ impl Store {
         dispatch!(self, s => s.opportunity_row(id).await)
     }
 
+    /// Puts writes back to pending, done ones included (drift repair). Returns how many.
+    pub async fn requeue_writes(&self, keys: &[String]) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.requeue_writes(keys, now_ms()).await)
+    }
+
+    /// Up to `limit` opportunity rows in id order after `after` (None: from the first).
+    pub async fn opportunities_after(
+        &self,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<StateRow>, StoreError> {
+        dispatch!(self, s => s.opportunities_after(after, limit).await)
+    }
+
     /// Counts by status and the oldest pending ages, read from counts kept by triggers and from
     /// the indexes of pending rows: its cost does not grow with the rows the tables keep.
     pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
@@ -635,6 +671,16 @@ impl Store {
     /// Pending notifications and pending Marketo writes, counted on the status indexes.
     pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
         dispatch!(self, s => s.pending_counts().await)
+    }
+
+    /// Pending Marketo writes planned by a background job (the initial sync).
+    pub async fn pending_background_writes(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.pending_background_writes().await)
+    }
+
+    /// Opportunities oppsync knows, tombstones included (0 on a new store).
+    pub async fn opportunity_count(&self) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.opportunity_count().await)
     }
 
     /// True when nothing is left to do: no pending notification and no pending write.

@@ -112,17 +112,26 @@ const CONTACT_UPDATE: &str = "WITH v(id, rev, state) AS (VALUES {}) \
 const CONTACT_INSERT: &str = "WITH v(id, state) AS (VALUES {}) \
      INSERT INTO contacts (id, revision, state, updated_at) \
      SELECT id, 1, state, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
+const ACCOUNT_UPDATE: &str = "WITH v(id, rev, state) AS (VALUES {}) \
+     UPDATE accounts SET revision = accounts.revision + 1, state = v.state, updated_at = $1 \
+     FROM v WHERE accounts.id = v.id AND accounts.revision = v.rev";
+const ACCOUNT_INSERT: &str = "WITH v(id, state) AS (VALUES {}) \
+     INSERT INTO accounts (id, revision, state, updated_at) \
+     SELECT id, 1, state, $1 FROM v WHERE true ON CONFLICT (id) DO NOTHING";
 // Coalescing: one row per Marketo record; a newer plan replaces the payload and bumps the
-// revision (keys must be distinct within one statement). A plan equal to the payload Marketo
+// revision (keys must be distinct within one statement). A write pending for live traffic stays
+// live when a background job (the initial sync) plans the same record. A plan equal to the payload Marketo
 // already took, or to the one still waiting, changes nothing: many opportunities plan the same
 // company (or lead), and pushing it again would only spend calls.
-const WRITE_UPSERT: &str = "WITH v(key, opp, phase, payload) AS (VALUES {}) \
+const WRITE_UPSERT: &str = "WITH v(key, opp, phase, payload, bg) AS (VALUES {}) \
      INSERT INTO marketo_writes (key, opportunity_id, phase, payload, revision, status, attempts, \
-     next_attempt_at, last_error, updated_at) SELECT key, opp, phase, payload, 1, 'pending', 0, $1, NULL, $1 \
+     next_attempt_at, last_error, updated_at, background) SELECT key, opp, phase, payload, 1, 'pending', 0, $1, NULL, $1, bg \
      FROM v WHERE true ON CONFLICT (key) DO UPDATE SET opportunity_id = excluded.opportunity_id, \
      phase = excluded.phase, payload = excluded.payload, revision = marketo_writes.revision + 1, \
      status = 'pending', attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
-     updated_at = excluded.updated_at \
+     updated_at = excluded.updated_at, \
+     background = CASE WHEN marketo_writes.status = 'pending' AND marketo_writes.background < excluded.background \
+     THEN marketo_writes.background ELSE excluded.background END \
      WHERE marketo_writes.payload <> excluded.payload OR marketo_writes.status NOT IN ('pending', 'done')";
 // Settling pushed writes: `revision = v.rev` leaves alone a write a newer plan replaced
 // meanwhile; it is still pending and will be pushed on its own.
@@ -256,6 +265,7 @@ macro_rules! sql_store {
             }
 
             /// Applies the migrations up to `version` only (upgrade tests).
+            #[cfg(any(test, feature = "testing"))]
             pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
                 Self::migrator().run_to(version, &self.pool).await?;
                 Ok(())
@@ -278,6 +288,25 @@ macro_rules! sql_store {
                 }
                 let missing = known.iter().filter(|v| !applied.contains(v)).count();
                 Ok(if missing == 0 { SchemaState::UpToDate } else { SchemaState::Behind(missing) })
+            }
+
+            /// Nothing of oppsync's is in this database yet: no migration applied and no
+            /// inbox table (a new SQLite file, an empty PostgreSQL database).
+            pub async fn is_new(&self) -> Result<bool, StoreError> {
+                let applied: i64 = match sqlx::query("SELECT COUNT(*) AS n FROM _sqlx_migrations").fetch_one(&self.pool).await {
+                    Ok(row) => row.try_get("n")?,
+                    // No migrations table yet.
+                    Err(sqlx::Error::Database(_)) => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                if applied > 0 {
+                    return Ok(false);
+                }
+                match sqlx::query("SELECT 1 FROM inbox LIMIT 1").fetch_optional(&self.pool).await {
+                    Ok(_) => Ok(false),
+                    Err(sqlx::Error::Database(_)) => Ok(true),
+                    Err(e) => Err(e.into()),
+                }
             }
 
             /// Reachable and the inbox readable (what intake needs).
@@ -357,7 +386,7 @@ macro_rules! sql_store {
                 let mut seen_opportunities = std::collections::BTreeSet::new();
                 let mut seen_connections = std::collections::BTreeSet::new();
                 let mut seen_contacts = std::collections::BTreeSet::new();
-                let lookups: [(&[Uuid], &str, u8); 6] = [
+                let lookups: [(&[Uuid], &str, u8); 8] = [
                     (&keys.opportunity_ids, "SELECT id, revision, state, projection FROM opportunities WHERE id IN ({})", 0),
                     (
                         &keys.opportunities_with_customer,
@@ -370,8 +399,14 @@ macro_rules! sql_store {
                         "SELECT id, revision, state FROM connections WHERE opportunity_id IN ({})",
                         1,
                     ),
+                    (
+                        &keys.connections_of_contacts,
+                        "SELECT id, revision, state FROM connections WHERE contact_id IN ({})",
+                        1,
+                    ),
                     (&keys.contact_ids, "SELECT id, revision, state FROM contacts WHERE id IN ({})", 2),
                     (&keys.role_ids, "SELECT id, name, category FROM connection_roles WHERE id IN ({})", 3),
+                    (&keys.account_ids, "SELECT id, revision, state FROM accounts WHERE id IN ({})", 4),
                 ];
                 for (ids, query, kind) in lookups {
                     for chunk in id_texts(ids).chunks(IN_CHUNK) {
@@ -400,6 +435,7 @@ macro_rules! sql_store {
                                         out.contacts.push(row);
                                     }
                                 }
+                                4 => out.accounts.push(state_row(&r, false)?),
                                 _ => {
                                     let id: String = r.try_get("id")?;
                                     out.roles.push(RoleRow {
@@ -516,6 +552,26 @@ macro_rules! sql_store {
                         return Err(CommitError::Conflict);
                     }
                 }
+                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
+                    commit.accounts.iter().partition(|w| w.expected_revision.is_some());
+                for chunk in updates.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(ACCOUNT_UPDATE, chunk.len(), 3))).bind(now);
+                    for w in chunk {
+                        q = q.bind(w.id.to_string()).bind(w.expected_revision).bind(&w.state);
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
+                for chunk in inserts.chunks(ROW_CHUNK) {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(ACCOUNT_INSERT, chunk.len(), 2))).bind(now);
+                    for w in chunk {
+                        q = q.bind(w.id.to_string()).bind(&w.state);
+                    }
+                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                        return Err(CommitError::Conflict);
+                    }
+                }
                 for r in &commit.roles {
                     sqlx::query(
                         "INSERT INTO connection_roles (id, name, category, fetched_at) VALUES ($1, $2, $3, $4) \
@@ -543,13 +599,14 @@ macro_rules! sql_store {
                     .map(|(_, w)| w)
                     .collect();
                 for chunk in writes.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 4))).bind(now);
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 5))).bind(now);
                     for w in chunk {
                         q = q
                             .bind(w.key.to_string())
                             .bind(w.opportunity_id.map(|u| u.to_string()))
                             .bind(w.phase.number())
-                            .bind(&w.payload);
+                            .bind(&w.payload)
+                            .bind(i64::from(commit.background));
                     }
                     q.execute(&mut *tx).await?;
                 }
@@ -597,7 +654,7 @@ macro_rules! sql_store {
                 let rows = sqlx::query(
                     "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
                      last_error, updated_at FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
-                     ORDER BY phase, updated_at, key LIMIT $2",
+                     ORDER BY phase, background, updated_at, key LIMIT $2",
                 )
                 .bind(now)
                 .bind(limit)
@@ -856,6 +913,38 @@ macro_rules! sql_store {
                 row.map(|r| state_row(&r, true)).transpose()
             }
 
+            /// Puts writes back to pending, done ones included (a drift repair: Marketo lost what
+            /// it took). Returns how many.
+            pub async fn requeue_writes(&self, keys: &[String], now: i64) -> Result<u64, StoreError> {
+                let mut n = 0;
+                for chunk in keys.chunks(IN_CHUNK) {
+                    let sql = with_in_list(
+                        "UPDATE marketo_writes SET status = 'pending', revision = revision + 1, attempts = 0, \
+                         next_attempt_at = $1, last_error = NULL, updated_at = $1 WHERE status <> 'pending' AND key IN ({})",
+                        2,
+                        chunk.len(),
+                    );
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                    for key in chunk {
+                        q = q.bind(key);
+                    }
+                    n += q.execute(&self.pool).await?.rows_affected();
+                }
+                Ok(n)
+            }
+
+            /// Up to `limit` opportunity rows in id order after `after` (a sweep over all of them).
+            pub async fn opportunities_after(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<StateRow>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, revision, state, projection FROM opportunities WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .bind(after.map(|u| u.to_string()).unwrap_or_default())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|r| state_row(r, true)).collect()
+            }
+
             /// Notifications ready to be planned now (claimed ones included), counted on the
             /// `(status, next_attempt_at)` index alone.
             pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
@@ -867,6 +956,20 @@ macro_rules! sql_store {
             }
 
             /// Pending notifications and pending writes, counted on the status indexes alone.
+            /// Pending Marketo writes planned by a background job.
+            pub async fn pending_background_writes(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending' AND background = 1",
+                )
+                .fetch_one(&self.pool)
+                .await?)
+            }
+
+            /// Opportunities oppsync knows (tombstones included).
+            pub async fn opportunity_count(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM opportunities").fetch_one(&self.pool).await?)
+            }
+
             pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
                 let row = sqlx::query(
                     "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') AS inbox, \

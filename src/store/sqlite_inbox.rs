@@ -9,6 +9,8 @@
 //! statement. rusqlite links the same `libsqlite3-sys` as sqlx (kept in step in Cargo.toml),
 //! so both use one SQLite library and see each other's commits through the WAL.
 
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,7 +52,14 @@ pub struct SqliteInbox {
     /// Locked by one writer at a time: the group commit thread, or a direct caller (tests,
     /// tools) through [`super::Store::insert_notifications`].
     conn: Mutex<rusqlite::Connection>,
+    /// The database file, by path and as opened at start: a store deleted or replaced under the
+    /// process is told by the held file's link count and by the path's inode.
+    db: PathBuf,
+    db_file: File,
     wal: PathBuf,
+    /// The log, opened once it exists and held: each sync goes to the file SQLite writes (its
+    /// inode checked against the path), and needs no new descriptor.
+    wal_file: Mutex<Option<File>>,
 }
 
 impl std::fmt::Debug for SqliteInbox {
@@ -90,9 +99,13 @@ impl SqliteInbox {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
              PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
         )?;
+        let db_file = File::open(db).map_err(|e| StoreError::Sqlite(format!("{}: {e}", db.display())))?;
         Ok(SqliteInbox {
             conn: Mutex::new(conn),
+            db: db.to_owned(),
+            db_file,
             wal,
+            wal_file: Mutex::new(None),
         })
     }
 
@@ -131,14 +144,49 @@ impl SqliteInbox {
     }
 
     /// Makes every group committed so far durable: fsync of the write-ahead log, which is what
-    /// `synchronous = FULL` does inside each commit. A log that does not exist has been
-    /// checkpointed (and synced) into the database and removed. Blocking.
+    /// `synchronous = FULL` does inside each commit. Blocking.
+    ///
+    /// The log is opened once and held, so the fsync reaches the file SQLite appends to (a log
+    /// opened again by path could be another file, or none, after the store was deleted). While
+    /// a connection is open SQLite keeps its log in place (it resets it, never removes it), so a
+    /// log or database file that is gone, or whose path now names another file, means the
+    /// store was deleted or replaced: [`StoreError::Gone`]. Not being able to open the log (no
+    /// descriptor free) is [`StoreError::SyncOpen`], not a failed fsync.
     pub fn sync(&self) -> Result<(), StoreError> {
-        match std::fs::File::open(&self.wal) {
-            Ok(file) => file.sync_data(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+        self.check_in_place(&self.db_file, &self.db)?;
+        let mut held = self.wal_file.lock();
+        if held.is_none() {
+            match File::open(&self.wal) {
+                Ok(file) => *held = Some(file),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::Gone(format!(
+                        "the write-ahead log {} is missing after a commit",
+                        self.wal.display()
+                    )));
+                }
+                Err(e) => return Err(StoreError::SyncOpen(format!("{}: {e}", self.wal.display()))),
+            }
         }
-        .map_err(|e| StoreError::Sync(e.to_string()))
+        let Some(log) = held.as_ref() else {
+            return Err(StoreError::SyncOpen(format!("{}: not open", self.wal.display())));
+        };
+        self.check_in_place(log, &self.wal)?;
+        log.sync_data().map_err(|e| StoreError::Sync(e.to_string()))
+    }
+
+    /// The file held is still the one at `path`: linked, and the same inode.
+    fn check_in_place(&self, held: &File, path: &Path) -> Result<(), StoreError> {
+        let gone = |what: &str| StoreError::Gone(format!("{} {what}", path.display()));
+        let mine = held.metadata().map_err(|e| gone(&format!("cannot be examined: {e}")))?;
+        if mine.nlink() == 0 {
+            return Err(gone("was deleted"));
+        }
+        match std::fs::metadata(path) {
+            Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => Ok(()),
+            Ok(_) => Err(gone("was replaced by another file")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(gone("was deleted")),
+            // Not known to be gone (e.g. a permission or descriptor problem reading the path).
+            Err(e) => Err(StoreError::SyncOpen(format!("{}: {e}", path.display()))),
+        }
     }
 }

@@ -40,7 +40,10 @@ fn write(key: &WriteKey, opportunity: Uuid, payload: &str) -> PlannedWrite {
 /// read back byte for byte after the upgrade that made bodies compressed bytes, and new ones
 /// are stored compressed.
 pub async fn run_upgrade(store: &Store) {
+    // A new store is told from an older schema: only the new one may be set up unasked.
+    assert!(store.is_new().await.unwrap(), "a fresh database is new");
     store.migrate_to(1).await.unwrap();
+    assert!(!store.is_new().await.unwrap(), "an older schema is not new");
     let body = r#"{"MessageName":"Update","PrimaryEntityName":"opportunity","note":"Zürich ✓"}"#;
     let insert = "INSERT INTO inbox (dedupe_key, received_at, entity, message, record_id, version, \
                   data_missing, body, status, attempts, next_attempt_at) \
@@ -106,8 +109,81 @@ pub async fn run_all(store: &Store) {
     a_batch_commit_settles_and_swaps_all_rows_or_none(store).await;
     failed_notifications_retry_then_dead_letter_and_can_be_redriven(store).await;
     controls_and_lead_ids_round_trip(store).await;
+    connections_are_found_by_contact_and_accounts_swap(store).await;
     // Last: every check above moved rows through every status.
     the_kept_counts_match_the_rows(store).await;
+}
+
+/// A contact's connections are found through the contact id in their state (migration 5), and
+/// account rows are compare-and-swap like the others.
+async fn connections_are_found_by_contact_and_accounts_swap(store: &Store) {
+    let (contact, other, connection, account) =
+        (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let state = |contact: Uuid| {
+        serde_json::json!({"id": connection, "contact_id": contact, "opportunity_id": null}).to_string()
+    };
+    let row = |id, rev: Option<i64>, state: String| RowWrite {
+        id,
+        expected_revision: rev,
+        state,
+        projection: None,
+        index: None,
+    };
+    let commit = Commit {
+        connections: vec![row(connection, None, state(contact))],
+        accounts: vec![row(account, None, "{\"name\":\"Contoso\"}".into())],
+        ..Commit::default()
+    };
+    store.commit(&commit).await.unwrap();
+    let by_contact = |c: Uuid| RowKeys {
+        connections_of_contacts: vec![c],
+        account_ids: vec![account],
+        ..RowKeys::default()
+    };
+    let loaded = store.load_rows(&by_contact(contact)).await.unwrap();
+    assert_eq!(
+        loaded.connections.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [connection]
+    );
+    assert_eq!(loaded.accounts.len(), 1);
+    assert_eq!(loaded.accounts[0].state, "{\"name\":\"Contoso\"}");
+    assert!(
+        store
+            .load_rows(&by_contact(other))
+            .await
+            .unwrap()
+            .connections
+            .is_empty()
+    );
+    // The index follows the state: the connection now links another contact.
+    let moved = Commit {
+        connections: vec![row(connection, Some(1), state(other))],
+        accounts: vec![row(account, Some(1), "{\"name\":\"Contoso Ltd\"}".into())],
+        ..Commit::default()
+    };
+    store.commit(&moved).await.unwrap();
+    assert!(
+        store
+            .load_rows(&by_contact(contact))
+            .await
+            .unwrap()
+            .connections
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .load_rows(&by_contact(other))
+            .await
+            .unwrap()
+            .connections
+            .len(),
+        1
+    );
+    let stale = Commit {
+        accounts: vec![row(account, Some(1), "{}".into())],
+        ..Commit::default()
+    };
+    assert!(matches!(store.commit(&stale).await, Err(CommitError::Conflict)));
 }
 
 /// The counts `stats` reads (kept by triggers, so a scrape does not count the tables) equal

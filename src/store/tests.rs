@@ -10,7 +10,14 @@ async fn fresh_sqlite() -> (Store, tempfile::TempDir) {
 #[tokio::test]
 async fn sqlite_passes_the_store_suite() {
     let (store, _dir) = fresh_sqlite().await;
-    assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(3));
+    // Every migration of the backend is missing (counted, so a new migration needs no edit here).
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        store.schema_state().await.unwrap(),
+        SchemaState::Behind(migrations)
+    );
     assert!(
         store.ensure_schema().await.is_err(),
         "an unmigrated store is refused"

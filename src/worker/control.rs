@@ -7,7 +7,10 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::WorkerContext;
+use super::backfill::{self, BackfillProgress, BackfillRequest, StartError};
+use super::drift::{self, DriftError, DriftRepair, DriftReport};
 use super::planner::{self, PlanError};
+use super::reconcile::{self, ReconcileStatus};
 use crate::marketo::Usage;
 use crate::store::{Store, StoreError};
 
@@ -85,5 +88,49 @@ impl WorkerControl {
     /// Marketo API use by this process today (None where it runs no worker).
     pub fn marketo_usage(&self) -> Option<Usage> {
         self.worker.as_ref().map(|w| w.marketo.usage())
+    }
+
+    /// Records a new initial sync (the replica that pushes runs it); refused while one runs.
+    pub async fn start_backfill(&self, request: &BackfillRequest) -> Result<(), StartError> {
+        backfill::start(&self.store, request).await.map(|_| ())
+    }
+
+    /// The current (or last) initial sync and what it achieved; None if none was ever started.
+    pub async fn backfill_progress(
+        &self,
+        quota_reserve: u32,
+    ) -> Result<Option<BackfillProgress>, StoreError> {
+        backfill::progress(self.worker.as_deref(), &self.store, quota_reserve).await
+    }
+
+    /// Cancels the running initial sync; false when none is running.
+    pub async fn cancel_backfill(&self) -> Result<bool, StoreError> {
+        Ok(backfill::cancel(&self.store).await?.is_some())
+    }
+
+    /// What each table's reconciliation found last.
+    pub async fn reconcile_status(&self, interval_secs: u64) -> Result<ReconcileStatus, StoreError> {
+        reconcile::status(&self.store, interval_secs).await
+    }
+
+    /// Runs a reconciliation pass now (None where no worker runs in this process).
+    pub async fn reconcile_now(&self) -> Option<Result<ReconcileStatus, StoreError>> {
+        match &self.worker {
+            Some(worker) => Some(reconcile::pass(worker).await),
+            None => None,
+        }
+    }
+
+    /// Compares Marketo with oppsync's projections within `budget` Marketo calls (None where no
+    /// worker runs in this process).
+    pub async fn drift_report(&self, budget: usize) -> Option<Result<DriftReport, DriftError>> {
+        let worker = self.worker.as_ref()?;
+        Some(drift::report(worker, budget).await.map(|(r, _)| r))
+    }
+
+    /// Reports within `budget`, then queues the writes that put Marketo back.
+    pub async fn drift_repair(&self, budget: usize) -> Option<Result<DriftRepair, DriftError>> {
+        let worker = self.worker.as_ref()?;
+        Some(drift::repair(worker, budget).await)
     }
 }

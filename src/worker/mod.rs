@@ -2,11 +2,18 @@
 //! resulting Marketo writes (`pusher`). Intake never waits for either; a Dataverse or Marketo
 //! outage delays work and never drops it.
 
+pub mod backfill;
 mod control;
+pub mod drift;
 pub mod planner;
 pub mod pusher;
+mod quota;
+pub mod reconcile;
 
+pub use backfill::{BackfillPhase, BackfillProgress, BackfillRequest, BackfillStatus, StartError};
 pub use control::{ResyncError, WorkerControl};
+pub use drift::{Difference, DriftError, DriftKind, DriftRepair, DriftReport};
+pub use reconcile::{ReconcileStatus, TableReconcile};
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -102,13 +109,29 @@ pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
 
 /// Starts the planner and the pusher, each supervised; they stop when `shutdown` is cancelled.
 pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> JoinSet<()> {
-    if ctx.config.worker.paused
-        && let Err(e) = ctx.store.set_paused(true).await
-    {
-        tracing::error!(error = %crate::errors::chain(&e), "could not record the paused state");
+    // The pause rule (docs/operations.md, "Pausing"): `worker.paused = true` records a pause;
+    // `false` leaves a recorded one in place, which only the admin API's resume lifts.
+    if ctx.config.worker.paused {
+        match ctx.store.set_paused(true).await {
+            Ok(()) => tracing::info!(
+                "pushing to Marketo paused (worker.paused = true); POST /admin/resume lifts it"
+            ),
+            Err(e) => {
+                tracing::error!(error = %crate::errors::chain(&e), "could not record the paused state")
+            }
+        }
+    } else if let Ok(true) = ctx.store.paused().await {
+        tracing::warn!(
+            "pushing to Marketo is paused: a pause is recorded in the store (by the admin API or an earlier worker.paused = true); worker.paused = false does not lift it, POST /admin/resume does"
+        );
+    }
+    if let Err(e) = backfill::start_if_empty_store(&ctx).await {
+        tracing::error!(error = %crate::errors::chain(&e), "could not start the initial sync on the empty store");
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(supervise("planner", ctx.clone(), shutdown.clone(), plan_loop));
+    tasks.spawn(supervise("backfill", ctx.clone(), shutdown.clone(), backfill::run_loop));
+    tasks.spawn(supervise("reconcile", ctx.clone(), shutdown.clone(), reconcile::run_loop));
     tasks.spawn(supervise("pusher", ctx, shutdown, push_loop));
     tasks
 }
@@ -270,6 +293,7 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
 async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
     let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
     let mut lease: Option<PushLease> = None;
+    let mut quota = quota::QuotaKeeper::default();
     while !shutdown.is_cancelled() {
         // Only the lease holder pushes; the others retry every second and take over when the
         // holder's connection (and with it the advisory lock) goes away.
@@ -290,6 +314,8 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                         let window = Duration::from_secs_f64(ctx.config.marketo.window_secs.max(0.0));
                         sleep_or_cancel(&shutdown, window).await;
                     }
+                    // Today's count goes on from what the last pusher kept.
+                    quota::restore(&ctx).await;
                     lease = Some(l);
                 }
                 Ok(None) => {}
@@ -307,7 +333,9 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
             sleep_or_cancel(&shutdown, poll).await;
             continue;
         }
-        match pusher::push_cycle(&ctx).await {
+        let cycle = pusher::push_cycle(&ctx).await;
+        quota.save(&ctx, false).await;
+        match cycle {
             Ok(outcome) if outcome.settled > 0 => {}
             Ok(outcome) => {
                 if let Some(at) = outcome.next_slot {
@@ -344,6 +372,9 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
             }
         }
+    }
+    if lease.is_some() {
+        quota.save(&ctx, true).await;
     }
     ctx.lifecycle.set_pushing(false);
 }

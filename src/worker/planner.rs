@@ -92,7 +92,7 @@ pub async fn process_batch(ctx: &WorkerContext, entries: Vec<InboxEntry>) {
         };
         let events: Vec<DynamicsEvent> = together.iter().map(|(_, event)| event.clone()).collect();
         let span = tracing::info_span!("plan_batch", notifications = together.len());
-        match plan_and_commit(ctx, &events, Some(settle))
+        match plan_and_commit(ctx, &events, Some(settle), false)
             .instrument(span.clone())
             .await
         {
@@ -157,7 +157,13 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
             let reason = crate::errors::chain(&e);
             let settlement = if e.is_permanent() || attempts >= ctx.config.worker.max_attempts {
                 metrics::counter!("oppsync_worker_notifications_total", "outcome" => "dead").increment(1);
-                tracing::error!(parent: &span, error = %reason, attempts, "notification dead-lettered");
+                tracing::error!(
+                    parent: &span,
+                    error = %reason,
+                    attempts,
+                    retry = %format!("POST /admin/notifications/{}/retry", entry.id),
+                    "notification dead-lettered; fix the cause, then retry it"
+                );
                 Settlement::Dead { error: reason }
             } else {
                 metrics::counter!("oppsync_worker_notifications_total", "outcome" => "retry").increment(1);
@@ -204,16 +210,19 @@ async fn plan_one(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usize, Plan
         ctx,
         std::slice::from_ref(&event),
         Some(Settle::one(entry.id, &ctx.owner)),
+        false,
     )
     .await
 }
 
 /// Loads, applies `events` (in the given order), projects and commits, settling `settle`.
-/// Compare-and-swap loop: a conflict means another worker changed a row we read.
-async fn plan_and_commit(
+/// Compare-and-swap loop: a conflict means another worker changed a row we read. `background`:
+/// the writes are a background job's (the initial sync), pushed after live ones.
+pub(crate) async fn plan_and_commit(
     ctx: &WorkerContext,
     events: &[DynamicsEvent],
     settle: Option<Settle>,
+    background: bool,
 ) -> Result<usize, PlanError> {
     for _ in 0..8 {
         let t0 = now_ms();
@@ -225,7 +234,8 @@ async fn plan_and_commit(
         step.project(ctx).await?;
         let t2 = now_ms();
         let rejected = step.rejected_values();
-        let (commit, writes) = step.into_commit(settle.clone())?;
+        let (mut commit, writes) = step.into_commit(settle.clone())?;
+        commit.background = background;
         let result = ctx.store.commit(&commit).await;
         // Where a plan's time goes; the commit includes waiting for SQLite's write lock.
         tracing::debug!(
@@ -289,7 +299,7 @@ pub async fn resync_opportunity(ctx: &WorkerContext, id: Uuid) -> Result<Option<
         return Ok(None);
     };
     let event = rules::full_row_event(EntityKind::Opportunity, id, row.modified_on, row.attributes);
-    let writes = plan_and_commit(ctx, std::slice::from_ref(&event), None).await?;
+    let writes = plan_and_commit(ctx, std::slice::from_ref(&event), None, false).await?;
     ctx.pusher_wakeup.notify_one();
     Ok(Some(writes))
 }
@@ -324,6 +334,15 @@ async fn read_row_from_dataverse(
                 rules::full_row_event(EntityKind::Contact, id, c.modified_on, contact_attributes(&c))
             })
         }
+        EntityKind::Account => ctx.dataverse.account(id).await?.map(|a| {
+            let name = a.name.map_or(AttributeValue::Null, AttributeValue::String);
+            rules::full_row_event(
+                EntityKind::Account,
+                id,
+                a.modified_on,
+                Attributes::from([("name".to_owned(), name)]),
+            )
+        }),
     })
 }
 
@@ -356,6 +375,11 @@ struct PlanStep {
     changed_opportunities: BTreeSet<Uuid>,
     changed_connections: BTreeSet<Uuid>,
     changed_contacts: BTreeSet<Uuid>,
+    changed_accounts: BTreeSet<Uuid>,
+    /// Accounts already asked of the store (found or not).
+    accounts_asked: BTreeSet<Uuid>,
+    /// Marketo companies to rename (an account in Marketo changed its name).
+    renamed_companies: BTreeSet<Uuid>,
     new_roles: Vec<ConnectionRoleInfo>,
     /// Opportunities the applied events may have changed the projection of.
     affected: BTreeSet<Uuid>,
@@ -369,6 +393,7 @@ struct Revisions {
     opportunities: BTreeMap<Uuid, i64>,
     connections: BTreeMap<Uuid, i64>,
     contacts: BTreeMap<Uuid, i64>,
+    accounts: BTreeMap<Uuid, i64>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, PlanError> {
@@ -384,6 +409,7 @@ enum Fetch {
     Contact(Uuid),
     Role(Uuid),
     Opportunity(Uuid),
+    Account(Uuid),
 }
 
 /// A Web API answer for a [`Fetch`].
@@ -391,6 +417,7 @@ enum Fetched {
     Contact(Uuid, Option<ContactRecord>),
     Role(Uuid, Option<crate::dynamics::webapi::ConnectionRoleRecord>),
     Opportunity(Uuid, Option<crate::dynamics::webapi::RowRecord>),
+    Account(Uuid, Option<crate::dynamics::webapi::AccountRecord>),
 }
 
 impl PlanStep {
@@ -409,7 +436,12 @@ impl PlanStep {
                 EntityKind::Contact => {
                     keys.contact_ids.push(event.record_id);
                     keys.opportunities_with_customer.push(event.record_id);
+                    // A deleted contact loses its stakeholder roles too.
+                    if event.message == MessageKind::Delete {
+                        keys.connections_of_contacts.push(event.record_id);
+                    }
                 }
+                EntityKind::Account => keys.account_ids.push(event.record_id),
                 EntityKind::Opportunity => {}
             }
         }
@@ -421,6 +453,9 @@ impl PlanStep {
             changed_opportunities: BTreeSet::new(),
             changed_connections: BTreeSet::new(),
             changed_contacts: BTreeSet::new(),
+            changed_accounts: BTreeSet::new(),
+            accounts_asked: BTreeSet::new(),
+            renamed_companies: BTreeSet::new(),
             new_roles: Vec::new(),
             affected: BTreeSet::new(),
             planned: BTreeMap::new(),
@@ -457,6 +492,12 @@ impl PlanStep {
             if let Some(c) = rules::customer_contact(o) {
                 refs.contact_ids.push(c);
             }
+            if let Some(account) = o.customer().filter(|c| c.logical_name == "account") {
+                refs.account_ids.push(account.id);
+            }
+        }
+        for c in step.world.contacts.values() {
+            refs.account_ids.extend(c.parent_account.as_ref().map(|a| a.id));
         }
         for c in step.world.connections.values() {
             refs.contact_ids.extend(c.contact_id);
@@ -467,8 +508,26 @@ impl PlanStep {
         refs.contact_ids.dedup();
         refs.role_ids.sort();
         refs.role_ids.dedup();
+        refs.account_ids.retain(|a| !step.world.accounts.contains_key(a));
+        refs.account_ids.sort();
+        refs.account_ids.dedup();
         rows = ctx.store.load_rows(&refs).await?;
         step.absorb(&rows)?;
+        // The parent accounts of contacts loaded just now.
+        let mut parents = RowKeys::default();
+        for c in step.world.contacts.values() {
+            if let Some(a) = &c.parent_account
+                && !step.world.accounts.contains_key(&a.id)
+            {
+                parents.account_ids.push(a.id);
+            }
+        }
+        if !parents.account_ids.is_empty() {
+            parents.account_ids.sort();
+            parents.account_ids.dedup();
+            rows = ctx.store.load_rows(&parents).await?;
+            step.absorb(&rows)?;
+        }
         Ok(step)
     }
 
@@ -496,6 +555,13 @@ impl PlanStep {
             self.world.contacts.insert(r.id, parse(&r.state)?);
             self.revisions.contacts.insert(r.id, r.revision);
         }
+        for r in &rows.accounts {
+            if self.world.accounts.contains_key(&r.id) {
+                continue;
+            }
+            self.world.accounts.insert(r.id, parse(&r.state)?);
+            self.revisions.accounts.insert(r.id, r.revision);
+        }
         for r in &rows.roles {
             self.world.roles.insert(
                 r.id,
@@ -516,6 +582,8 @@ impl PlanStep {
         self.changed_opportunities.extend(&applied.opportunities_changed);
         self.changed_connections.extend(&applied.connections_changed);
         self.changed_contacts.extend(&applied.contacts_changed);
+        self.changed_accounts.extend(&applied.accounts_changed);
+        self.renamed_companies.extend(&applied.companies);
         self.affected.extend(&applied.opportunities);
         Ok(())
     }
@@ -531,6 +599,9 @@ impl PlanStep {
             }
         }
         for round in 0..4 {
+            // Every account a projection may name must be loaded from the store first: its
+            // cached name decides the company's, and its row's revision the commit's.
+            self.load_accounts(ctx).await?;
             let mut lookups: BTreeSet<Lookup> = BTreeSet::new();
             let mut done = Vec::new();
             // Gone from Dynamics (a read found no row): planned as deleted, nothing to look up.
@@ -572,6 +643,32 @@ impl PlanStep {
         )))
     }
 
+    /// Loads the stored rows of the accounts the world's opportunities and contacts name and
+    /// that were not asked for yet.
+    async fn load_accounts(&mut self, ctx: &WorkerContext) -> Result<(), PlanError> {
+        let customers = self
+            .world
+            .opportunities
+            .values()
+            .filter_map(|o| o.customer().filter(|c| c.logical_name == "account").map(|c| c.id));
+        let parents = self
+            .world
+            .contacts
+            .values()
+            .filter_map(|c| c.parent_account.as_ref().map(|a| a.id));
+        let mut keys = RowKeys::default();
+        for id in customers.chain(parents).collect::<BTreeSet<Uuid>>() {
+            if !self.world.accounts.contains_key(&id) && self.accounts_asked.insert(id) {
+                keys.account_ids.push(id);
+            }
+        }
+        if !keys.account_ids.is_empty() {
+            let rows = ctx.store.load_rows(&keys).await?;
+            self.absorb(&rows)?;
+        }
+        Ok(())
+    }
+
     /// Performs one round of lookups and merges the results; returns opportunities to
     /// (re)project. The store is asked first, in one load for all of them; what it cannot
     /// answer is read through the Web API, several reads at once.
@@ -597,7 +694,15 @@ impl PlanStep {
                 _ => None,
             })
             .collect();
+        let absent_accounts: BTreeSet<Uuid> = lookups
+            .iter()
+            .filter_map(|l| match l {
+                Lookup::Account(id) if !self.world.accounts.contains_key(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
         keys.contact_ids.extend(&absent_contacts);
+        keys.account_ids.extend(&absent_accounts);
         keys.opportunity_ids.extend(&absent_opportunities);
         keys.connections_of_opportunities.extend(&absent_opportunities);
         keys.role_ids.extend(lookups.iter().filter_map(|l| match l {
@@ -624,6 +729,19 @@ impl PlanStep {
                     Some(_) => affected.extend(self.opportunities_with_role(*id)),
                     None => fetches.push(Fetch::Role(*id)),
                 },
+                Lookup::Account(id) => {
+                    if absent_accounts.contains(id)
+                        && self
+                            .world
+                            .accounts
+                            .get(id)
+                            .is_some_and(|a| a.known_name().is_some())
+                    {
+                        affected.extend(self.opportunities_of_account(*id));
+                    } else {
+                        fetches.push(Fetch::Account(*id));
+                    }
+                }
                 Lookup::OpportunityRow(id) => {
                     if absent_opportunities.contains(id)
                         && self
@@ -647,6 +765,7 @@ impl PlanStep {
                     Ok(match fetch {
                         Fetch::Contact(id) => Fetched::Contact(id, ctx.dataverse.contact(id).await?),
                         Fetch::Role(id) => Fetched::Role(id, ctx.dataverse.connection_role(id).await?),
+                        Fetch::Account(id) => Fetched::Account(id, ctx.dataverse.account(id).await?),
                         Fetch::Opportunity(id) => {
                             Fetched::Opportunity(id, ctx.dataverse.opportunity(id, columns).await?)
                         }
@@ -664,8 +783,8 @@ impl PlanStep {
                 Fetched::Contact(id, record) => {
                     let contact = match record {
                         Some(c) => ContactState::from_row(id, &contact_attributes(&c), c.modified_on),
-                        // Deleted in Dynamics: no parent account, no email (a full, empty row).
-                        None => ContactState::from_row(id, &Attributes::new(), crate::dynamics::Version::MIN),
+                        // Not in Dataverse: no parent account, no email, and said so.
+                        None => ContactState::not_found(id),
                     };
                     affected.extend(self.world.merge_contact(&contact));
                     self.changed_contacts.insert(id);
@@ -687,6 +806,21 @@ impl PlanStep {
                     self.world.roles.insert(id, info.clone());
                     self.new_roles.push(info);
                     affected.extend(self.opportunities_with_role(id));
+                }
+                Fetched::Account(id, record) => {
+                    // An account that does not exist (any more) has no name to give.
+                    let (name, version) = match record {
+                        Some(a) => (a.name, a.modified_on),
+                        None => (None, crate::dynamics::Version::MIN),
+                    };
+                    let account = self
+                        .world
+                        .accounts
+                        .entry(id)
+                        .or_insert_with(|| rules::AccountState::new(id));
+                    account.merge_name(name, version);
+                    self.changed_accounts.insert(id);
+                    affected.extend(self.opportunities_of_account(id));
                 }
                 Fetched::Opportunity(id, record) => match record {
                     Some(row) => {
@@ -723,6 +857,23 @@ impl PlanStep {
             .collect()
     }
 
+    /// Opportunities of this world whose company is `account`.
+    fn opportunities_of_account(&self, account: Uuid) -> BTreeSet<Uuid> {
+        self.world
+            .opportunities
+            .values()
+            .filter(|o| {
+                let customer = o.customer();
+                customer.is_some_and(|c| c.logical_name == "account" && c.id == account)
+                    || rules::customer_contact(o)
+                        .and_then(|c| self.world.contacts.get(&c))
+                        .and_then(|c| c.parent_account.as_ref())
+                        .is_some_and(|a| a.id == account)
+            })
+            .map(|o| o.id)
+            .collect()
+    }
+
     fn opportunities_of(&self, contact: Uuid) -> BTreeSet<Uuid> {
         let as_customer = self
             .world
@@ -747,12 +898,49 @@ impl PlanStep {
             .collect()
     }
 
-    fn into_commit(self, settle: Option<Settle>) -> Result<(Commit, usize), PlanError> {
+    fn into_commit(mut self, settle: Option<Settle>) -> Result<(Commit, usize), PlanError> {
         let mut commit = Commit {
             settle,
             ..Commit::default()
         };
         let mut writes = 0;
+        // Accounts that become Marketo companies are remembered, so a later rename reaches
+        // the company; a name only a reference carried is kept as the oldest guess.
+        for projection in self.planned.values() {
+            let Some(company) = &projection.company else {
+                continue;
+            };
+            let account = self
+                .world
+                .accounts
+                .entry(company.account_id)
+                .or_insert_with(|| rules::AccountState::new(company.account_id));
+            if !account.in_marketo {
+                account.in_marketo = true;
+                if account.known_name().is_none() {
+                    account.merge_name(company.name.clone(), crate::dynamics::Version::MIN);
+                }
+                self.changed_accounts.insert(company.account_id);
+            }
+        }
+        // A renamed account that is a Marketo company: its company is written at once, whatever
+        // opportunities name it.
+        for id in &self.renamed_companies {
+            let Some(account) = self.world.accounts.get(id) else {
+                continue;
+            };
+            let w = rules::MarketoWrite::UpsertCompany {
+                account_id: *id,
+                name: account.known_name().flatten().map(str::to_owned),
+            };
+            commit.writes.push(PlannedWrite {
+                key: w.key(),
+                opportunity_id: None,
+                phase: i64::from(w.phase()),
+                payload: json(&w)?,
+            });
+            writes += 1;
+        }
         let mut opportunities: BTreeSet<Uuid> = self.changed_opportunities.clone();
         for (id, projection) in &self.planned {
             let old = self.projections.get(id).and_then(Option::as_ref);
@@ -761,6 +949,14 @@ impl PlanStep {
             // pair, planned at once, would each still see the other row active (write skew).
             opportunities.insert(*id);
             for w in rules::plan(old, projection) {
+                // A company write names the account as this plan saw it: writing the account
+                // back makes its revision part of the commit, so a rename committed meanwhile
+                // and this plan cannot both commit (the loser re-plans with the new name).
+                if let rules::MarketoWrite::UpsertCompany { account_id, .. } = &w
+                    && self.world.accounts.contains_key(account_id)
+                {
+                    self.changed_accounts.insert(*account_id);
+                }
                 commit.writes.push(PlannedWrite {
                     key: w.key(),
                     opportunity_id: Some(*id),
@@ -821,6 +1017,18 @@ impl PlanStep {
             commit.contacts.push(RowWrite {
                 id: *id,
                 expected_revision: self.revisions.contacts.get(id).copied(),
+                state: json(state)?,
+                projection: None,
+                index: None,
+            });
+        }
+        for id in &self.changed_accounts {
+            let Some(state) = self.world.accounts.get(id) else {
+                continue;
+            };
+            commit.accounts.push(RowWrite {
+                id: *id,
+                expected_revision: self.revisions.accounts.get(id).copied(),
                 state: json(state)?,
                 projection: None,
                 index: None,

@@ -359,8 +359,9 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     }
     let read = started.elapsed();
     let ready_count = ready.len();
+    let tally = Tally::default();
     let (groups, unreadable) = WriteGroups::parse(ready);
-    ctx.store.settle_writes(&unreadable).await?;
+    settle(ctx, &unreadable, &tally).await?;
     outcome.settled = unreadable.len();
     let WriteGroups {
         mut companies,
@@ -421,12 +422,12 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
         if !companies.is_empty() {
             let outcomes = push_companies(ctx, companies).await;
             settled += outcomes.len();
-            ctx.store.settle_writes(&outcomes).await?;
+            settle(ctx, &outcomes, &tally).await?;
         }
         if !opportunities.is_empty() {
             let outcomes = push_opportunities(ctx, opportunities).await;
             settled += outcomes.len();
-            ctx.store.settle_writes(&outcomes).await?;
+            settle(ctx, &outcomes, &tally).await?;
         }
         Ok::<usize, StoreError>(settled)
     };
@@ -435,7 +436,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
             return Ok(0);
         }
         let outcomes = ensure_leads(ctx, leads).await?;
-        ctx.store.settle_writes(&outcomes).await?;
+        settle(ctx, &outcomes, &tally).await?;
         Ok::<usize, StoreError>(outcomes.len())
     };
     let (settled_in_order, settled_leads) = tokio::join!(companies_then_opportunities, leads);
@@ -456,7 +457,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
         let done: HashSet<&WriteKey> = outcomes.iter().map(|(k, _, _)| k).collect();
         held_role_opportunities.extend(waiting.iter().filter(|(k, _)| !done.contains(k)).map(|(_, o)| *o));
         outcome.settled += outcomes.len();
-        ctx.store.settle_writes(&outcomes).await?;
+        settle(ctx, &outcomes, &tally).await?;
     }
     // An opportunity's delete waits for its role deletes (Marketo refuses to delete an
     // opportunity that still has roles).
@@ -469,12 +470,80 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     if !deletes.is_empty() {
         let outcomes = delete_opportunities(ctx, deletes).await;
         outcome.settled += outcomes.len();
-        ctx.store.settle_writes(&outcomes).await?;
+        settle(ctx, &outcomes, &tally).await?;
     }
+    tally.log();
     Ok(outcome)
 }
 
 type Settled = Vec<(WriteKey, i64, WriteOutcome)>;
+
+/// Stores what became of writes, and says it: every dead letter at WARN, with the record, the
+/// reason and how to retry it (a dead letter must not be seen only in /metrics).
+async fn settle(ctx: &WorkerContext, settled: &[(WriteKey, i64, WriteOutcome)], tally: &Tally) -> Result<(), StoreError> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    ctx.store.settle_writes(settled).await?;
+    for (key, _, outcome) in settled {
+        tally.add(key, outcome);
+        if let WriteOutcome::Dead { error } = outcome {
+            tracing::warn!(
+                write = %key,
+                reason = %error,
+                retry = %retry_route(key),
+                "Marketo write dead-lettered; fix the cause, then retry it"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The admin call that retries a dead write (its key percent-encoded as one path segment).
+fn retry_route(key: &WriteKey) -> String {
+    let key = key.to_string();
+    let encoded = url::Url::parse("http://oppsync/admin/writes/").ok().and_then(|mut url| {
+        url.path_segments_mut().ok()?.pop_if_empty().push(&key).push("retry");
+        Some(url.path().to_owned())
+    });
+    format!("POST {}", encoded.unwrap_or_else(|| format!("/admin/writes/{key}/retry")))
+}
+
+/// What one push cycle settled, by kind of write and outcome: one INFO line per cycle.
+#[derive(Default)]
+struct Tally(std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), usize>>);
+
+impl Tally {
+    fn add(&self, key: &WriteKey, outcome: &WriteOutcome) {
+        let kind = match key {
+            WriteKey::Company(_) => "companies",
+            WriteKey::Lead(_) => "leads",
+            WriteKey::Opportunity(_) => "opportunities",
+            WriteKey::Role { .. } => "roles",
+        };
+        let what = match outcome {
+            WriteOutcome::Done => "done",
+            WriteOutcome::Retry { .. } => "retry",
+            WriteOutcome::Dead { .. } => "dead",
+        };
+        if let Ok(mut counts) = self.0.lock() {
+            *counts.entry((kind, what)).or_default() += 1;
+        }
+    }
+
+    fn log(&self) {
+        let Ok(counts) = self.0.lock() else { return };
+        if counts.is_empty() {
+            return;
+        }
+        let summary: Vec<String> = counts
+            .iter()
+            .map(|((kind, what), n)| format!("{kind} {what}: {n}"))
+            .collect();
+        let records: usize = counts.values().sum();
+        tracing::info!(records, summary = %summary.join(", "), "push cycle settled");
+    }
+}
 
 fn dead(error: String) -> WriteOutcome {
     WriteOutcome::Dead { error }
@@ -690,6 +759,10 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<Ready<Uuid>>) -> Result<S
     let mut to_create: Vec<Uuid> = Vec::new();
     for c in &unknown {
         match match_value(c) {
+            // A read found no such contact: say so, rather than blame a missing email.
+            None if states.get(c).is_some_and(|s| s.not_found) => {
+                outcome.insert(*c, dead(format!("contact {c} not found in Dataverse")));
+            }
             None => {
                 outcome.insert(
                     *c,

@@ -200,6 +200,58 @@ async fn admin_pause_keeps_writes_pending_while_intake_answers_then_resume_pushe
     env.stop().await;
 }
 
+/// The pause rule (docs/operations.md, "Pausing"): one flag in the store, lifted only by the
+/// admin API's resume; `worker.paused = true` sets it at start, `false` leaves it alone.
+#[tokio::test]
+async fn pause_rule_a_stored_pause_outlives_a_restart_with_worker_paused_false_until_resumed() {
+    let env = jwt::env_with_secret(false).await;
+    assert!(!env.config.worker.paused);
+    let (s, _) = admin(&env, "POST", "/admin/pause").await;
+    assert_eq!(s, 200);
+    let env = env.restart(|c| c.worker.paused = false).await;
+    let (_, stats) = admin(&env, "GET", "/admin/stats").await;
+    assert_eq!(
+        stats["paused"], true,
+        "worker.paused = false lifted the stored pause"
+    );
+    let mut org = org(&env);
+    let (opp, n) = org.create_opportunity("Held", Customer::Account(Uuid::new_v4()), Decimal::new(5, 0), 5);
+    env.deliver(&n).await;
+    let store = &env.app.state.store;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let s = store.stats(now_ms()).await.unwrap();
+            s.inbox_pending == 0 && s.writes_pending > 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(env.sims.marketo.opportunities().is_empty(), "pushed while paused");
+
+    let (s, body) = admin(&env, "POST", "/admin/resume").await;
+    assert_eq!((s, &body["paused"]), (200, &Value::Bool(false)));
+    env.settle().await;
+    assert!(env.sims.marketo.opportunities().contains_key(&opp.to_string()));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn pause_rule_worker_paused_true_pauses_at_every_start_and_resume_lifts_it() {
+    let env = jwt::env_with_secret(false).await;
+    let env = env.restart(|c| c.worker.paused = true).await;
+    let (_, stats) = admin(&env, "GET", "/admin/stats").await;
+    assert_eq!(stats["paused"], true);
+    let (s, _) = admin(&env, "POST", "/admin/resume").await;
+    assert_eq!(s, 200);
+    let (_, stats) = admin(&env, "GET", "/admin/stats").await;
+    assert_eq!(stats["paused"], false);
+    // Still configured paused: the next start pauses again.
+    let env = env.restart(|_| {}).await;
+    let (_, stats) = admin(&env, "GET", "/admin/stats").await;
+    assert_eq!(stats["paused"], true);
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn admin_resync_reads_dataverse_404_for_unknown_502_on_failure() {
     let env = jwt::env_with_secret(false).await;

@@ -136,10 +136,17 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
 }
 
 #[tokio::test]
-async fn serve_refuses_an_unmigrated_store_with_a_clear_message_unless_asked_to_migrate() {
+async fn serve_refuses_an_older_schema_with_a_clear_message_unless_asked_to_migrate() {
     let sims = Simulators::start(Default::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store_url = format!("sqlite://{}", dir.path().join("fresh.db").display());
+    let store_url = format!("sqlite://{}", dir.path().join("older.db").display());
+    // A store of an earlier version (a new, empty one gets its schema: serve_cli.rs).
+    Store::connect(&store_url, 2)
+        .await
+        .unwrap()
+        .migrate_to(1)
+        .await
+        .unwrap();
     let port = free_port();
     let env = serve_env(&sims, &store_url, port);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_oppsync"))

@@ -125,7 +125,7 @@ async fn every_refusal_has_its_status_and_a_problem_body() {
     )
     .await;
 
-    let account = NotificationBuilder::new(
+    let lead = NotificationBuilder::new(
         oppsync::dynamics::EntityKind::Opportunity,
         oppsync::dynamics::MessageKind::Update,
         Uuid::new_v4(),
@@ -134,16 +134,16 @@ async fn every_refusal_has_its_status_and_a_problem_body() {
     .to_json()
     .replace(
         "\"PrimaryEntityName\":\"opportunity\"",
-        "\"PrimaryEntityName\":\"account\"",
+        "\"PrimaryEntityName\":\"lead\"",
     );
     let body = assert_problem(
-        post(account.into_bytes(), "application/json").await.unwrap(),
+        post(lead.into_bytes(), "application/json").await.unwrap(),
         422,
         "unhandled-message",
     )
     .await;
     assert!(
-        body["handled"].as_array().is_some_and(|h| h.len() == 8),
+        body["handled"].as_array().is_some_and(|h| h.len() == 14),
         "says what is handled: {body}"
     );
     let pre_operation = sample().stage(20).to_json();

@@ -448,3 +448,34 @@ async fn the_admin_view_agrees_with_the_rules_on_a_non_stakeholder_connection_ro
     );
     env.stop().await;
 }
+
+/// The day's Marketo call count is kept in the store: a restarted service goes on from it
+/// instead of zero, so a crash loop cannot spend the instance's daily quota several times.
+#[tokio::test]
+async fn the_marketo_calls_used_today_survive_a_restart() {
+    let env = TestEnv::start().await;
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    for i in 0..3 {
+        let (_, n) = org.create_opportunity(
+            &format!("Counted {i}"),
+            Customer::Account(Uuid::new_v4()),
+            Decimal::new(100, 0),
+            1,
+        );
+        env.deliver(&n).await;
+        env.settle().await;
+    }
+    let used = |env: &TestEnv| env.app.state.worker.marketo_usage().map_or(0, |u| u.calls_today);
+    let before = used(&env);
+    assert!(before >= 3, "Marketo was called: {before}");
+    let env = env.restart(|_| {}).await;
+    let kept = oppsync::sim::env::eventually(Duration::from_secs(10), || async {
+        env.app.state.lifecycle.is_pushing() && used(&env) >= before
+    })
+    .await;
+    assert!(kept, "after the restart {} calls are counted, {before} before", used(&env));
+    let left = env.app.state.worker.marketo_usage().map(|u| u.quota_left).unwrap();
+    let quota = env.app.state.worker.marketo_usage().map(|u| u.daily_quota).unwrap();
+    assert!(left <= quota - before, "{left} left of {quota} after {before} calls");
+    env.stop().await;
+}

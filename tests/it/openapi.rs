@@ -33,6 +33,13 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/pause"),
     ("POST", "/admin/resume"),
     ("GET", "/admin/stats"),
+    ("POST", "/admin/backfill"),
+    ("GET", "/admin/backfill"),
+    ("DELETE", "/admin/backfill"),
+    ("GET", "/admin/reconcile"),
+    ("POST", "/admin/reconcile"),
+    ("GET", "/admin/drift"),
+    ("POST", "/admin/drift/repair"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];

@@ -146,3 +146,29 @@ fn the_example_prometheus_rule_alerts_on_what_oppsync_emits_and_is_documented() 
         assert!(metrics_used.contains(needed), "no alert on {needed}: {alerts:?}");
     }
 }
+
+#[test]
+fn the_readme_stays_short_and_points_at_the_figures() {
+    let readme = repo_file("README.md");
+    let lines = readme.lines().count();
+    assert!(lines <= 200, "README.md has {lines} lines; figures go to docs/");
+    for doc in ["docs/performance.md", "docs/reliability.md", "docs/operations.md"] {
+        assert!(readme.contains(doc), "README.md does not link {doc}");
+    }
+    assert!(readme.contains("cargo run --release -- demo") && readme.contains("scripts/test.sh"));
+    let performance = repo_file("docs/performance.md");
+    for section in ["## Intake", "## Pipeline", "## Backlog", "## Latency", "## Memory"] {
+        let at = performance
+            .find(section)
+            .unwrap_or_else(|| panic!("docs/performance.md lacks {section}"));
+        let body = &performance[at..];
+        let body = &body[..body[3..].find("\n## ").map_or(body.len(), |e| e + 3)];
+        for needle in ["Date", "cargo bench", "| "] {
+            assert!(body.contains(needle), "{section} has no {needle:?}");
+        }
+    }
+    let reliability = repo_file("docs/reliability.md");
+    for needle in ["## Scenarios and criteria", "## Last full run", "| crash", "PASS"] {
+        assert!(reliability.contains(needle), "docs/reliability.md lacks {needle:?}");
+    }
+}

@@ -75,9 +75,22 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     assert!(stdout.contains("service endpoint oppsync"), "{stdout}");
     assert!(stdout.contains("would create"), "{stdout}");
     assert!(
-        stdout.contains("17 of 17 objects would change (dry run)"),
+        stdout.contains("22 of 22 objects would change (dry run)"),
         "{stdout}"
     );
+    // The dry run shows the steps of closes, deleted contacts and renamed accounts too.
+    for step in [
+        "step opportunity Win",
+        "step opportunity Lose",
+        "step contact Delete",
+        "step account Update",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{step} ")))
+            .unwrap_or("");
+        assert!(line.contains("would create"), "{step}: {stdout}");
+    }
     assert_eq!(dv.write_count(), 0);
     assert!(dv.rows("serviceendpoints").is_empty());
     assert_no_secret(&dry, &secrets);
@@ -85,8 +98,15 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     let real = oppsync(&["register", "--webhook-url", HOOK], &env).await;
     let (stdout, stderr) = text(&real);
     assert!(real.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("17 of 17 objects changed"), "{stdout}");
+    assert!(stdout.contains("22 of 22 objects changed"), "{stdout}");
     assert!(stdout.contains("step opportunity Update"), "{stdout}");
+    assert!(stdout.contains("step opportunity Win"), "{stdout}");
+    assert!(stdout.contains("step opportunity Lose"), "{stdout}");
+    // Each object is printed once: in the table, not again in the log.
+    for object in ["service endpoint oppsync", "step opportunity Win", "step contact Delete"] {
+        let times = stdout.matches(object).count() + stderr.matches(object).count();
+        assert_eq!(times, 1, "{object} printed {times} times:\n{stdout}\n{stderr}");
+    }
     assert_no_secret(&real, &secrets);
     let endpoints = dv.rows("serviceendpoints");
     assert_eq!(endpoints.len(), 1);
@@ -94,8 +114,8 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     assert_eq!(endpoints[0]["name"], "oppsync");
     let ep_id = uuid::Uuid::parse_str(endpoints[0]["serviceendpointid"].as_str().unwrap()).unwrap();
     assert_eq!(dv.authvalue(ep_id).as_deref(), Some(KEY));
-    assert_eq!(dv.rows("sdkmessageprocessingsteps").len(), 8);
-    assert_eq!(dv.rows("sdkmessageprocessingstepimages").len(), 8);
+    assert_eq!(dv.rows("sdkmessageprocessingsteps").len(), 12);
+    assert_eq!(dv.rows("sdkmessageprocessingstepimages").len(), 9);
     // The configured mapping reaches the Update step's filtering attributes.
     let opp_update = dv
         .rows("sdkmessageprocessingsteps")
@@ -111,7 +131,7 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     let again = oppsync(&["register", "--webhook-url", HOOK], &env).await;
     let (stdout, stderr) = text(&again);
     assert!(again.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("0 of 17 objects changed"), "{stdout}");
+    assert!(stdout.contains("0 of 22 objects changed"), "{stdout}");
     assert!(!stdout.contains("created"), "{stdout}");
     assert_eq!(dv.write_count(), writes);
     assert_no_secret(&again, &secrets);
@@ -139,7 +159,7 @@ async fn register_with_another_endpoint_name_and_a_rotated_key() {
     let out = oppsync(&args, &env).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success(), "{:?}", text(&out));
-    assert!(stdout.contains("1 of 17 objects changed"), "{stdout}");
+    assert!(stdout.contains("1 of 22 objects changed"), "{stdout}");
     assert!(stdout.contains("key"), "{stdout}");
     assert_no_secret(&out, &[rotated, KEY]);
     let ep = &dv.rows("serviceendpoints")[0];

@@ -6,7 +6,14 @@ use crate::support::pg::TestDatabase;
 async fn postgres_passes_the_store_suite() {
     let db = TestDatabase::create().await.unwrap();
     let store = Store::connect(&db.url, 4).await.unwrap();
-    assert_eq!(store.schema_state().await.unwrap(), SchemaState::Behind(3));
+    // Every migration of the backend is missing (counted, so a new migration needs no edit here).
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        store.schema_state().await.unwrap(),
+        SchemaState::Behind(migrations)
+    );
     assert!(
         store.ensure_schema().await.is_err(),
         "an unmigrated store is refused"

@@ -1,6 +1,7 @@
 //! Tests of the rules, written as given/when/then against DESIGN.md §2, and the convergence
 //! property (any order, any repetition → the same world and the same Marketo).
 
+mod closes;
 mod convergence;
 mod rules;
 
@@ -45,8 +46,14 @@ pub(super) fn reference(logical_name: &str, id: Uuid) -> AttributeValue {
 pub(super) fn contact(n: u128) -> AttributeValue {
     reference("contact", contact_id(n))
 }
+/// An account reference with its name, as an image carries it (a reference without a name
+/// makes the projection read the account, see `company_name_*` tests).
 pub(super) fn account(n: u128) -> AttributeValue {
-    reference("account", account_id(n))
+    AttributeValue::EntityReference(EntityRef {
+        logical_name: "account".to_owned(),
+        id: account_id(n),
+        name: Some(format!("Account {n}")),
+    })
 }
 pub(super) fn opportunity(n: u128) -> AttributeValue {
     reference("opportunity", opp_id(n))

@@ -28,6 +28,10 @@ pub struct EnvOptions {
     pub postgres: bool,
     pub intake_only: bool,
     pub tweak: Option<ConfigTweak>,
+    /// Simulators started (and seeded) by the test; `marketo` is then ignored.
+    pub sims: Option<Simulators>,
+    /// Runs on the simulators before the service starts (e.g. the org WhoAmI answers).
+    pub prepare: Option<Box<dyn FnOnce(&Simulators)>>,
 }
 
 impl TestEnv {
@@ -37,9 +41,12 @@ impl TestEnv {
 
     pub async fn start_with(options: EnvOptions) -> TestEnv {
         let dir = tempfile::tempdir().unwrap();
-        let sims = Simulators::start(options.marketo.unwrap_or_default())
-            .await
-            .unwrap();
+        let sims = match options.sims {
+            Some(sims) => sims,
+            None => Simulators::start(options.marketo.unwrap_or_default())
+                .await
+                .unwrap(),
+        };
         let (store_url, pg) = if options.postgres {
             let db = super::pg::TestDatabase::create().await.unwrap();
             (db.url.clone(), Some(db))
@@ -49,6 +56,9 @@ impl TestEnv {
                 None,
             )
         };
+        if let Some(prepare) = options.prepare {
+            prepare(&sims);
+        }
         let mut config = sims.service_config(&store_url, KEY);
         Simulators::make_quick(&mut config);
         if let Some(tweak) = options.tweak {
@@ -70,6 +80,39 @@ impl TestEnv {
             config,
             pg,
             _dir: dir,
+        }
+    }
+
+    /// Stops the service and starts it again on the same store and simulators, its
+    /// configuration changed by `tweak`.
+    pub async fn restart(self, tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        let TestEnv {
+            app,
+            sims,
+            http,
+            mut config,
+            pg,
+            _dir,
+        } = self;
+        let intake_only = app.worker.is_none();
+        app.stop().await;
+        tweak(&mut config);
+        let app = oppsync::app::start(
+            config.clone(),
+            StartOptions {
+                migrate: true,
+                intake_only,
+            },
+        )
+        .await
+        .unwrap();
+        TestEnv {
+            app,
+            sims,
+            http,
+            config,
+            pg,
+            _dir,
         }
     }
 

@@ -1,0 +1,307 @@
+//! `oppsync serve` as a new user runs it: its logs when they go to a file or a pipe, a requested
+//! shutdown, and a first start on a store that does not exist yet.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use oppsync::sim::env::Simulators;
+use oppsync::sim::org::{Customer, DynamicsOrg};
+use oppsync::store::Store;
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use crate::support::app::KEY;
+use crate::support::process::{free_port, serve_env};
+
+/// `oppsync serve <args>` with its stderr (the logs) written to a file: not a terminal.
+struct Serve {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(env: &[(String, String)], port: u16, args: &[&str], log: &Path) -> Serve {
+        let child = Command::new(env!("CARGO_BIN_EXE_oppsync"))
+            .arg("serve")
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Serve {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log: log.to_owned(),
+        }
+    }
+
+    /// Waits until `path` answers 200; false if it did not within 20 s or the process exited.
+    async fn answers(&mut self, path: &str) -> bool {
+        let http = reqwest::Client::new();
+        for _ in 0..800 {
+            if let Ok(r) = http.get(format!("{}{path}", self.url)).send().await
+                && r.status().is_success()
+            {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    async fn exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+async fn sims() -> Simulators {
+    Simulators::start(Default::default()).await.unwrap()
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("oppsync.db").display())
+}
+
+#[tokio::test]
+async fn text_logs_to_a_file_carry_no_terminal_escape_codes() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    let mut serve = Serve::start(&env, port, &["--migrate"], &dir.path().join("serve.log"));
+    assert!(serve.answers("/healthz").await, "{}", serve.log());
+    serve.sigterm();
+    assert!(serve.exit(Duration::from_secs(20)).await.is_some());
+    let log = serve.log();
+    assert!(log.contains("oppsync listening"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log that is not a terminal:\n{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_serve_cleanly_with_no_error_line() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    // Several stops: which of the finished parts the service notices first is a race.
+    for round in 0..3 {
+        let log = dir.path().join(format!("serve-{round}.log"));
+        let mut serve = Serve::start(&env, port, &["--migrate"], &log);
+        assert!(serve.answers("/readyz").await, "{}", serve.log());
+        serve.sigterm();
+        let status = serve
+            .exit(Duration::from_secs(20))
+            .await
+            .expect("serve did not stop");
+        let log = serve.log();
+        assert!(status.success(), "{status}:\n{log}");
+        assert!(log.contains("stopped"), "{log}");
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "a requested stop logged errors: {errors:#?}");
+    }
+}
+
+#[tokio::test]
+async fn serve_on_a_new_sqlite_path_creates_the_schema_and_comes_up_ready_without_migrate() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("new").join("oppsync.db");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    assert!(!path.exists());
+    let url = format!("sqlite://{}", path.display());
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/readyz").await, "not ready:\n{}", serve.log());
+    serve.sigterm();
+    assert!(serve.exit(Duration::from_secs(20)).await.is_some());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.ensure_schema().await.unwrap();
+}
+
+#[tokio::test]
+async fn serve_still_refuses_an_older_schema_without_migrate() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate_to(1).await.unwrap();
+    store.ensure_schema().await.unwrap_err();
+    drop(store);
+    let port = free_port();
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    let status = serve
+        .exit(Duration::from_secs(20))
+        .await
+        .expect("serve did not exit");
+    let log = serve.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("migration"), "{log}");
+    // Nothing was applied behind the operator's back.
+    let store = Store::connect(&url, 2).await.unwrap();
+    assert!(store.ensure_schema().await.is_err());
+    // With --migrate it starts.
+    let mut serve = Serve::start(&env, port, &["--migrate"], &dir.path().join("serve2.log"));
+    assert!(serve.answers("/readyz").await, "{}", serve.log());
+}
+
+#[tokio::test]
+async fn serve_says_at_start_that_a_recorded_pause_holds_with_worker_paused_false() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    store.set_paused(true).await.unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/healthz").await, "{}", serve.log());
+    serve.sigterm();
+    assert!(serve.exit(Duration::from_secs(20)).await.is_some());
+    let log = serve.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("paused"))
+        .unwrap_or_else(|| panic!("no WARN about the pause:\n{log}"));
+    assert!(line.contains("/admin/resume"), "{line}");
+    assert!(store.paused().await.unwrap(), "the pause still holds");
+}
+
+/// A Marketo write that becomes a dead letter is said in the log, once, at WARN, with the
+/// record, the cause and the call that retries it: not only in /metrics.
+#[tokio::test]
+async fn a_dead_letter_is_logged_once_at_warn_with_its_record_reason_and_retry() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // A Marketo nothing listens on: bound, then closed.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    env.retain(|(k, _)| k != "OPPSYNC__MARKETO__BASE_URL");
+    env.extend([
+        ("OPPSYNC__MARKETO__BASE_URL".to_owned(), format!("http://{closed}")),
+        ("OPPSYNC__MARKETO__MAX_RETRIES".to_owned(), "0".to_owned()),
+        ("OPPSYNC__WORKER__MAX_ATTEMPTS".to_owned(), "1".to_owned()),
+    ]);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/readyz").await, "{}", serve.log());
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
+    let (id, n) = org.create_opportunity(
+        "Unreachable",
+        Customer::Account(Uuid::new_v4()),
+        Decimal::new(1, 0),
+        1,
+    );
+    let mut post = reqwest::Client::new()
+        .post(format!("{}/webhooks/dynamics?code={KEY}", serve.url))
+        .body(n.to_json());
+    for (k, v) in n.headers() {
+        post = post.header(k, v);
+    }
+    assert!(post.send().await.unwrap().status().is_success());
+    let record = format!("opportunity:{id}");
+    let said = |log: &str| log.lines().any(|l| l.contains("dead-lettered") && l.contains(&record));
+    for _ in 0..600 {
+        if said(&serve.log()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let a second line, if there were one, reach the file.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = serve.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("dead-lettered") && l.contains(&record))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line per dead letter:\n{log}");
+    let line = lines[0];
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.to_lowercase().contains("connection refused"), "the cause: {line}");
+    assert!(
+        line.contains(&format!("POST /admin/writes/{record}/retry")),
+        "how to retry it: {line}"
+    );
+    assert!(!line.contains(&sims.marketo.client_secret()), "{line}");
+}
+
+/// A failing readiness probe is logged once when readiness changes, not on every probe, and
+/// the way back is logged once too.
+#[tokio::test]
+async fn a_readiness_flap_is_logged_once_per_change() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = sqlite_url(dir.path());
+    let env = serve_env(&sims, &url, port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/readyz").await, "{}", serve.log());
+    // Another process marks a migration as not applied: the schema is behind, readiness fails.
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mark = |ok: bool| {
+        sqlx::query("UPDATE _sqlx_migrations SET success = ? WHERE version = 1")
+            .bind(ok)
+            .execute(&db)
+    };
+    mark(false).await.unwrap();
+    let http = reqwest::Client::new();
+    let probe = || async { http.get(format!("{}/readyz", serve.url)).send().await.unwrap().status() };
+    for _ in 0..10 {
+        assert_eq!(probe().await, 503);
+    }
+    mark(true).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(probe().await, 200);
+    }
+    let log = serve.log();
+    let not_ready: Vec<&str> = log.lines().filter(|l| l.contains("not ready")).collect();
+    assert_eq!(not_ready.len(), 1, "ten failing probes, one line:\n{log}");
+    assert!(not_ready[0].contains("ERROR") && not_ready[0].contains("migration"), "{log}");
+    let ready = log.lines().filter(|l| l.contains("ready to take webhooks")).count();
+    assert_eq!(ready, 2, "ready at start and again after the flap:\n{log}");
+    assert!(!log.contains("response failed"), "{log}");
+}
