@@ -507,8 +507,16 @@ impl Config {
         // (the simulators, a local proxy).
         let token_url = self.dataverse.token_url.as_ref();
         for (name, env, url) in [
-            ("marketo.base_url", "OPPSYNC__MARKETO__BASE_URL", self.marketo.base_url.as_ref()),
-            ("dataverse.url", "OPPSYNC__DATAVERSE__URL", self.dataverse.url.as_ref()),
+            (
+                "marketo.base_url",
+                "OPPSYNC__MARKETO__BASE_URL",
+                self.marketo.base_url.as_ref(),
+            ),
+            (
+                "dataverse.url",
+                "OPPSYNC__DATAVERSE__URL",
+                self.dataverse.url.as_ref(),
+            ),
             ("dataverse.token_url", "OPPSYNC__DATAVERSE__TOKEN_URL", token_url),
         ] {
             if let Some(url) = url
@@ -730,7 +738,9 @@ fn check_service_url(url: &Url) -> Result<(), String> {
         "http" => Err(format!(
             "{url} is plain http; use https (http is accepted only to a loopback address, e.g. a simulator)"
         )),
-        scheme => Err(format!("{url}: the scheme {scheme}:// is not accepted; use https://")),
+        scheme => Err(format!(
+            "{url}: the scheme {scheme}:// is not accepted; use https://"
+        )),
     }
 }
 
@@ -801,9 +811,19 @@ mod tests {
                 .replace("https://contoso.crm.dynamics.com", dataverse);
             Config::from_toml(&file, Purpose::Serve).map_err(|e| e.problems.join("\n"))
         };
-        let err = with("ftp://123-ABC-456.mktorest.com", "http://contoso.crm.dynamics.com").unwrap_err();
-        assert!(err.contains("marketo.base_url") && err.contains("ftp://"), "{err}");
-        assert!(err.contains("dataverse.url") && err.contains("plain http"), "{err}");
+        let err = with(
+            "ftp://123-ABC-456.mktorest.com",
+            "http://contoso.crm.dynamics.com",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("marketo.base_url") && err.contains("ftp://"),
+            "{err}"
+        );
+        assert!(
+            err.contains("dataverse.url") && err.contains("plain http"),
+            "{err}"
+        );
         assert!(with("http://127.0.0.1:9000", "http://localhost:9001").is_ok());
         assert!(with("http://[::1]:9000", "https://contoso.crm.dynamics.com").is_ok());
         let err = with("https://123-ABC-456.mktorest.com", "file:///etc/passwd").unwrap_err();
@@ -818,7 +838,11 @@ mod tests {
         )
         .unwrap_err();
         let all = err.problems.join("\n");
-        for key in ["server.body_limit_bytes", "marketo.batch_size", "worker.max_attempts"] {
+        for key in [
+            "server.body_limit_bytes",
+            "marketo.batch_size",
+            "worker.max_attempts",
+        ] {
             assert!(all.contains(key), "{key} missing from:\n{all}");
         }
         assert_eq!(err.problems.len(), 3, "{all}");

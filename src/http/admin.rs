@@ -161,11 +161,33 @@ pub async fn opportunity(
             .await?
             .roles
     };
+    // The contacts those roles would go to: a deleted one gets none.
+    let mut contact_ids: Vec<Uuid> = connections.iter().filter_map(|c| c.contact_id).collect();
+    contact_ids.extend(
+        opp.customer()
+            .filter(|c| c.logical_name == "contact")
+            .map(|c| c.id),
+    );
+    let contacts: BTreeMap<Uuid, rules::ContactState> = if contact_ids.is_empty() {
+        BTreeMap::new()
+    } else {
+        store
+            .load_rows(&RowKeys {
+                contact_ids,
+                ..RowKeys::default()
+            })
+            .await?
+            .contacts
+            .iter()
+            .filter_map(|r| Some((r.id, serde_json::from_str(&r.state).ok()?)))
+            .collect()
+    };
     // Which rule justifies each role: the rules' own statement of them, over what is stored.
     let world = World {
         opportunities: BTreeMap::from([(id, opp.clone())]),
         connections: connections.iter().map(|c| (c.id, c.clone())).collect(),
-        contacts: BTreeMap::new(),
+        contacts,
+        accounts: BTreeMap::new(),
         roles: roles_known
             .into_iter()
             .map(|r| {

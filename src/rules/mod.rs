@@ -20,7 +20,7 @@ pub use project::{
     CompanyRecord, Lookup, Projection, RejectedValue, RoleKey, RoleSource, project, role_sources,
 };
 pub use state::{
-    AccountState, Applied, ConnectionRoleInfo, ConnectionState, ContactState, NeedsRow,
-    OpportunityState, Versioned, VersionedAttributes, World, apply, connection_opportunity, customer_contact,
+    AccountState, Applied, ConnectionRoleInfo, ConnectionState, ContactState, NeedsRow, OpportunityState,
+    Versioned, VersionedAttributes, World, apply, connection_opportunity, customer_contact,
     event_opportunity, full_row_event,
 };

@@ -125,4 +125,32 @@ fn describe() {
         "oppsync_dead_letters",
         "Dead letters waiting for an operator, by kind (notification, marketo_write)"
     );
+    describe_counter!(
+        "oppsync_intake_foreign_organization_total",
+        "Notifications refused because they come from another Dataverse organisation (a sandbox copy)"
+    );
+    describe_counter!(
+        "oppsync_backfill_rows_read_total",
+        "Rows the initial sync read through the Dataverse Web API"
+    );
+    describe_counter!(
+        "oppsync_dataverse_requests_total",
+        "Dataverse Web API answers, by HTTP status (429: service protection limits)"
+    );
+    describe_gauge!(
+        "oppsync_reconcile_last_pass_timestamp_seconds",
+        "When the last reconciliation pass ended (seconds since the epoch)"
+    );
+    describe_counter!(
+        "oppsync_reconcile_missed_changes_total",
+        "Marketo writes reconciliation planned for changes no webhook brought, by table"
+    );
+    describe_gauge!(
+        "oppsync_reconcile_delta_token_age_seconds",
+        "Age of the stored change-tracking token, by table"
+    );
+    describe_gauge!(
+        "oppsync_reconcile_deletes_needing_webhook",
+        "Opportunities gone from Dataverse whose Delete webhook never came (change tracking off)"
+    );
 }

@@ -222,5 +222,7 @@ async fn commit_loop(store: Store, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_b
 }
 
 fn failed_sync_error() -> IntakeError {
-    IntakeError::Store("an earlier fsync of the inbox failed, or its files were deleted or replaced; restart oppsync".into())
+    IntakeError::Store(
+        "an earlier fsync of the inbox failed, or its files were deleted or replaced; restart oppsync".into(),
+    )
 }

@@ -644,7 +644,7 @@ impl Store {
     }
 
     /// Puts writes back to pending, done ones included (drift repair). Returns how many.
-    pub async fn requeue_writes(&self, keys: &[String]) -> Result<u64, StoreError> {
+    pub async fn requeue_writes(&self, keys: &[WriteKey]) -> Result<u64, StoreError> {
         dispatch!(self, s => s.requeue_writes(keys, now_ms()).await)
     }
 

@@ -915,7 +915,8 @@ macro_rules! sql_store {
 
             /// Puts writes back to pending, done ones included (a drift repair: Marketo lost what
             /// it took). Returns how many.
-            pub async fn requeue_writes(&self, keys: &[String], now: i64) -> Result<u64, StoreError> {
+            pub async fn requeue_writes(&self, keys: &[WriteKey], now: i64) -> Result<u64, StoreError> {
+                let keys: Vec<String> = keys.iter().map(WriteKey::to_string).collect();
                 let mut n = 0;
                 for chunk in keys.chunks(IN_CHUNK) {
                     let sql = with_in_list(

@@ -177,7 +177,9 @@ impl SqliteInbox {
     /// The file held is still the one at `path`: linked, and the same inode.
     fn check_in_place(&self, held: &File, path: &Path) -> Result<(), StoreError> {
         let gone = |what: &str| StoreError::Gone(format!("{} {what}", path.display()));
-        let mine = held.metadata().map_err(|e| gone(&format!("cannot be examined: {e}")))?;
+        let mine = held
+            .metadata()
+            .map_err(|e| gone(&format!("cannot be examined: {e}")))?;
         if mine.nlink() == 0 {
             return Err(gone("was deleted"));
         }

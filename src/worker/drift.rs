@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::WorkerContext;
 use crate::marketo::MarketoError;
-use crate::rules::{self, MarketoWrite, Projection};
+use crate::rules::{self, MarketoWrite, Projection, WriteKey};
 use crate::store::{Commit, PlannedWrite, StoreError};
 
 /// Opportunities per opportunity query (Marketo's most per call).
@@ -312,12 +312,12 @@ pub async fn repair(ctx: &WorkerContext, budget: usize) -> Result<DriftRepair, D
                     | MarketoWrite::DeleteRole { opportunity_id, .. }
                     | MarketoWrite::DeleteOpportunity { opportunity_id } => Some(*opportunity_id),
                 },
-                phase: i64::from(w.phase()),
+                phase: w.phase(),
                 payload: serde_json::to_string(w).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             })
         })
         .collect::<Result<_, StoreError>>()?;
-    let keys: Vec<String> = planned.iter().map(|w| w.key.clone()).collect();
+    let keys: Vec<WriteKey> = planned.iter().map(|w| w.key.clone()).collect();
     if !planned.is_empty() {
         ctx.store
             .commit(&Commit {

@@ -130,8 +130,18 @@ pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> Join
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(supervise("planner", ctx.clone(), shutdown.clone(), plan_loop));
-    tasks.spawn(supervise("backfill", ctx.clone(), shutdown.clone(), backfill::run_loop));
-    tasks.spawn(supervise("reconcile", ctx.clone(), shutdown.clone(), reconcile::run_loop));
+    tasks.spawn(supervise(
+        "backfill",
+        ctx.clone(),
+        shutdown.clone(),
+        backfill::run_loop,
+    ));
+    tasks.spawn(supervise(
+        "reconcile",
+        ctx.clone(),
+        shutdown.clone(),
+        reconcile::run_loop,
+    ));
     tasks.spawn(supervise("pusher", ctx, shutdown, push_loop));
     tasks
 }

@@ -936,7 +936,7 @@ impl PlanStep {
             commit.writes.push(PlannedWrite {
                 key: w.key(),
                 opportunity_id: None,
-                phase: i64::from(w.phase()),
+                phase: w.phase(),
                 payload: json(&w)?,
             });
             writes += 1;

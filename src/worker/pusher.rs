@@ -480,7 +480,11 @@ type Settled = Vec<(WriteKey, i64, WriteOutcome)>;
 
 /// Stores what became of writes, and says it: every dead letter at WARN, with the record, the
 /// reason and how to retry it (a dead letter must not be seen only in /metrics).
-async fn settle(ctx: &WorkerContext, settled: &[(WriteKey, i64, WriteOutcome)], tally: &Tally) -> Result<(), StoreError> {
+async fn settle(
+    ctx: &WorkerContext,
+    settled: &[(WriteKey, i64, WriteOutcome)],
+    tally: &Tally,
+) -> Result<(), StoreError> {
     if settled.is_empty() {
         return Ok(());
     }
@@ -502,11 +506,20 @@ async fn settle(ctx: &WorkerContext, settled: &[(WriteKey, i64, WriteOutcome)], 
 /// The admin call that retries a dead write (its key percent-encoded as one path segment).
 fn retry_route(key: &WriteKey) -> String {
     let key = key.to_string();
-    let encoded = url::Url::parse("http://oppsync/admin/writes/").ok().and_then(|mut url| {
-        url.path_segments_mut().ok()?.pop_if_empty().push(&key).push("retry");
-        Some(url.path().to_owned())
-    });
-    format!("POST {}", encoded.unwrap_or_else(|| format!("/admin/writes/{key}/retry")))
+    let encoded = url::Url::parse("http://oppsync/admin/writes/")
+        .ok()
+        .and_then(|mut url| {
+            url.path_segments_mut()
+                .ok()?
+                .pop_if_empty()
+                .push(&key)
+                .push("retry");
+            Some(url.path().to_owned())
+        });
+    format!(
+        "POST {}",
+        encoded.unwrap_or_else(|| format!("/admin/writes/{key}/retry"))
+    )
 }
 
 /// What one push cycle settled, by kind of write and outcome: one INFO line per cycle.

@@ -24,10 +24,14 @@ pub async fn restore(ctx: &WorkerContext) {
                     tracing::info!(used = now.used, "Marketo calls used today, as kept in the store");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "the kept Marketo quota count is unreadable; counting from this process's calls"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the kept Marketo quota count is unreadable; counting from this process's calls")
+            }
         },
         Ok(None) => {}
-        Err(e) => tracing::warn!(error = %crate::errors::chain(&e), "could not read the kept Marketo quota count"),
+        Err(e) => {
+            tracing::warn!(error = %crate::errors::chain(&e), "could not read the kept Marketo quota count")
+        }
     }
 }
 
@@ -53,7 +57,9 @@ impl QuotaKeeper {
                 self.saved = Some(current);
                 self.at = Some(Instant::now());
             }
-            Err(e) => tracing::warn!(error = %crate::errors::chain(&e), "could not keep the Marketo quota count"),
+            Err(e) => {
+                tracing::warn!(error = %crate::errors::chain(&e), "could not keep the Marketo quota count")
+            }
         }
     }
 }

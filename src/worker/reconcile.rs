@@ -314,7 +314,15 @@ async fn apply(
             account_ids: ids,
             ..RowKeys::default()
         };
-        Some(ctx.store.load_rows(&keys).await?.accounts.iter().map(|r| r.id).collect())
+        Some(
+            ctx.store
+                .load_rows(&keys)
+                .await?
+                .accounts
+                .iter()
+                .map(|r| r.id)
+                .collect(),
+        )
     } else {
         None
     };

@@ -15,7 +15,7 @@ use oppsync::sim::marketo::{MarketoSim, MarketoSimConfig};
 use oppsync::sim::org::DynamicsOrg;
 use oppsync::sim::process::set_env;
 use oppsync::sim::scenario::{existing_org, view};
-use oppsync::store::{Commit, PlannedWrite, Store};
+use oppsync::store::{Commit, Phase, PlannedWrite, Store, WriteKey};
 use oppsync::worker::backfill::{self, BackfillPhase, BackfillStatus};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -454,15 +454,16 @@ async fn live_writes_go_before_background_writes_of_the_same_phase() {
         .await
         .unwrap();
     store.migrate().await.unwrap();
-    let write = |key: &str| PlannedWrite {
-        key: key.into(),
-        opportunity_id: None,
-        phase: 2,
-        payload: json!({"k": key}).to_string(),
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let write = |id: Uuid| PlannedWrite {
+        key: WriteKey::Opportunity(id),
+        opportunity_id: Some(id),
+        phase: Phase::Opportunities,
+        payload: json!({"k": id}).to_string(),
     };
     store
         .commit(&Commit {
-            writes: vec![write("opportunity:a"), write("opportunity:b")],
+            writes: vec![write(a), write(b)],
             background: true,
             ..Commit::default()
         })
@@ -471,7 +472,7 @@ async fn live_writes_go_before_background_writes_of_the_same_phase() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     store
         .commit(&Commit {
-            writes: vec![write("opportunity:c")],
+            writes: vec![write(c)],
             ..Commit::default()
         })
         .await
@@ -482,27 +483,34 @@ async fn live_writes_go_before_background_writes_of_the_same_phase() {
         .commit(&Commit {
             writes: vec![PlannedWrite {
                 payload: json!({"k": "b2"}).to_string(),
-                ..write("opportunity:b")
+                ..write(b)
             }],
             ..Commit::default()
         })
         .await
         .unwrap();
-    let order: Vec<String> = store
+    let order: Vec<WriteKey> = store
         .ready_writes(oppsync::store::now_ms() + 1_000, 10)
         .await
         .unwrap()
         .into_iter()
         .map(|w| w.key)
         .collect();
-    assert_eq!(order, ["opportunity:c", "opportunity:b", "opportunity:a"]);
+    assert_eq!(
+        order,
+        [
+            WriteKey::Opportunity(c),
+            WriteKey::Opportunity(b),
+            WriteKey::Opportunity(a)
+        ]
+    );
     assert_eq!(store.pending_background_writes().await.unwrap(), 1);
     // And a background plan of a live pending write leaves it live.
     store
         .commit(&Commit {
             writes: vec![PlannedWrite {
                 payload: json!({"k": "c2"}).to_string(),
-                ..write("opportunity:c")
+                ..write(c)
             }],
             background: true,
             ..Commit::default()

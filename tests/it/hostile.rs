@@ -37,10 +37,9 @@ async fn a_deleted_store_is_never_acknowledged_and_fails_the_probes() {
         async move { http.get(url).send().await.unwrap().status().as_u16() }
     };
     assert_eq!(probe("/healthz").await, 503);
-    let ready = oppsync::sim::env::eventually(Duration::from_secs(5), || async {
-        probe("/readyz").await == 503
-    })
-    .await;
+    let ready =
+        oppsync::sim::env::eventually(Duration::from_secs(5), || async { probe("/readyz").await == 503 })
+            .await;
     assert!(ready, "readiness still green with the store gone");
 }
 
@@ -49,14 +48,16 @@ async fn a_deleted_store_is_never_acknowledged_and_fails_the_probes() {
 async fn a_replaced_store_file_is_never_acknowledged() {
     let env = TestEnv::start().await;
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
-    let (_, first) = org.create_opportunity("Before", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
+    let (_, first) =
+        org.create_opportunity("Before", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
     env.deliver(&first).await;
     let url = env.config.store.url.expose().to_owned();
     let db = std::path::PathBuf::from(url.strip_prefix("sqlite://").unwrap());
     let copy = db.with_extension("copy");
     std::fs::copy(&db, &copy).unwrap();
     std::fs::rename(&copy, &db).unwrap();
-    let (_, after) = org.create_opportunity("After", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
+    let (_, after) =
+        org.create_opportunity("After", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
     let status = env.post(&after).await.status().as_u16();
     assert_eq!(status, 503, "a notification acknowledged into a replaced store");
     let health = env

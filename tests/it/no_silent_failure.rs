@@ -473,9 +473,28 @@ async fn the_marketo_calls_used_today_survive_a_restart() {
         env.app.state.lifecycle.is_pushing() && used(&env) >= before
     })
     .await;
-    assert!(kept, "after the restart {} calls are counted, {before} before", used(&env));
-    let left = env.app.state.worker.marketo_usage().map(|u| u.quota_left).unwrap();
-    let quota = env.app.state.worker.marketo_usage().map(|u| u.daily_quota).unwrap();
-    assert!(left <= quota - before, "{left} left of {quota} after {before} calls");
+    assert!(
+        kept,
+        "after the restart {} calls are counted, {before} before",
+        used(&env)
+    );
+    let left = env
+        .app
+        .state
+        .worker
+        .marketo_usage()
+        .map(|u| u.quota_left)
+        .unwrap();
+    let quota = env
+        .app
+        .state
+        .worker
+        .marketo_usage()
+        .map(|u| u.daily_quota)
+        .unwrap();
+    assert!(
+        left <= quota - before,
+        "{left} left of {quota} after {before} calls"
+    );
     env.stop().await;
 }

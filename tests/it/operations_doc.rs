@@ -157,7 +157,13 @@ fn the_readme_stays_short_and_points_at_the_figures() {
     }
     assert!(readme.contains("cargo run --release -- demo") && readme.contains("scripts/test.sh"));
     let performance = repo_file("docs/performance.md");
-    for section in ["## Intake", "## Pipeline", "## Backlog", "## Latency", "## Memory"] {
+    for section in [
+        "## Intake",
+        "## Pipeline",
+        "## Backlog",
+        "## Latency",
+        "## Memory",
+    ] {
         let at = performance
             .find(section)
             .unwrap_or_else(|| panic!("docs/performance.md lacks {section}"));
@@ -169,6 +175,9 @@ fn the_readme_stays_short_and_points_at_the_figures() {
     }
     let reliability = repo_file("docs/reliability.md");
     for needle in ["## Scenarios and criteria", "## Last full run", "| crash", "PASS"] {
-        assert!(reliability.contains(needle), "docs/reliability.md lacks {needle:?}");
+        assert!(
+            reliability.contains(needle),
+            "docs/reliability.md lacks {needle:?}"
+        );
     }
 }

@@ -103,7 +103,11 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     assert!(stdout.contains("step opportunity Win"), "{stdout}");
     assert!(stdout.contains("step opportunity Lose"), "{stdout}");
     // Each object is printed once: in the table, not again in the log.
-    for object in ["service endpoint oppsync", "step opportunity Win", "step contact Delete"] {
+    for object in [
+        "service endpoint oppsync",
+        "step opportunity Win",
+        "step contact Delete",
+    ] {
         let times = stdout.matches(object).count() + stderr.matches(object).count();
         assert_eq!(times, 1, "{object} printed {times} times:\n{stdout}\n{stderr}");
     }

@@ -223,7 +223,10 @@ async fn a_dead_letter_is_logged_once_at_warn_with_its_record_reason_and_retry()
     let mut env = serve_env(&sims, &sqlite_url(dir.path()), port);
     env.retain(|(k, _)| k != "OPPSYNC__MARKETO__BASE_URL");
     env.extend([
-        ("OPPSYNC__MARKETO__BASE_URL".to_owned(), format!("http://{closed}")),
+        (
+            "OPPSYNC__MARKETO__BASE_URL".to_owned(),
+            format!("http://{closed}"),
+        ),
         ("OPPSYNC__MARKETO__MAX_RETRIES".to_owned(), "0".to_owned()),
         ("OPPSYNC__WORKER__MAX_ATTEMPTS".to_owned(), "1".to_owned()),
     ]);
@@ -244,7 +247,10 @@ async fn a_dead_letter_is_logged_once_at_warn_with_its_record_reason_and_retry()
     }
     assert!(post.send().await.unwrap().status().is_success());
     let record = format!("opportunity:{id}");
-    let said = |log: &str| log.lines().any(|l| l.contains("dead-lettered") && l.contains(&record));
+    let said = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("dead-lettered") && l.contains(&record))
+    };
     for _ in 0..600 {
         if said(&serve.log()) {
             break;
@@ -261,7 +267,10 @@ async fn a_dead_letter_is_logged_once_at_warn_with_its_record_reason_and_retry()
     assert_eq!(lines.len(), 1, "one line per dead letter:\n{log}");
     let line = lines[0];
     assert!(line.contains("WARN"), "{line}");
-    assert!(line.to_lowercase().contains("connection refused"), "the cause: {line}");
+    assert!(
+        line.to_lowercase().contains("connection refused"),
+        "the cause: {line}"
+    );
     assert!(
         line.contains(&format!("POST /admin/writes/{record}/retry")),
         "how to retry it: {line}"
@@ -289,7 +298,13 @@ async fn a_readiness_flap_is_logged_once_per_change() {
     };
     mark(false).await.unwrap();
     let http = reqwest::Client::new();
-    let probe = || async { http.get(format!("{}/readyz", serve.url)).send().await.unwrap().status() };
+    let probe = || async {
+        http.get(format!("{}/readyz", serve.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
     for _ in 0..10 {
         assert_eq!(probe().await, 503);
     }
@@ -300,8 +315,14 @@ async fn a_readiness_flap_is_logged_once_per_change() {
     let log = serve.log();
     let not_ready: Vec<&str> = log.lines().filter(|l| l.contains("not ready")).collect();
     assert_eq!(not_ready.len(), 1, "ten failing probes, one line:\n{log}");
-    assert!(not_ready[0].contains("ERROR") && not_ready[0].contains("migration"), "{log}");
-    let ready = log.lines().filter(|l| l.contains("ready to take webhooks")).count();
+    assert!(
+        not_ready[0].contains("ERROR") && not_ready[0].contains("migration"),
+        "{log}"
+    );
+    let ready = log
+        .lines()
+        .filter(|l| l.contains("ready to take webhooks"))
+        .count();
     assert_eq!(ready, 2, "ready at start and again after the flap:\n{log}");
     assert!(!log.contains("response failed"), "{log}");
 }

@@ -82,7 +82,12 @@ impl CollectionQuery {
 
     /// Accounts, by name: what a Marketo company takes from one.
     pub fn accounts(page_size: u32) -> Self {
-        Self::new("accounts", "accountid", "accountid,name,modifiedon".to_owned(), page_size)
+        Self::new(
+            "accounts",
+            "accountid",
+            "accountid,name,modifiedon".to_owned(),
+            page_size,
+        )
     }
 
     pub fn filter(mut self, filter: impl Into<String>) -> Self {
