@@ -532,9 +532,12 @@ struct SimState {
     max_in_flight: usize,
     /// Row ids by (entity set, column) and value, built on demand for `$filter`s that name
     /// many values of one column, with the change counter it was built at.
-    index: HashMap<(String, String), (u64, HashMap<String, Vec<Uuid>>)>,
+    index: HashMap<(String, String), ColumnIndex>,
     organization_id: Uuid,
 }
+
+/// Row ids by value of one column, and the change counter the index was built at.
+type ColumnIndex = (u64, HashMap<String, Vec<Uuid>>);
 
 impl SimState {
     fn seeded(org: String) -> SimState {

@@ -12,6 +12,8 @@ use oppsync::store::now_ms;
 pub const KEY: &str = "test-webhook-key-0001";
 
 pub type ConfigTweak = Box<dyn FnOnce(&mut Config)>;
+/// Runs on the simulators before the service starts.
+pub type SimsPrepare = Box<dyn FnOnce(&Simulators)>;
 
 pub struct TestEnv {
     pub app: RunningApp,
@@ -31,7 +33,7 @@ pub struct EnvOptions {
     /// Simulators started (and seeded) by the test; `marketo` is then ignored.
     pub sims: Option<Simulators>,
     /// Runs on the simulators before the service starts (e.g. the org WhoAmI answers).
-    pub prepare: Option<Box<dyn FnOnce(&Simulators)>>,
+    pub prepare: Option<SimsPrepare>,
 }
 
 impl TestEnv {
