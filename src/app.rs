@@ -162,6 +162,10 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
     });
 
     let router = crate::http::router(state.clone());
+    let limits = crate::http::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
+        max_connections: config.server.max_connections,
+    };
     let server_shutdown = shutdown.clone();
     let server_lifecycle = lifecycle.clone();
     tasks.spawn(async move {
@@ -169,9 +173,7 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
             server_shutdown.cancelled().await;
             server_lifecycle.start_draining();
         };
-        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(signal).await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
+        crate::http::server::serve(listener, router, limits, signal).await;
     });
     tracing::info!(%addr, store = store.backend(), "oppsync listening");
     Ok(RunningApp {

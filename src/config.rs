@@ -112,6 +112,14 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// How long SIGTERM waits for in-flight requests and the worker before exiting.
     pub shutdown_grace_secs: u64,
+    /// A connection that has not sent a request's complete headers within this long is closed:
+    /// slow-header (slowloris) clients, and idle keep-alive connections waiting for their next
+    /// request (hyper counts that wait as header time).
+    pub header_read_timeout_secs: u64,
+    /// A request whose body has not arrived in full within this long is answered 408.
+    pub body_read_timeout_secs: u64,
+    /// Most connections served at once; beyond it new ones wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +128,9 @@ impl Default for ServerConfig {
             listen: "0.0.0.0:8080".into(),
             body_limit_bytes: 1024 * 1024,
             shutdown_grace_secs: 25,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            max_connections: 1024,
         }
     }
 }
@@ -464,6 +475,12 @@ impl Config {
                 "server.listen (OPPSYNC__SERVER__LISTEN): {:?} is not an address such as 0.0.0.0:8080",
                 self.server.listen
             ));
+        }
+        if self.server.header_read_timeout_secs == 0 || self.server.body_read_timeout_secs == 0 {
+            p.push("server.header_read_timeout_secs / body_read_timeout_secs: must be at least 1".into());
+        }
+        if self.server.max_connections == 0 {
+            p.push("server.max_connections (OPPSYNC__SERVER__MAX_CONNECTIONS): must be at least 1".into());
         }
         if self.server.body_limit_bytes < 1024 {
             p.push(

@@ -561,10 +561,10 @@ fn parse_context(text: &str, parent_depth: Option<usize>) -> Result<ExecutionCon
         stage: wire.stage,
         mode: wire.mode,
         depth: wire.depth,
-        correlation_id: optional_id(wire.correlation_id)?,
-        operation_id: optional_id(wire.operation_id)?,
-        request_id: optional_id(wire.request_id)?,
-        organization_id: optional_id(wire.organization_id)?,
+        correlation_id: optional_id("CorrelationId", wire.correlation_id)?,
+        operation_id: optional_id("OperationId", wire.operation_id)?,
+        request_id: optional_id("RequestId", wire.request_id)?,
+        organization_id: optional_id("OrganizationId", wire.organization_id)?,
         organization_name: wire.organization_name.map(Cow::into_owned),
         operation_created_on: match wire.operation_created_on {
             Some(raw) => match convert_value(raw, 0)? {
@@ -602,10 +602,21 @@ fn nested<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Result<T, DecodeError> {
 
 /// A Guid-like scalar: a string, null, or the wrapped `{"__type":"Guid:#System","__value":…}`.
 /// Empty strings and the nil Guid count as absent (synchronous steps send an empty OperationId).
-fn optional_id(raw: Option<&RawValue>) -> Result<Option<String>, DecodeError> {
+/// Anything else must be a Guid: these go into dedupe keys, the store and every log line, so a
+/// megabyte "correlation id" is refused, not kept.
+fn optional_id(field: &str, raw: Option<&RawValue>) -> Result<Option<String>, DecodeError> {
     let Some(raw) = raw else { return Ok(None) };
-    Ok(scalar_string(raw, 0)?
-        .filter(|id| !id.is_empty() && !matches!(Uuid::parse_str(id), Ok(u) if u.is_nil())))
+    let Some(id) = scalar_string(raw, 0)?.filter(|id| !id.is_empty()) else {
+        return Ok(None);
+    };
+    match Uuid::parse_str(&id) {
+        Ok(u) if u.is_nil() => Ok(None),
+        Ok(_) => Ok(Some(id)),
+        Err(_) => Err(DecodeError::not_a_context(format!(
+            "{field} {:?} is not a Guid",
+            id.chars().take(48).collect::<String>()
+        ))),
+    }
 }
 
 fn scalar_string(raw: &RawValue, depth: usize) -> Result<Option<String>, DecodeError> {

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod problem;
 pub mod refusal;
+pub mod server;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -98,7 +99,15 @@ pub fn router(state: AppState) -> Router {
         // A 5xx is logged by the code that answers it (ApiError, readiness once per change):
         // the trace layer's own failure line would repeat it, on every probe of a failing
         // /readyz.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
+        .layer(
+            TraceLayer::new_for_http()
+                // The path only: the query may hold the webhook key (`?code=…`), and no log
+                // level may show it.
+                .make_span_with(|request: &axum::http::Request<axum::body::Body>| {
+                    tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+                })
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .with_state(state)
 }
 

@@ -70,6 +70,10 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("unsupported media type {0}")]
     UnsupportedMediaType(String),
+    #[error("unsupported content encoding {0}")]
+    UnsupportedEncoding(String),
+    #[error("the body did not arrive within {secs} s")]
+    RequestTimeout { secs: u64 },
     #[error("malformed body: {0}")]
     Malformed(String),
     #[error("not a Dynamics execution context: {0}")]
@@ -135,6 +139,21 @@ impl ApiError {
                 "unsupported-media-type",
                 "Unsupported media type",
                 format!("The body must be JSON (application/json), not {ct:?}."),
+            ),
+            ApiError::RequestTimeout { secs } => Problem::new(
+                S::REQUEST_TIMEOUT,
+                "body-timeout",
+                "Body too slow",
+                format!("The request body did not arrive in full within {secs} s."),
+            ),
+            ApiError::UnsupportedEncoding(encoding) => Problem::new(
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-content-encoding",
+                "Unsupported content encoding",
+                format!(
+                    "The body must be sent as it is (Content-Encoding: identity), not {:?}.",
+                    encoding.chars().take(64).collect::<String>()
+                ),
             ),
             ApiError::Malformed(why) => Problem::new(
                 S::BAD_REQUEST,

@@ -3,13 +3,15 @@
 //! else fails the System Job (specs/dynamics.md §4). So 2xx only after the commit, 503 for
 //! trouble on our side, 4xx for what a retry cannot fix.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{Extensions, HeaderMap, StatusCode, Uri, header};
+use parking_lot::Mutex;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -21,8 +23,8 @@ use crate::dynamics::organization::ForeignOrganization;
 use crate::dynamics::{DecodeError, decode_notification};
 use crate::store::{IntakeError, NewNotification, PackedBody, Received, now_ms};
 
-/// How many times the body limit an oversized upload may be before it is no longer drained.
-const DRAIN_FACTOR: usize = 8;
+/// At most one failed-authentication warning per this long; the rest are counted into it.
+const AUTH_WARN_EVERY_MS: i64 = 10_000;
 
 /// What intake did with a notification.
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,11 +51,12 @@ pub struct IntakeAck {
     responses(
         (status = 202, description = "Stored durably; will be synced", body = IntakeAck),
         (status = 200, description = "Already stored (a repeated delivery); nothing more happens", body = IntakeAck),
-        (status = 400, description = "Malformed JSON or not a Dynamics execution context", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON, not a Dynamics execution context, or an id (CorrelationId, RequestId, OperationId, OrganizationId) that is not a Guid", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Webhook key missing or not matching", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The notification comes from another Dataverse organisation (body OrganizationId or x-ms-dynamics-organization header), e.g. a sandbox copied from production; nothing is stored", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over server.body_limit_bytes", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within server.body_read_timeout_secs", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON, or is sent with a Content-Encoding other than identity", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Entity, message or stage oppsync does not handle", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Could not store durably now; Dynamics retries once", body = Problem, content_type = "application/problem+json"),
     ),
@@ -63,6 +66,7 @@ pub async fn receive(
     State(state): State<AppState>,
     uri: Uri,
     headers: HeaderMap,
+    extensions: Extensions,
     body: Body,
 ) -> Result<(StatusCode, Json<IntakeAck>), ApiError> {
     let started = Instant::now();
@@ -88,9 +92,39 @@ pub async fn receive(
         Ok(_) => "duplicate",
         Err(e) => outcome_label(e),
     };
+    if outcome == "unauthorized" {
+        let peer =
+            super::server::peer_of(&extensions).map_or_else(|| "unknown".to_owned(), |p| p.ip().to_string());
+        warn_failed_authentication(&peer, result.as_ref().err());
+    }
     metrics::counter!("oppsync_intake_total", "outcome" => outcome).increment(1);
     metrics::histogram!("oppsync_intake_seconds").record(started.elapsed().as_secs_f64());
     result
+}
+
+/// Failed authentications at WARN, with the caller's address and never the key presented: at
+/// most one line per [`AUTH_WARN_EVERY_MS`], which counts those it stood for.
+fn warn_failed_authentication(peer: &str, error: Option<&ApiError>) {
+    static LAST: Mutex<(i64, u64)> = Mutex::new((i64::MIN, 0));
+    let now = now_ms();
+    let mut last = LAST.lock();
+    last.1 += 1;
+    if now.saturating_sub(last.0) < AUTH_WARN_EVERY_MS {
+        return;
+    }
+    let failures = std::mem::take(&mut last.1);
+    last.0 = now;
+    drop(last);
+    let why = match error {
+        Some(ApiError::WebhookKeyMissing { .. }) => "no webhook key presented",
+        _ => "wrong webhook key",
+    };
+    tracing::warn!(
+        peer,
+        failures,
+        reason = why,
+        "webhook refused: authentication failed (failures counts those since the last such line)"
+    );
 }
 
 fn outcome_label(e: &ApiError) -> &'static str {
@@ -98,6 +132,8 @@ fn outcome_label(e: &ApiError) -> &'static str {
         ApiError::WebhookKeyMissing { .. } | ApiError::WebhookKeyMismatch { .. } => "unauthorized",
         ApiError::PayloadTooLarge { .. } => "too_large",
         ApiError::UnsupportedMediaType(_) => "not_json",
+        ApiError::UnsupportedEncoding(_) => "encoded",
+        ApiError::RequestTimeout { .. } => "timeout",
         ApiError::Malformed(_) | ApiError::NotAContext(_) => "malformed",
         ApiError::UnhandledMessage { .. } | ApiError::UnhandledStage(_) => "unhandled",
         ApiError::ForeignOrganization(_) => "foreign_organization",
@@ -123,27 +159,40 @@ async fn intake(
             return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
         }
     }
+    // Dynamics sends the body as it is; a compressed (or claimed compressed) body is refused
+    // rather than decoded, or taken as plain text it is not.
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+        let encoding = String::from_utf8_lossy(encoding.as_bytes())
+            .trim()
+            .to_ascii_lowercase();
+        if encoding != "identity" {
+            return Err(ApiError::UnsupportedEncoding(encoding));
+        }
+    }
     let limit = state.config.server.body_limit_bytes;
+    // Refused on the declared length, before any of the body is read: nothing of an oversized
+    // upload is held. A chunked body is cut at the limit below.
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        && len > limit
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > limit as u64
     {
-        // Read (and drop) a moderately oversized body before answering: a server that answers
-        // mid-upload and closes makes most clients report a broken connection instead of the
-        // 413. Beyond a few times the limit the connection is simply cut.
-        if len <= limit.saturating_mul(DRAIN_FACTOR) {
-            let _ = axum::body::to_bytes(body, len).await;
-        }
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if is_length_limit(&e) {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::Malformed(e.to_string())
-        }
-    })?;
+    // A body that trickles in is cut off: a slow client holds a connection, not the service.
+    let deadline = Duration::from_secs(state.config.server.body_read_timeout_secs);
+    let bytes = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::RequestTimeout {
+            secs: state.config.server.body_read_timeout_secs,
+        })?
+        .map_err(|e| {
+            if is_length_limit(&e) {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::Malformed(e.to_string())
+            }
+        })?;
     let size_exceeded = headers.contains_key("x-ms-dynamics-msg-size-exceeded");
     let notification = decode_notification(&bytes, size_exceeded).map_err(|e| match e {
         DecodeError::Malformed(why) => ApiError::Malformed(why),
@@ -231,7 +280,8 @@ fn is_length_limit(e: &axum::Error) -> bool {
 }
 
 /// Checks the secret Dynamics was registered with. Every configured key is compared in
-/// constant time, with no early exit, so timing reveals neither which key nor how much matched.
+/// constant time, with no early exit, so timing reveals neither which key, how much matched,
+/// nor how long the keys are.
 fn check_secret(state: &AppState, uri: &Uri, headers: &HeaderMap) -> Result<(), ApiError> {
     let webhook = &state.config.webhook;
     let (presented, location): (Option<String>, String) = match webhook.auth {
@@ -252,9 +302,12 @@ fn check_secret(state: &AppState, uri: &Uri, headers: &HeaderMap) -> Result<(), 
     let Some(presented) = presented.filter(|p| !p.is_empty()) else {
         return Err(ApiError::WebhookKeyMissing { location });
     };
+    // Digests of both sides: equal lengths whatever was presented, so the comparison time says
+    // nothing about the keys' lengths either.
+    let presented = Sha256::digest(presented.as_bytes());
     let mut matched = subtle::Choice::from(0u8);
     for key in &webhook.keys {
-        matched |= presented.as_bytes().ct_eq(key.expose().as_bytes());
+        matched |= presented.ct_eq(&Sha256::digest(key.expose().as_bytes()));
     }
     if bool::from(matched) {
         Ok(())
