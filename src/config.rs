@@ -299,7 +299,7 @@ impl DataverseConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// HS256 shared secret.
@@ -308,6 +308,20 @@ pub struct AdminConfig {
     pub jwt_public_key_file: Option<PathBuf>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// Longest lifetime (`exp - iat`) of an admin token accepted, and minted by `oppsync token`.
+    pub max_token_ttl_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            issuer: None,
+            audience: None,
+            max_token_ttl_secs: 86_400,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -586,6 +600,11 @@ impl Config {
             if d.effective_token_url().is_none() {
                 p.push("dataverse.tenant_id (OPPSYNC__DATAVERSE__TENANT_ID) or dataverse.token_url: one is required".into());
             }
+        }
+        if self.admin.max_token_ttl_secs == 0 {
+            p.push(
+                "admin.max_token_ttl_secs (OPPSYNC__ADMIN__MAX_TOKEN_TTL_SECS): must be at least 1".into(),
+            );
         }
         if self.admin.jwt_secret.is_some() && self.admin.jwt_public_key_file.is_some() {
             p.push(

@@ -40,6 +40,13 @@ pub enum TokenRefusal {
     WrongAudience,
     /// A required claim (`exp`, or `iss`/`aud` when configured) is missing or malformed.
     MissingClaim(String),
+    /// `exp - iat` (or `exp - now` without `iat`) is beyond `admin.max_token_ttl_secs`.
+    LifetimeTooLong {
+        max_secs: u64,
+    },
+    /// A `crit` header (extensions the verifier must understand: it understands none), or a
+    /// `typ` that is not a JWT.
+    HeaderRefused(String),
 }
 
 impl TokenRefusal {
@@ -85,6 +92,16 @@ impl TokenRefusal {
                 "token-claim-missing",
                 format!("The token lacks a valid `{claim}` claim, which is required."),
             ),
+            TokenRefusal::LifetimeTooLong { max_secs } => (
+                "token-lifetime-too-long",
+                format!(
+                    "The token is valid for longer than admin.max_token_ttl_secs ({max_secs} s) allows (exp - iat); ask for a shorter-lived one."
+                ),
+            ),
+            TokenRefusal::HeaderRefused(why) => (
+                "token-header-refused",
+                format!("The token's header is refused: {why}."),
+            ),
         }
     }
 }
@@ -105,6 +122,7 @@ pub enum AdminRefusal {
 pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
+    max_ttl_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +137,10 @@ pub enum AuthConfigError {
     NoSecret,
     #[error("signing the token: {0}")]
     Signing(String),
+    #[error(
+        "a token may live at most admin.max_token_ttl_secs ({max_secs} s); the service would refuse a longer one"
+    )]
+    TooLong { max_secs: u64 },
 }
 
 impl JwtVerifier {
@@ -162,18 +184,43 @@ impl JwtVerifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Ok(Some(JwtVerifier { key, validation }))
+        Ok(Some(JwtVerifier {
+            key,
+            validation,
+            max_ttl_secs: config.max_token_ttl_secs,
+        }))
     }
 
     /// Verifies `token` and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenRefusal> {
         // Name the algorithm in the refusal (and catch `none`, which jsonwebtoken cannot even
         // parse) before verifying.
-        let alg = header_alg(token).ok_or(TokenRefusal::Malformed)?;
+        let header = token_header(token).ok_or(TokenRefusal::Malformed)?;
+        let alg = header
+            .get("alg")
+            .and_then(serde_json::Value::as_str)
+            .ok_or(TokenRefusal::Malformed)?
+            .to_owned();
         if !accepts(&self.validation.algorithms, &alg) {
             return Err(TokenRefusal::AlgorithmRefused(alg));
         }
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        // RFC 7515 §4.1.11: extensions listed in `crit` must be understood; none is here.
+        if header.get("crit").is_some() {
+            return Err(TokenRefusal::HeaderRefused(
+                "it lists critical extensions (crit), which oppsync does not implement".into(),
+            ));
+        }
+        // `JWT`, or `at+jwt` (RFC 9068 access tokens); anything else is some other object.
+        if let Some(typ) = header.get("typ") {
+            let typ = typ.as_str().unwrap_or("");
+            if !(typ.eq_ignore_ascii_case("JWT") || typ.eq_ignore_ascii_case("at+jwt")) {
+                return Err(TokenRefusal::HeaderRefused(format!(
+                    "typ {:?} is not JWT",
+                    typ.chars().take(32).collect::<String>()
+                )));
+            }
+        }
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map(|data| data.claims)
             .map_err(|e| match e.into_kind() {
                 ErrorKind::ExpiredSignature => TokenRefusal::Expired,
@@ -186,7 +233,16 @@ impl JwtVerifier {
                     TokenRefusal::MissingClaim(c)
                 }
                 _ => TokenRefusal::Malformed,
-            })
+            })?;
+        // A stolen long-lived token stays useful for as long as it lives: bounded.
+        let issued = claims.iat.unwrap_or_else(jsonwebtoken::get_current_timestamp);
+        let lifetime = claims.exp.unwrap_or(u64::MAX).saturating_sub(issued);
+        if lifetime > self.max_ttl_secs.saturating_add(LEEWAY_SECS) {
+            return Err(TokenRefusal::LifetimeTooLong {
+                max_secs: self.max_ttl_secs,
+            });
+        }
+        Ok(claims)
     }
 }
 
@@ -196,13 +252,16 @@ fn accepts(accepted: &[Algorithm], alg: &str) -> bool {
     alg.parse::<Algorithm>().is_ok_and(|a| accepted.contains(&a))
 }
 
-fn header_alg(token: &str) -> Option<String> {
+/// The token's header as JSON (read before verifying, to say why a token is refused).
+fn token_header(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
     let header = token.split('.').next()?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
         .ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    value.get("alg")?.as_str().map(str::to_owned)
+    match serde_json::from_slice(&bytes).ok()? {
+        serde_json::Value::Object(map) => Some(map),
+        _ => None,
+    }
 }
 
 /// The claims oppsync reads. Scopes come in `scope` (space-separated, RFC 8693) or `scp`
@@ -314,6 +373,11 @@ pub fn mint(
     ttl: Duration,
 ) -> Result<String, AuthConfigError> {
     let secret = config.jwt_secret.as_ref().ok_or(AuthConfigError::NoSecret)?;
+    if ttl.as_secs() > config.max_token_ttl_secs {
+        return Err(AuthConfigError::TooLong {
+            max_secs: config.max_token_ttl_secs,
+        });
+    }
     let now = jsonwebtoken::get_current_timestamp();
     let claims = Claims {
         sub: Some(subject.to_owned()),

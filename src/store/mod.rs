@@ -400,8 +400,39 @@ macro_rules! dispatch {
     };
 }
 
+/// Creates the SQLite file, if it does not exist yet, readable and writable by its owner only
+/// (0600): it holds contacts' names and emails. SQLite gives its log and shared-memory files the
+/// database file's permissions. An existing file open to others is reported, not changed.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "the store file is readable by other users; it holds contact names and emails: chmod 600 it"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(StoreError::Sqlite(format!(
+            "cannot create {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 impl Store {
-    /// Connects (creating an SQLite file if needed). Does not migrate.
+    /// Connects (creating an SQLite file if needed, mode 0600). Does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         if url.starts_with("sqlite:") {
             // Intake's connection must open the same database: a file, not memory.
@@ -410,7 +441,9 @@ impl Store {
                     "an in-memory SQLite store cannot be shared with intake's connection; use a file (sqlite://PATH)".into(),
                 ));
             }
-            let options = SqliteConnectOptions::from_str(url)?
+            let options = SqliteConnectOptions::from_str(url)?;
+            create_private(options.get_filename())?;
+            let options = options
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(10))

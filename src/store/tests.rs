@@ -149,3 +149,25 @@ async fn an_in_memory_sqlite_store_is_refused_with_a_reason() {
         .to_string();
     assert!(err.contains("in-memory"), "{err}");
 }
+
+/// A new SQLite store and the log and shared-memory files SQLite adds are its owner's only
+/// (they hold contact names and emails).
+#[tokio::test]
+async fn a_new_sqlite_store_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("private.db");
+    let store = Store::connect(&format!("sqlite://{}", path.display()), 2)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+        .insert_notifications(&[suite::notification("private", uuid::Uuid::new_v4())])
+        .await
+        .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{}{suffix}", path.display());
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}: {mode:o}");
+    }
+}

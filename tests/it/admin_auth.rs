@@ -273,3 +273,83 @@ async fn admin_es256_accepted_and_hs256_refused() {
     assert_eq!(stats_with(&env, &rs).await.1, problem("token-algorithm-refused"));
     env.stop().await;
 }
+
+/// A token that lives too long, lists critical extensions or is not a JWT is refused, however
+/// well signed; `oppsync token` will not mint a long-lived one either.
+#[tokio::test]
+async fn admin_tokens_with_a_long_life_a_crit_header_or_another_typ_are_refused() {
+    let env = jwt::env_with_secret(true).await;
+    // A hundred years.
+    let mut c = claims("oppsync.read");
+    c["iat"] = json!(now());
+    c["exp"] = json!(now() + 100 * 365 * 86_400);
+    let (s, t, _) = stats_with(&env, &hs256(&c)).await;
+    assert_eq!((s, t), (401, problem("token-lifetime-too-long")));
+    // Without iat the lifetime counts from now.
+    let mut c = claims("oppsync.read");
+    c["exp"] = json!(now() + 2 * 86_400);
+    assert_eq!(
+        stats_with(&env, &hs256(&c)).await.1,
+        problem("token-lifetime-too-long")
+    );
+    // A day is the default bound, and within it tokens pass.
+    let mut c = claims("oppsync.read");
+    c["iat"] = json!(now());
+    c["exp"] = json!(now() + 86_000);
+    assert_eq!(stats_with(&env, &hs256(&c)).await.0, 200);
+
+    let signed_with = |header: jsonwebtoken::Header| {
+        jsonwebtoken::encode(
+            &header,
+            &claims("oppsync.read"),
+            &jsonwebtoken::EncodingKey::from_secret(jwt::SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    // An unknown critical extension: jsonwebtoken's Header has no `crit`, so it is made by hand.
+    let header = json!({"alg": "HS256", "typ": "JWT", "crit": ["exp-ext"], "exp-ext": 1});
+    let unsigned = format!("{}.{}", b64(&header), b64(&claims("oppsync.read")));
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(hmac_sha256(jwt::SECRET.as_bytes(), unsigned.as_bytes()));
+    let crit = format!("{unsigned}.{signature}");
+    // The hand-made signature is right: the same header without `crit` passes.
+    let plain = format!(
+        "{}.{}",
+        b64(&json!({"alg": "HS256", "typ": "JWT"})),
+        b64(&claims("oppsync.read"))
+    );
+    let plain_signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(hmac_sha256(jwt::SECRET.as_bytes(), plain.as_bytes()));
+    assert_eq!(
+        stats_with(&env, &format!("{plain}.{plain_signature}")).await.0,
+        200
+    );
+    assert_eq!(stats_with(&env, &crit).await.1, problem("token-header-refused"));
+    let mut other = jsonwebtoken::Header::new(Algorithm::HS256);
+    other.typ = Some("JWE".into());
+    assert_eq!(
+        stats_with(&env, &signed_with(other)).await.1,
+        problem("token-header-refused")
+    );
+    let mut access = jsonwebtoken::Header::new(Algorithm::HS256);
+    access.typ = Some("at+jwt".into());
+    assert_eq!(stats_with(&env, &signed_with(access)).await.0, 200);
+    env.stop().await;
+}
+
+/// HMAC-SHA256 (RFC 2104), for a token whose header jsonwebtoken cannot write.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    block[..key.len()].copy_from_slice(key);
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .to_vec()
+}

@@ -279,3 +279,22 @@ async fn check_config_without_online_touches_nothing() {
     assert_eq!(sims.marketo.rest_call_count(), 0);
     assert_eq!(sims.dataverse.token_issued_count(), 0);
 }
+
+/// `oppsync token` mints within admin.max_token_ttl_secs and refuses longer lifetimes, which the
+/// service would refuse anyway.
+#[tokio::test]
+async fn token_refuses_a_lifetime_beyond_the_configured_maximum() {
+    let env = [(
+        "OPPSYNC__ADMIN__JWT_SECRET".to_owned(),
+        "a-token-secret-of-at-least-32-characters".to_owned(),
+    )];
+    let long = oppsync(&["token", "--scope", "oppsync.read", "--ttl", "36500d"], &env).await;
+    let (stdout, stderr) = text(&long);
+    assert!(!long.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("max_token_ttl_secs"), "{stderr}");
+    assert!(stdout.trim().is_empty(), "no token printed: {stdout}");
+    let short = oppsync(&["token", "--scope", "oppsync.read", "--ttl", "1h"], &env).await;
+    let (stdout, stderr) = text(&short);
+    assert!(short.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.trim().split('.').count(), 3, "{stdout}");
+}

@@ -26,8 +26,8 @@ impl Serve {
         let child = Command::new(env!("CARGO_BIN_EXE_oppsync"))
             .arg("serve")
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("NO_COLOR")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
@@ -325,4 +325,45 @@ async fn a_readiness_flap_is_logged_once_per_change() {
         .count();
     assert_eq!(ready, 2, "ready at start and again after the flap:\n{log}");
     assert!(!log.contains("response failed"), "{log}");
+}
+
+/// At debug level too, no log line holds a webhook key, right or wrong; a failed
+/// authentication is a WARN with the caller's address.
+#[tokio::test]
+async fn no_log_level_shows_the_webhook_key_and_failed_authentications_are_warned() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    env.push(("RUST_LOG".to_owned(), "debug".to_owned()));
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/readyz").await, "{}", serve.log());
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
+    let (_, n) = org.create_opportunity("Logged", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
+    let wrong = "wrong-key-0000-9999";
+    let http = reqwest::Client::new();
+    for (key, expected) in [(KEY, 202), (wrong, 401)] {
+        let mut post = http
+            .post(format!("{}/webhooks/dynamics?code={key}", serve.url))
+            .body(n.to_json());
+        for (k, v) in n.headers() {
+            post = post.header(k, v);
+        }
+        assert_eq!(post.send().await.unwrap().status().as_u16(), expected);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = serve.log();
+    assert!(log.contains("DEBUG"), "the log is at debug level: {log}");
+    assert!(!log.contains(KEY), "the webhook key is in the log");
+    assert!(!log.contains(wrong), "a presented wrong key is in the log");
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("authentication failed"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains("127.0.0.1"),
+        "{}",
+        warned[0]
+    );
 }
