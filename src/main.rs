@@ -71,6 +71,10 @@ enum Command {
         /// Show what would change without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Turn change tracking on for opportunity, connection, contact and account where it is
+        /// off, so that reconciliation sees deletes whose webhooks were lost.
+        #[arg(long)]
+        enable_change_tracking: bool,
     },
     /// Start the initial sync on a running service (or follow the one running) and show its
     /// progress until it ends. The admin token (oppsync.write) is read from OPPSYNC_ADMIN_TOKEN.
@@ -260,12 +264,20 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             webhook_url,
             endpoint_name,
             dry_run,
+            enable_change_tracking,
         } => {
             let config = match load(cli, Purpose::Inspect) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            register_endpoint(&config, webhook_url, endpoint_name, *dry_run).await
+            register_endpoint(
+                &config,
+                webhook_url,
+                endpoint_name,
+                *dry_run,
+                *enable_change_tracking,
+            )
+            .await
         }
         Command::Token { scopes, ttl, subject } => {
             // Only the admin section matters here (no store, no Marketo credentials needed).
@@ -357,6 +369,7 @@ async fn register_endpoint(
     webhook_url: &Url,
     endpoint_name: &str,
     dry_run: bool,
+    enable_change_tracking: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut problems = Vec::new();
     let d = &config.dataverse;
@@ -413,6 +426,7 @@ async fn register_endpoint(
         endpoint_name: endpoint_name.to_owned(),
         opportunity_attributes: config.sync.opportunity_attributes(),
         dry_run,
+        enable_change_tracking,
     };
     let report = register::register(&client, &options)
         .await
@@ -478,8 +492,27 @@ async fn check_dataverse(config: &Config) -> Result<String, String> {
             }
         ));
     }
+    // Where change tracking is off, reconciliation cannot see deletes: say so (not a failure).
+    let mut untracked = Vec::new();
+    for table in register::TRACKED_TABLES {
+        if !client
+            .change_tracking_enabled(table)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            untracked.push(table);
+        }
+    }
+    let tracking = if untracked.is_empty() {
+        "change tracking on for every table reconciliation reads".to_owned()
+    } else {
+        format!(
+            "change tracking OFF for {}: reconciliation cannot see their deletes (`oppsync register --enable-change-tracking` turns it on)",
+            untracked.join(", ")
+        )
+    };
     Ok(format!(
-        "token issued by {}; connection roles readable; stakeholder roles {}",
+        "token issued by {}; connection roles readable; stakeholder roles {}; {tracking}",
         config
             .dataverse
             .effective_token_url()

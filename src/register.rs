@@ -30,7 +30,12 @@ pub struct RegisterOptions {
     /// (both are added if missing).
     pub opportunity_attributes: Vec<String>,
     pub dry_run: bool,
+    /// Turn change tracking on for the tables reconciliation reads where it is off.
+    pub enable_change_tracking: bool,
 }
+
+/// The tables reconciliation reads (worker::reconcile): with change tracking it sees deletes too.
+pub const TRACKED_TABLES: [&str; 4] = ["opportunity", "connection", "contact", "account"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -39,6 +44,8 @@ pub enum Outcome {
     Unchanged,
     WouldCreate,
     WouldUpdate,
+    /// Left as it is, but worth knowing: change tracking off on a table.
+    Off,
 }
 
 impl fmt::Display for Outcome {
@@ -49,6 +56,7 @@ impl fmt::Display for Outcome {
             Outcome::Unchanged => "unchanged",
             Outcome::WouldCreate => "would create",
             Outcome::WouldUpdate => "would update",
+            Outcome::Off => "off",
         })
     }
 }
@@ -74,7 +82,7 @@ impl RegisterReport {
     pub fn changes(&self) -> usize {
         self.actions
             .iter()
-            .filter(|a| a.outcome != Outcome::Unchanged)
+            .filter(|a| !matches!(a.outcome, Outcome::Unchanged | Outcome::Off))
             .count()
     }
 
@@ -368,7 +376,44 @@ pub async fn register(
         let step = ensure_step(client, opts, endpoint, &spec, &mut report).await?;
         ensure_image(client, opts, step, &spec, &mut report).await?;
     }
+    for table in TRACKED_TABLES {
+        ensure_change_tracking(client, opts, table, &mut report).await?;
+    }
     Ok(report)
+}
+
+/// Reports a table's change tracking, and turns it on when asked: without it reconciliation
+/// reads `modifiedon` and cannot see a delete whose webhook was lost.
+async fn ensure_change_tracking(
+    client: &DataverseClient,
+    opts: &RegisterOptions,
+    table: &str,
+    report: &mut RegisterReport,
+) -> Result<(), WebApiError> {
+    let object = format!("change tracking {table}");
+    if client.change_tracking_enabled(table).await? {
+        report.push(object, Outcome::Unchanged, "on".into());
+    } else if !opts.enable_change_tracking {
+        report.push(
+            object,
+            Outcome::Off,
+            "reconciliation cannot see deletes of this table; --enable-change-tracking turns it on".into(),
+        );
+    } else if opts.dry_run {
+        report.push(
+            object,
+            Outcome::WouldUpdate,
+            "ChangeTrackingEnabled: false -> true".into(),
+        );
+    } else {
+        client.enable_change_tracking(table).await?;
+        report.push(
+            object,
+            Outcome::Updated,
+            "ChangeTrackingEnabled: false -> true".into(),
+        );
+    }
+    Ok(())
 }
 
 /// The endpoint's id, or `None` when a dry run would create it.
@@ -674,6 +719,7 @@ mod tests {
 
     fn options(url: &str, dry_run: bool) -> RegisterOptions {
         RegisterOptions {
+            enable_change_tracking: false,
             webhook_url: Url::parse(url).unwrap(),
             webhook_key: Secret::new(KEY),
             endpoint_name: "oppsync".into(),
@@ -743,9 +789,12 @@ mod tests {
     async fn a_fresh_org_gets_endpoint_steps_and_images() {
         let (sim, client) = setup().await;
         let report = register(&client, &options(HOOK, false)).await.unwrap();
-        assert_eq!(report.actions.len(), 22, "{report}");
+        // 22 registration objects, then the change tracking of the 4 tables reconciled.
+        assert_eq!(report.actions.len(), 26, "{report}");
+        let outcomes = outcomes(&report);
+        assert!(outcomes[..22].iter().all(|o| *o == Outcome::Created), "{report}");
         assert!(
-            outcomes(&report).iter().all(|o| *o == Outcome::Created),
+            outcomes[22..].iter().all(|o| *o == Outcome::Unchanged),
             "{report}"
         );
         let shown = report.to_string();
@@ -866,7 +915,7 @@ mod tests {
         let writes = sim.write_count();
         let again = register(&client, &options(HOOK, false)).await.unwrap();
         assert_eq!(again.changes(), 0, "{again}");
-        assert_eq!(again.actions.len(), 22);
+        assert_eq!(again.actions.len(), 26);
         assert_eq!(sim.write_count(), writes);
     }
 
@@ -925,7 +974,7 @@ mod tests {
     async fn a_dry_run_writes_nothing() {
         let (sim, client) = setup().await;
         let report = register(&client, &options(HOOK, true)).await.unwrap();
-        assert_eq!(report.actions.len(), 22);
+        assert_eq!(report.actions.len(), 26);
         let shown = report.to_string();
         for step in [
             "step opportunity Win",
@@ -940,7 +989,7 @@ mod tests {
             assert!(line.contains("would create"), "{step}: {shown}");
         }
         assert!(
-            outcomes(&report).iter().all(|o| *o == Outcome::WouldCreate),
+            outcomes(&report)[..22].iter().all(|o| *o == Outcome::WouldCreate),
             "{report}"
         );
         assert_eq!(sim.write_count(), 0);

@@ -252,6 +252,59 @@ impl DataverseClient {
         }))
     }
 
+    /// Whether the table `logical_name` has change tracking on (`ChangeTrackingEnabled` of its
+    /// definition).
+    pub async fn change_tracking_enabled(&self, logical_name: &str) -> Result<bool, WebApiError> {
+        let path = format!("EntityDefinitions(LogicalName='{logical_name}')");
+        let body = self
+            .get_row(&path, &[("$select", "ChangeTrackingEnabled")])
+            .await?
+            .ok_or_else(|| WebApiError::Rejected(format!("no table {logical_name}")))?;
+        let definition: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| WebApiError::Rejected(format!("{path}: unreadable: {e}")))?;
+        definition
+            .get("ChangeTrackingEnabled")
+            .and_then(serde_json::Value::as_bool)
+            .ok_or_else(|| WebApiError::Rejected(format!("{path}: no ChangeTrackingEnabled")))
+    }
+
+    /// Turns change tracking on for the table `logical_name`: its definition is read whole,
+    /// changed and written back (the Web API updates definitions with PUT, not PATCH), with
+    /// `MSCRM.MergeLabels: true` so that labels in other languages are kept, then published
+    /// [I: as other definition changes are].
+    pub async fn enable_change_tracking(&self, logical_name: &str) -> Result<(), WebApiError> {
+        let path = format!("EntityDefinitions(LogicalName='{logical_name}')");
+        let body = self
+            .get_row(&path, &[])
+            .await?
+            .ok_or_else(|| WebApiError::Rejected(format!("no table {logical_name}")))?;
+        let mut definition: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| WebApiError::Rejected(format!("{path}: unreadable: {e}")))?;
+        let Some(fields) = definition.as_object_mut() else {
+            return Err(WebApiError::Rejected(format!("{path}: not an object")));
+        };
+        fields.retain(|k, _| !k.starts_with("@odata."));
+        fields.insert("ChangeTrackingEnabled".into(), serde_json::Value::Bool(true));
+        let url = self.api_url(&path, &[])?;
+        self.execute_with(
+            Method::PUT,
+            url,
+            Some(&definition),
+            false,
+            None,
+            &[("MSCRM.MergeLabels", "true")],
+        )
+        .await?;
+        let publish = serde_json::json!({
+            "ParameterXml": format!(
+                "<importexportxml><entities><entity>{logical_name}</entity></entities></importexportxml>"
+            )
+        });
+        let url = self.api_url("PublishXml", &[])?;
+        self.execute(Method::POST, url, Some(&publish), false).await?;
+        Ok(())
+    }
+
     /// `GET WhoAmI()`: the organisation (and user) oppsync's credentials belong to.
     pub async fn who_am_i(&self) -> Result<WhoAmI, WebApiError> {
         let url = self.api_url("WhoAmI", &[])?;
@@ -466,7 +519,7 @@ impl DataverseClient {
         body: Option<&serde_json::Value>,
         if_match: bool,
     ) -> Result<Reply, WebApiError> {
-        self.execute_with(method, url, body, if_match, None).await
+        self.execute_with(method, url, body, if_match, None, &[]).await
     }
 
     /// [`Self::execute`] with a `Prefer` header of the caller's (paging, change tracking) in
@@ -479,6 +532,7 @@ impl DataverseClient {
         body: Option<&serde_json::Value>,
         if_match: bool,
         prefer: Option<&str>,
+        extra_headers: &[(&str, &str)],
     ) -> Result<Reply, WebApiError> {
         let what = format!("{method} {}", url.path());
         let mut rate_limited = 0u32;
@@ -506,6 +560,9 @@ impl DataverseClient {
             }
             if if_match {
                 req = req.header(IF_MATCH, "*");
+            }
+            for (name, value) in extra_headers {
+                req = req.header(*name, *value);
             }
             let resp = req
                 .send()

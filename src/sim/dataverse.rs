@@ -848,6 +848,10 @@ fn answer(state: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: By
         .map(str::to_owned);
     let bearer = header(header::AUTHORIZATION).and_then(|a| a.strip_prefix("Bearer ").map(str::to_owned));
     let if_match = header(header::IF_MATCH).is_some();
+    let merge_labels = headers
+        .get("MSCRM.MergeLabels")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
 
     let mut s = lock(state);
     let authorized = bearer
@@ -882,6 +886,14 @@ fn answer(state: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: By
             "0x80040216",
             "An unexpected error occurred.",
         )
+    } else if let Some(reply) = metadata(
+        &mut s,
+        &method,
+        path.strip_prefix(API_PREFIX).unwrap_or(""),
+        body_text.as_deref(),
+        merge_labels,
+    ) {
+        reply
     } else {
         handle(
             &mut s,
@@ -912,6 +924,116 @@ fn answer(state: &Shared, method: Method, uri: Uri, headers: HeaderMap, body: By
         return resp;
     }
     json_response(reply.status, reply.body, &reply.headers)
+}
+
+/// Table definitions (`EntityDefinitions(LogicalName='…')`), as far as change tracking goes, and
+/// `PublishXml`. None for any other path. A definition is written back whole with PUT (there is
+/// no PATCH for definitions) and `MSCRM.MergeLabels: true`, without which Dataverse would drop
+/// the labels of other languages: the simulator refuses a PUT without it.
+fn metadata(
+    s: &mut SimState,
+    method: &Method,
+    rest: &str,
+    body: Option<&str>,
+    merge_labels: bool,
+) -> Option<Reply> {
+    let ok = |body: serde_json::Value| Reply {
+        status: StatusCode::OK,
+        body: body.to_string(),
+        headers: Vec::new(),
+    };
+    let no_content = || Reply {
+        status: StatusCode::NO_CONTENT,
+        body: String::new(),
+        headers: Vec::new(),
+    };
+    if rest == "PublishXml" {
+        return Some(if *method == Method::POST {
+            no_content()
+        } else {
+            odata_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "0x8006088a",
+                "PublishXml is an action: POST it.",
+            )
+        });
+    }
+    let logical = rest
+        .strip_prefix("EntityDefinitions(LogicalName='")?
+        .strip_suffix("')")?;
+    let Some((set, _, _)) = SETS.iter().copied().find(|(_, _, l)| *l == logical) else {
+        return Some(odata_error(
+            StatusCode::NOT_FOUND,
+            "0x80040217",
+            &format!("Could not find an entity with name {logical}"),
+        ));
+    };
+    let definition = |tracked: bool| {
+        serde_json::json!({
+            "@odata.context": format!("{}{API_PREFIX}$metadata#EntityDefinitions/$entity", s.org),
+            "MetadataId": metadata_id(logical),
+            "LogicalName": logical,
+            "EntitySetName": set,
+            "ChangeTrackingEnabled": tracked,
+            "DisplayName": {"LocalizedLabels": [{"Label": logical, "LanguageCode": 1033}]},
+        })
+    };
+    Some(match *method {
+        Method::GET => ok(definition(!s.untracked.contains(set))),
+        Method::PUT if !merge_labels => odata_error(
+            StatusCode::BAD_REQUEST,
+            "0x80040203",
+            "The simulator requires MSCRM.MergeLabels: true on a definition update (labels of other languages would be lost).",
+        ),
+        Method::PUT => {
+            let sent: serde_json::Value = match body.map(serde_json::from_str) {
+                Some(Ok(v)) => v,
+                _ => {
+                    return Some(odata_error(
+                        StatusCode::BAD_REQUEST,
+                        "0x80040203",
+                        "The body is not a definition.",
+                    ));
+                }
+            };
+            if sent.get("LogicalName").and_then(serde_json::Value::as_str) != Some(logical)
+                || sent.get("DisplayName").is_none()
+            {
+                return Some(odata_error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80040203",
+                    "A definition is written back whole: LogicalName and DisplayName are missing.",
+                ));
+            }
+            match sent
+                .get("ChangeTrackingEnabled")
+                .and_then(serde_json::Value::as_bool)
+            {
+                Some(true) => {
+                    s.untracked.remove(set);
+                }
+                Some(false) => {
+                    s.untracked.insert(set.to_owned());
+                }
+                None => {}
+            }
+            no_content()
+        }
+        _ => odata_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "0x8006088a",
+            "Use GET or PUT on a definition.",
+        ),
+    })
+}
+
+/// A table's stable metadata id in the simulator.
+fn metadata_id(logical: &str) -> Uuid {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(logical.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(bytes)
 }
 
 /// `set` or `set(guid)`.

@@ -134,8 +134,16 @@ async fn an_update_and_a_delete_without_webhooks_are_fixed_by_one_reconcile_pass
     let baseline = now_ms();
     env.settle().await;
 
-    // Changed in Dynamics; the webhooks are lost for `env`, delivered to `calm`.
-    for n in missed_changes(&mut org, &opportunities, bob) {
+    // Changed in Dynamics; the webhooks are lost for `env`, delivered to `calm`. Among them the
+    // rename of the account that is the opportunities' Marketo company.
+    let companies = env.sims.marketo.companies();
+    assert_eq!(companies.len(), 1, "{companies:?}");
+    let (acme, company) = companies.into_iter().next().unwrap();
+    assert_eq!(company["company"], json!("Acme"), "{company:?}");
+    let acme = Uuid::parse_str(&acme).unwrap();
+    let mut lost = missed_changes(&mut org, &opportunities, bob);
+    lost.push(org.rename_account(acme, "Acme Renamed"));
+    for n in lost {
         calm.deliver(&n).await;
     }
     calm.settle().await;
@@ -150,6 +158,11 @@ async fn an_update_and_a_delete_without_webhooks_are_fixed_by_one_reconcile_pass
     assert!(
         !m.opportunities().contains_key(&opportunities[1].to_string()),
         "the delete was seen"
+    );
+    assert_eq!(
+        m.companies()[&acme.to_string()]["company"],
+        json!("Acme Renamed"),
+        "the lost rename of a Marketo company was seen"
     );
     assert_eq!(view(m), view(&calm.sims.marketo));
     let found: u64 = status["tables"]

@@ -75,7 +75,7 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     assert!(stdout.contains("service endpoint oppsync"), "{stdout}");
     assert!(stdout.contains("would create"), "{stdout}");
     assert!(
-        stdout.contains("22 of 22 objects would change (dry run)"),
+        stdout.contains("22 of 26 objects would change (dry run)"),
         "{stdout}"
     );
     // The dry run shows the steps of closes, deleted contacts and renamed accounts too.
@@ -98,7 +98,7 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     let real = oppsync(&["register", "--webhook-url", HOOK], &env).await;
     let (stdout, stderr) = text(&real);
     assert!(real.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("22 of 22 objects changed"), "{stdout}");
+    assert!(stdout.contains("22 of 26 objects changed"), "{stdout}");
     assert!(stdout.contains("step opportunity Update"), "{stdout}");
     assert!(stdout.contains("step opportunity Win"), "{stdout}");
     assert!(stdout.contains("step opportunity Lose"), "{stdout}");
@@ -135,7 +135,7 @@ async fn register_dry_run_writes_nothing_then_creates_then_changes_nothing() {
     let again = oppsync(&["register", "--webhook-url", HOOK], &env).await;
     let (stdout, stderr) = text(&again);
     assert!(again.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("0 of 22 objects changed"), "{stdout}");
+    assert!(stdout.contains("0 of 26 objects changed"), "{stdout}");
     assert!(!stdout.contains("created"), "{stdout}");
     assert_eq!(dv.write_count(), writes);
     assert_no_secret(&again, &secrets);
@@ -163,7 +163,7 @@ async fn register_with_another_endpoint_name_and_a_rotated_key() {
     let out = oppsync(&args, &env).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success(), "{:?}", text(&out));
-    assert!(stdout.contains("1 of 22 objects changed"), "{stdout}");
+    assert!(stdout.contains("1 of 26 objects changed"), "{stdout}");
     assert!(stdout.contains("key"), "{stdout}");
     assert_no_secret(&out, &[rotated, KEY]);
     let ep = &dv.rows("serviceendpoints")[0];
@@ -297,4 +297,82 @@ async fn token_refuses_a_lifetime_beyond_the_configured_maximum() {
     let (stdout, stderr) = text(&short);
     assert!(short.status.success(), "{stdout}\n{stderr}");
     assert_eq!(stdout.trim().split('.').count(), 3, "{stdout}");
+}
+
+/// Where a table has change tracking off, register and check-config --online say so, and
+/// `register --enable-change-tracking` turns it on (a dry run only says it would).
+#[tokio::test]
+async fn register_reports_change_tracking_and_turns_it_on_when_asked() {
+    let (sims, env) = sims(MarketoSimConfig::default()).await;
+    let dv = &sims.dataverse;
+    dv.set_change_tracking("opportunities", false);
+    dv.set_change_tracking("accounts", false);
+
+    let check = oppsync(&["check-config", "--online"], &env).await;
+    let (stdout, stderr) = text(&check);
+    assert!(check.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("change tracking OFF for opportunity, account"),
+        "{stdout}"
+    );
+
+    let plain = oppsync(&["register", "--webhook-url", HOOK], &env).await;
+    let (stdout, stderr) = text(&plain);
+    assert!(plain.status.success(), "{stdout}\n{stderr}");
+    let line = |out: &str, table: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("change tracking {table} ")))
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(line(&stdout, "opportunity").contains(" off "), "{stdout}");
+    assert!(
+        line(&stdout, "opportunity").contains("--enable-change-tracking"),
+        "{stdout}"
+    );
+    assert!(line(&stdout, "contact").contains("unchanged"), "{stdout}");
+    assert!(!dv.change_tracking("opportunities"));
+
+    let dry = oppsync(
+        &[
+            "register",
+            "--webhook-url",
+            HOOK,
+            "--enable-change-tracking",
+            "--dry-run",
+        ],
+        &env,
+    )
+    .await;
+    let (stdout, _) = text(&dry);
+    assert!(line(&stdout, "account").contains("would update"), "{stdout}");
+    assert!(!dv.change_tracking("accounts"));
+
+    let on = oppsync(
+        &["register", "--webhook-url", HOOK, "--enable-change-tracking"],
+        &env,
+    )
+    .await;
+    let (stdout, stderr) = text(&on);
+    assert!(on.status.success(), "{stdout}\n{stderr}");
+    assert!(line(&stdout, "opportunity").contains("updated"), "{stdout}");
+    assert!(line(&stdout, "account").contains("updated"), "{stdout}");
+    assert!(dv.change_tracking("opportunities") && dv.change_tracking("accounts"));
+    // Written back whole, labels merged, then published.
+    let calls = dv.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == "PUT" && c.path.contains("EntityDefinitions(LogicalName='opportunity')")),
+        "no definition PUT"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == "POST" && c.path.ends_with("/PublishXml"))
+    );
+
+    let check = oppsync(&["check-config", "--online"], &env).await;
+    let (stdout, _) = text(&check);
+    assert!(stdout.contains("change tracking on for every table"), "{stdout}");
 }

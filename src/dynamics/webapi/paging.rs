@@ -198,7 +198,7 @@ impl DataverseClient {
     async fn page(&self, url: Url, query: &CollectionQuery) -> Result<Page, WebApiError> {
         let set = &query.entity_set;
         let reply = self
-            .execute_with(Method::GET, url, None, false, Some(&query.prefer()))
+            .execute_with(Method::GET, url, None, false, Some(&query.prefer()), &[])
             .await
             .map_err(|e| match e {
                 WebApiError::Rejected(m)
