@@ -88,8 +88,25 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         }
     };
     checks.insert("store", store);
+    // The last commit of intake failed (disk full, a refusing database): ready again once a
+    // probe commit (rolled back) goes through.
+    let commits = if state.intake.is_refusing() && !state.intake.has_failed() {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.probe_intake()).await {
+            Ok(Ok(())) => {
+                state.intake.commits_again();
+                None
+            }
+            Ok(Err(e)) => Some(format!("intake cannot commit: {e}")),
+            Err(_) => Some("intake's probe commit did not finish within 2 s".to_owned()),
+        }
+    } else {
+        None
+    };
     // Intake refuses every notification after a failed fsync or a deleted store: no traffic.
-    if state.intake.has_failed() {
+    if let Some(why) = commits {
+        ready = false;
+        checks.insert("intake", why);
+    } else if state.intake.has_failed() {
         ready = false;
         checks.insert(
             "intake",

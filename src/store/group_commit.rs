@@ -45,6 +45,9 @@ struct Committed {
 pub struct GroupCommitter {
     queue: mpsc::Sender<Job>,
     failed: Arc<AtomicBool>,
+    /// The last group's commit failed (disk full, a refusing database): intake answers 503
+    /// for now, and readiness says so until a probe commit goes through.
+    refusing: Arc<AtomicBool>,
 }
 
 impl GroupCommitter {
@@ -57,6 +60,7 @@ impl GroupCommitter {
     pub fn start(store: Store, max_batch: usize) -> std::io::Result<(GroupCommitter, JoinSet<()>)> {
         let (tx, rx) = mpsc::channel::<Job>(max_batch.max(1) * 8);
         let failed = Arc::new(AtomicBool::new(false));
+        let refusing = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
         match &store {
             Store::Sqlite(s) => {
@@ -66,23 +70,46 @@ impl GroupCommitter {
                 // under its name in `top -H` and profiles.
                 std::thread::Builder::new().name("intake-commit".into()).spawn({
                     let failed = failed.clone();
-                    move || sqlite_commit_loop(&inbox, rx, answer_tx, &failed, max_batch)
+                    let refusing = refusing.clone();
+                    move || sqlite_commit_loop(&inbox, rx, answer_tx, &failed, &refusing, max_batch)
                 })?;
                 tasks.spawn(answer_loop(answer_rx));
             }
             Store::Postgres(_) => {
                 let rx = Arc::new(Mutex::new(rx));
                 for _ in 0..INTAKE_COMMITTERS_PG {
-                    tasks.spawn(commit_loop(store.clone(), rx.clone(), max_batch));
+                    tasks.spawn(commit_loop(
+                        store.clone(),
+                        rx.clone(),
+                        refusing.clone(),
+                        max_batch,
+                    ));
                 }
             }
         }
-        Ok((GroupCommitter { queue: tx, failed }, tasks))
+        Ok((
+            GroupCommitter {
+                queue: tx,
+                failed,
+                refusing,
+            },
+            tasks,
+        ))
     }
 
     /// Whether an fsync failed: intake then refuses everything until restarted.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether the last group's commit failed (intake answers 503 for now).
+    pub fn is_refusing(&self) -> bool {
+        self.refusing.load(Ordering::Acquire)
+    }
+
+    /// A probe commit went through (readiness): intake takes notifications again.
+    pub fn commits_again(&self) {
+        self.refusing.store(false, Ordering::Release);
     }
 
     /// Stores one notification durably; returns once it is durable (or known duplicate).
@@ -138,6 +165,7 @@ fn sqlite_commit_loop(
     mut queue: mpsc::Receiver<Job>,
     answers: mpsc::UnboundedSender<Answer>,
     failed: &AtomicBool,
+    refusing: &AtomicBool,
     max_batch: usize,
 ) {
     while let Some(first) = queue.blocking_recv() {
@@ -149,8 +177,12 @@ fn sqlite_commit_loop(
         // Two requests carrying the same dedupe key in one group: the second is a duplicate,
         // exactly as if they had arrived in separate transactions.
         let results = match inbox.insert(&notifications) {
-            Ok(results) => results,
+            Ok(results) => {
+                refusing.store(false, Ordering::Release);
+                results
+            }
             Err(e) => {
+                refusing.store(true, Ordering::Release);
                 tracing::error!(error = %e, batch = notifications.len(), "group commit failed");
                 refuse(replies, &IntakeError::Store(e.to_string()));
                 continue;
@@ -172,8 +204,8 @@ fn sqlite_commit_loop(
             Err(e) => {
                 // The store's files were deleted or replaced: nothing SQLite writes from now
                 // on reaches them. Or: after a failed fsync the kernel may have dropped the
-                // unwritten pages and
-                // report the next fsync as clean, so no later sync can vouch for this group
+                // unwritten pages and report the next fsync as clean, so no later sync can
+                // vouch for this group
                 // or any other: intake refuses from now on (503, so Dynamics retries once, and
                 // the failure shows in System Jobs) until oppsync is restarted and SQLite's
                 // recovery reads what is really on disk.
@@ -204,7 +236,12 @@ async fn answer_loop(mut answers: mpsc::UnboundedReceiver<Answer>) {
 }
 
 /// A PostgreSQL committer: a commit there is durable when it returns, so it answers at once.
-async fn commit_loop(store: Store, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_batch: usize) {
+async fn commit_loop(
+    store: Store,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    refusing: Arc<AtomicBool>,
+    max_batch: usize,
+) {
     loop {
         let (notifications, replies) = {
             let mut queue = queue.lock().await;
@@ -212,8 +249,12 @@ async fn commit_loop(store: Store, queue: Arc<Mutex<mpsc::Receiver<Job>>>, max_b
             group(first, &mut queue, max_batch)
         };
         match store.insert_notifications(&notifications).await {
-            Ok(results) => deliver(replies, results),
+            Ok(results) => {
+                refusing.store(false, Ordering::Release);
+                deliver(replies, results);
+            }
             Err(e) => {
+                refusing.store(true, Ordering::Release);
                 tracing::error!(error = %e, batch = notifications.len(), "group commit failed");
                 refuse(replies, &IntakeError::Store(e.to_string()));
             }

@@ -88,6 +88,23 @@ pub struct NewNotification {
     pub received_at: i64,
 }
 
+impl NewNotification {
+    /// A row for a probe commit that is rolled back: never stored.
+    pub fn probe() -> NewNotification {
+        NewNotification {
+            dedupe_key: format!("readiness-probe:{}", Uuid::new_v4()),
+            entity: "opportunity".into(),
+            message: "Update".into(),
+            record_id: Uuid::nil(),
+            version: 0,
+            correlation_id: None,
+            data_missing: false,
+            body: PackedBody::pack(b"{}"),
+            received_at: now_ms(),
+        }
+    }
+}
+
 /// What storing one notification did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Received {
@@ -400,6 +417,21 @@ macro_rules! dispatch {
     };
 }
 
+/// Whether a pooled connection may be handed out: not if sqlx still counts it inside a
+/// transaction once its queued rollback has run (the pool flushes that on release). That happens
+/// when the database rolled the transaction back by itself (SQLite does on "database or disk is
+/// full" and I/O errors) and sqlx's own ROLLBACK then failed: every later BEGIN on that
+/// connection would fail ("non-zero transaction depth") until a restart. Such a connection is
+/// closed and replaced instead, so the worker recovers once space is back.
+fn fit_for_use<C: sqlx::Connection>(conn: &mut C) -> bool {
+    if conn.is_in_transaction() {
+        tracing::warn!("a store connection left in an unknown transaction state is closed and replaced");
+        false
+    } else {
+        true
+    }
+}
+
 /// Creates the SQLite file, if it does not exist yet, readable and writable by its owner only
 /// (0600): it holds contacts' names and emails. SQLite gives its log and shared-memory files the
 /// database file's permissions. An existing file open to others is reported, not changed.
@@ -458,6 +490,7 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(10))
+                .before_acquire(|conn, _| Box::pin(async move { Ok(fit_for_use(conn)) }))
                 .connect_with(options.clone().synchronous(SqliteSynchronous::Normal))
                 .await?;
             // The pool has created the file and put it in WAL mode.
@@ -470,6 +503,7 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(10))
+                .before_acquire(|conn, _| Box::pin(async move { Ok(fit_for_use(conn)) }))
                 .connect_with(options.clone())
                 .await?;
             // Intake's own connections, one per committer: a webhook never waits for a
@@ -545,6 +579,11 @@ impl Store {
 
     /// Stores a batch in one transaction: the group commit. Committed when this returns, but
     /// on SQLite durable against a power cut only after [`SqliteInbox::sync`].
+    /// Tries intake's commit path and undoes it: whether notifications can be stored now.
+    pub async fn probe_intake(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.probe_intake().await)
+    }
+
     pub async fn insert_notifications(&self, batch: &[NewNotification]) -> Result<Vec<Received>, StoreError> {
         dispatch!(self, s => s.insert_notifications(batch).await)
     }

@@ -1057,9 +1057,26 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Sqlite(format!("the insert task failed: {e}")))?
     }
+
+    /// Intake's commit path, tried and undone (readiness after a refused commit).
+    pub async fn probe_intake(&self) -> Result<(), StoreError> {
+        let inbox = self.intake.clone();
+        tokio::task::spawn_blocking(move || inbox.probe())
+            .await
+            .map_err(|e| StoreError::Sqlite(format!("the probe task failed: {e}")))?
+    }
 }
 
 impl PgStore {
+    /// Intake's commit path, tried and undone (readiness after a refused commit).
+    pub async fn probe_intake(&self) -> Result<(), StoreError> {
+        let probe = [NewNotification::probe()];
+        let mut tx = self.intake.begin().await?;
+        Self::insert_query(&probe).fetch_all(&mut *tx).await?;
+        tx.rollback().await?;
+        Ok(())
+    }
+
     /// The multi-row insert of `chunk`, bound. Values are bound by value where they are
     /// not already owned copies, so each row's bytes are copied once into the statement.
     fn insert_query(

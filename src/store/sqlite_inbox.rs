@@ -143,6 +143,31 @@ impl SqliteInbox {
         Ok(results)
     }
 
+    /// Inserts a probe row as intake would, and rolls it back: whether a group could be
+    /// committed now (readiness, after a refused commit). Blocking.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let n = NewNotification::probe();
+            let mut insert = tx.prepare_cached(INSERT_ONE)?;
+            insert.execute(params![
+                n.dedupe_key,
+                n.received_at,
+                n.entity,
+                n.message,
+                n.record_id.to_string(),
+                n.version,
+                n.correlation_id,
+                i64::from(n.data_missing),
+                n.body.bytes(),
+                n.body.codec().as_str(),
+            ])?;
+        }
+        tx.rollback()?;
+        Ok(())
+    }
+
     /// Makes every group committed so far durable: fsync of the write-ahead log, which is what
     /// `synchronous = FULL` does inside each commit. Blocking.
     ///

@@ -110,8 +110,20 @@ pub async fn run_all(store: &Store) {
     failed_notifications_retry_then_dead_letter_and_can_be_redriven(store).await;
     controls_and_lead_ids_round_trip(store).await;
     connections_are_found_by_contact_and_accounts_swap(store).await;
+    a_probe_commit_stores_nothing(store).await;
     // Last: every check above moved rows through every status.
     the_kept_counts_match_the_rows(store).await;
+}
+
+/// Readiness's probe of intake's commit path leaves nothing behind.
+async fn a_probe_commit_stores_nothing(store: &Store) {
+    let before = store.list_notifications(None, None, 100_000).await.unwrap().len();
+    store.probe_intake().await.unwrap();
+    store.probe_intake().await.unwrap();
+    assert_eq!(
+        store.list_notifications(None, None, 100_000).await.unwrap().len(),
+        before
+    );
 }
 
 /// A contact's connections are found through the contact id in their state (migration 5), and

@@ -171,3 +171,106 @@ async fn a_new_sqlite_store_is_readable_by_its_owner_only() {
         assert_eq!(mode, 0o600, "{file}: {mode:o}");
     }
 }
+
+/// "Database or disk is full" in the middle of a write transaction (SQLite then rolls it back by
+/// itself, and sqlx's own rollback fails): once space is back, writes work again, with no
+/// restart. `PRAGMA max_page_count` makes SQLite full on demand, per connection.
+#[tokio::test]
+async fn writes_resume_by_themselves_after_the_database_was_full() {
+    use sqlx::Row;
+    let (store, _dir) = fresh_sqlite().await;
+    store.migrate().await.unwrap();
+    let Store::Sqlite(s) = &store else { unreachable!() };
+    let limit_every_connection = |pages: Option<i64>| async move {
+        let mut held = Vec::new();
+        while let Ok(Some(mut conn)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), s.pool().acquire())
+                .await
+                .map(Result::ok)
+        {
+            let limit = match pages {
+                Some(p) => p,
+                None => sqlx::query("PRAGMA page_count")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap()
+                    .get::<i64, _>(0),
+            };
+            sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {limit}")))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            held.push(conn);
+        }
+        assert!(!held.is_empty());
+    };
+    let big = |id: uuid::Uuid, revision: Option<i64>| super::Commit {
+        opportunities: vec![super::RowWrite {
+            id,
+            expected_revision: revision,
+            state: "x".repeat(4 << 20),
+            projection: None,
+            index: None,
+        }],
+        ..super::Commit::default()
+    };
+    // Full: no page may be added.
+    limit_every_connection(None).await;
+    let id = uuid::Uuid::new_v4();
+    let full = store.commit(&big(id, None)).await.unwrap_err().to_string();
+    assert!(full.contains("full"), "{full}");
+    // Space is back.
+    limit_every_connection(Some(1 << 30)).await;
+    // As many writes as the pool has connections: each goes through a different one.
+    for _ in 0..4 {
+        let id = uuid::Uuid::new_v4();
+        store.commit(&big(id, None)).await.unwrap();
+        assert!(store.opportunity_row(id).await.unwrap().is_some());
+    }
+    store
+        .insert_notifications(&[suite::notification("after-full", uuid::Uuid::new_v4())])
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_notifications("me", super::now_ms(), 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+}
+
+/// When the database ends a transaction by itself (SQLite does on "disk full" at COMMIT, or an
+/// I/O error), sqlx's rollback fails and the connection stays counted inside a transaction:
+/// every BEGIN on it would fail ("non-zero transaction depth") until a restart. Such a
+/// connection is replaced, and the writes after it go through. (The database's own rollback is
+/// played here by a ROLLBACK sent behind sqlx's back.)
+#[tokio::test]
+async fn a_connection_whose_transaction_the_database_ended_is_replaced() {
+    use sqlx::Connection;
+    let (store, _dir) = fresh_sqlite().await;
+    store.migrate().await.unwrap();
+    let Store::Sqlite(s) = &store else { unreachable!() };
+    for _ in 0..4 {
+        let mut conn = s.pool().acquire().await.unwrap();
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+        drop(tx);
+        drop(conn);
+    }
+    for i in 0..8 {
+        let id = uuid::Uuid::new_v4();
+        let write = super::Commit {
+            opportunities: vec![super::RowWrite {
+                id,
+                expected_revision: None,
+                state: "{}".into(),
+                projection: None,
+                index: None,
+            }],
+            ..super::Commit::default()
+        };
+        store
+            .commit(&write)
+            .await
+            .unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+}

@@ -240,3 +240,55 @@ async fn encoded_bodies_and_ids_that_are_not_guids_are_refused() {
     assert_eq!(stored.len(), 1);
     env.stop().await;
 }
+
+/// While intake's commits fail (here a trigger refuses every inbox row, as a full disk would),
+/// webhooks get 503 and readiness is 503 too; once commits go through again, readiness
+/// recovers by itself (a probe commit, rolled back) and webhooks are stored.
+#[tokio::test]
+async fn readiness_is_503_while_intake_cannot_commit_and_recovers_with_it() {
+    let env = TestEnv::start().await;
+    let oppsync::store::Store::Sqlite(s) = &env.app.state.store else {
+        unreachable!("the test environment runs on SQLite")
+    };
+    let pool = s.pool().clone();
+    let probe = |path: &'static str| {
+        let http = env.http.clone();
+        let url = format!("{}{path}", env.app.url());
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(probe("/readyz").await, 200);
+    sqlx::query(
+        "CREATE TRIGGER refuse_all BEFORE INSERT ON inbox BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(env.sims.dataverse.clone()));
+    let (_, n) = org.create_opportunity(
+        "Refused",
+        Customer::Account(Uuid::new_v4()),
+        Decimal::new(1, 0),
+        1,
+    );
+    assert_eq!(env.post(&n).await.status().as_u16(), 503);
+    for _ in 0..3 {
+        assert_eq!(probe("/readyz").await, 503, "readiness while commits fail");
+    }
+    assert_eq!(probe("/healthz").await, 200, "not a reason to restart the pod");
+    sqlx::query("DROP TRIGGER refuse_all")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(probe("/readyz").await, 200, "readiness after commits work again");
+    assert_eq!(env.post(&n).await.status().as_u16(), 202);
+    // The probes stored nothing.
+    let stored = env
+        .app
+        .state
+        .store
+        .list_notifications(None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    env.stop().await;
+}
