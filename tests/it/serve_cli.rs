@@ -367,3 +367,97 @@ async fn no_log_level_shows_the_webhook_key_and_failed_authentications_are_warne
         warned[0]
     );
 }
+
+/// File descriptors run out while serving (idle connections under a low `ulimit -n`): a
+/// notification committed meanwhile is still made durable and answered 202 (the inbox log is
+/// held open, not opened again per group), intake is not latched off, and once the idle
+/// connections are cut by the header timeout the service takes webhooks as before.
+#[tokio::test]
+async fn running_out_of_descriptors_does_not_stop_intake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    env.push((
+        "OPPSYNC__SERVER__HEADER_READ_TIMEOUT_SECS".to_owned(),
+        "3".to_owned(),
+    ));
+    let log = dir.path().join("serve.log");
+    let child = Command::new("bash")
+        .args(["-c", "ulimit -n 96 && exec \"$0\" serve"])
+        .arg(env!("CARGO_BIN_EXE_oppsync"))
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut serve = Serve {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        log,
+    };
+    assert!(serve.answers("/readyz").await, "{}", serve.log());
+    let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
+    let http = reqwest::Client::new();
+    let post = |n: &oppsync::dynamics::compose::NotificationBuilder| {
+        let mut post = http
+            .post(format!("{}/webhooks/dynamics?code={KEY}", serve.url))
+            .body(n.to_json());
+        for (k, v) in n.headers() {
+            post = post.header(k, v);
+        }
+        post.send()
+    };
+    let (_, first) =
+        org.create_opportunity("Before", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
+    assert_eq!(post(&first).await.unwrap().status().as_u16(), 202);
+
+    // A webhook whose headers are in, its body held back.
+    let (_, during) =
+        org.create_opportunity("During", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
+    let body = during.to_json();
+    let addr = format!("127.0.0.1:{port}");
+    let mut held = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    held.write_all(
+        format!(
+            "POST /webhooks/dynamics?code={KEY} HTTP/1.1\r\nHost: oppsync\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every descriptor the service may open is taken by idle connections.
+    let mut idle = Vec::new();
+    for _ in 0..150 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(20), held.read_to_string(&mut answer))
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}\n{}", serve.log());
+    let log = serve.log();
+    assert!(
+        log.contains("could not accept a connection"),
+        "descriptors did run out:\n{log}"
+    );
+    drop(idle);
+    // The idle ones are cut, descriptors come back: intake as before, liveness green.
+    let (_, after) =
+        org.create_opportunity("After", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
+    let status = tokio::time::timeout(Duration::from_secs(20), post(&after))
+        .await
+        .expect("no answer after the descriptors came back")
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(status, 202, "{}", serve.log());
+    assert!(serve.answers("/healthz").await);
+}
