@@ -209,12 +209,33 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { online } => {
-            let config = match load(cli, Purpose::Serve) {
+            // Online, the collaborators are called: everything `serve` needs must be there.
+            // Offline, a partial file is checked for what it holds, and what `serve` would
+            // still need is listed, not failed.
+            let purpose = if *online { Purpose::Serve } else { Purpose::Inspect };
+            let config = match load(cli, purpose) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
             print!("{}", config.redacted_toml());
-            eprintln!("configuration is valid");
+            let inspect = config.problems(Purpose::Inspect);
+            let for_serve: Vec<String> = config
+                .problems(Purpose::Serve)
+                .into_iter()
+                .filter(|p| !inspect.contains(p))
+                .collect();
+            if for_serve.is_empty() {
+                eprintln!("configuration is valid");
+            } else {
+                eprintln!(
+                    "configuration is valid as far as it goes; `serve` also needs:\n{}",
+                    for_serve
+                        .iter()
+                        .map(|p| format!("  - {p}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
             if *online {
                 return Ok(check_online(&config).await);
             }

@@ -147,6 +147,30 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
         c.content_type = Some(ct.into());
         cases.push(c);
     }
+    // Declared compressed, sent plain: refused, not decoded nor taken as plain text.
+    for encoding in ["gzip", "br", "deflate", "x-unknown"] {
+        let mut c = case(&format!("content encoding {encoding}"), valid());
+        c.headers.push(("content-encoding".into(), encoding.into()));
+        cases.push(c);
+    }
+    // Identifiers that go into keys, the store and the logs must be Guids.
+    let body = valid();
+    let correlation = body
+        .split("\"CorrelationId\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .ok_or_else(|| anyhow::anyhow!("corpus: no CorrelationId in a composed body"))?
+        .to_owned();
+    for (name, id) in [
+        ("CorrelationId not a Guid", "not-a-guid".to_owned()),
+        ("CorrelationId of 900 KB", "z".repeat(900_000)),
+        (
+            "CorrelationId with a newline",
+            "a\\nINFO forged log line".to_owned(),
+        ),
+    ] {
+        cases.push(case(name, body.replace(&correlation, &id)));
+    }
     let mut c = case("content type of 8 KiB garbage", valid());
     c.content_type = Some("x".repeat(8192));
     cases.push(c);

@@ -280,6 +280,38 @@ async fn check_config_without_online_touches_nothing() {
     assert_eq!(sims.dataverse.token_issued_count(), 0);
 }
 
+/// Without --online, check-config validates a partial file for what it holds and lists what
+/// `serve` would still need, without failing; a bad value still fails it, every one listed.
+#[tokio::test]
+async fn check_config_validates_a_partial_file_and_lists_what_serve_still_needs() {
+    let partial = [("OPPSYNC__MARKETO__BATCH_SIZE".to_owned(), "200".to_owned())];
+    let out = oppsync(&["check-config"], &partial).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("batch_size = 200"), "{stdout}");
+    assert!(stderr.contains("`serve` also needs"), "{stderr}");
+    for needed in ["webhook.keys", "marketo.base_url", "dataverse.url"] {
+        assert!(stderr.contains(needed), "{needed}: {stderr}");
+    }
+    let bad = [
+        ("OPPSYNC__MARKETO__BATCH_SIZE".to_owned(), "900".to_owned()),
+        (
+            "OPPSYNC__MARKETO__BASE_URL".to_owned(),
+            "ftp://example.com".to_owned(),
+        ),
+    ];
+    let out = oppsync(&["check-config"], &bad).await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("marketo.batch_size") && stderr.contains("marketo.base_url"),
+        "{stderr}"
+    );
+    // Online, the collaborators are called: what serve needs is required.
+    let out = oppsync(&["check-config", "--online"], &partial).await;
+    assert!(!out.status.success());
+}
+
 /// `oppsync token` mints within admin.max_token_ttl_secs and refuses longer lifetimes, which the
 /// service would refuse anyway.
 #[tokio::test]
