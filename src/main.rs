@@ -253,6 +253,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             };
             let m = oppsync::sim::marketo::MarketoSim::start(cfg).await?;
             let d = oppsync::sim::dataverse::DataverseSim::start_on(*dataverse).await?;
+            d.seed_sample_records();
             let dv = d.config();
             println!(
                 "Marketo simulator:   {}   (state: {}/_sim/state)",
@@ -260,6 +261,9 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 m.base_url()
             );
             println!("Dataverse simulator: {}", d.url());
+            println!(
+                "  seeded with what the sample webhooks in tests/fixtures/dynamics/ name: the account Contoso Pharmaceuticals, its contact James Glynn, a stakeholder connection role"
+            );
             println!("\nPoint `oppsync serve` at them with:");
             println!("  export OPPSYNC__MARKETO__BASE_URL={}", m.base_url());
             println!("  export OPPSYNC__MARKETO__CLIENT_ID={}", m.client_id());

@@ -150,6 +150,13 @@ impl ContactFixture {
     }
 }
 
+/// The account the sample webhooks in `tests/fixtures/dynamics/` name.
+pub const SAMPLE_ACCOUNT: Uuid = Uuid::from_u128(0xb2c3d4e5_f6a7_8901_bcde_f12345678901);
+/// The contact they name (potential customer and stakeholder).
+pub const SAMPLE_CONTACT: Uuid = Uuid::from_u128(0x6d81597f_0f9f_e711_8122_000d3aa2331c);
+/// The connection role of their stakeholder connections.
+pub const SAMPLE_ROLE: Uuid = Uuid::from_u128(0x9a3e6c1b_2d4f_4a5e_8b7c_0d1e2f3a4b5c);
+
 /// A connection row to seed (one direction; add the reciprocal row separately if wanted).
 #[derive(Debug, Clone)]
 pub struct ConnectionFixture {
@@ -372,6 +379,22 @@ impl DataverseSimHandle {
 
     pub fn put_connection_role(&self, id: Uuid, name: &str, category: i32) {
         self.state().put_role(id, name, category);
+    }
+
+    /// Seeds the records the sample webhooks (`tests/fixtures/dynamics/`) name, so that posting
+    /// them to a service pointed at this simulator syncs them: the account Contoso
+    /// Pharmaceuticals, its contact James Glynn, and a stakeholder connection role.
+    pub fn seed_sample_records(&self) {
+        let now = OffsetDateTime::now_utc();
+        self.put_account(SAMPLE_ACCOUNT, "Contoso Pharmaceuticals", now);
+        let mut james = ContactFixture::new(SAMPLE_CONTACT, "James", "Glynn", "james.glynn@contoso.com");
+        james.parent = Some(EntityRef {
+            logical_name: "account".into(),
+            id: SAMPLE_ACCOUNT,
+            name: Some("Contoso Pharmaceuticals".into()),
+        });
+        self.put_contact(james);
+        self.put_connection_role(SAMPLE_ROLE, "Technical Evaluator", 1000);
     }
 
     /// Turns change tracking on or off for an entity set (on for every table at start).

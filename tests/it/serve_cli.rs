@@ -461,3 +461,91 @@ async fn running_out_of_descriptors_does_not_stop_intake() {
     assert_eq!(status, 202, "{}", serve.log());
     assert!(serve.answers("/healthz").await);
 }
+
+/// The README's "Trying it by hand" lines, run exactly as written (in a scratch directory that
+/// holds the repository's `tests/`, with the built `oppsync` first on the PATH): the sample
+/// opportunity reaches the Marketo simulator with its role, lead and company, and nothing
+/// becomes a dead letter.
+#[tokio::test]
+async fn the_readmes_by_hand_lines_sync_the_sample_opportunity() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("**Trying it by hand**")
+        .expect("the README has the section")..];
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a sh block")
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests"),
+        dir.path().join("tests"),
+    )
+    .unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_oppsync"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let script = format!(
+        "{block}\necho; echo METRICS; curl -s http://127.0.0.1:8080/metrics | grep '^oppsync_dead_letters'\n"
+    );
+    // Into files, not pipes: the service and the simulators the lines start in the background
+    // keep their inherited descriptors open after the script ends.
+    let out_path = dir.path().join("script.out");
+    let err_path = dir.path().join("script.err");
+    let mut child = Command::new("bash");
+    child
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env_remove("RUST_LOG")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OPPSYNC") {
+            child.env_remove(name);
+        }
+    }
+    std::os::unix::process::CommandExt::process_group(&mut child, 0);
+    let mut child = child.spawn().unwrap();
+    let group = child.id();
+    let finished = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await;
+    // The simulators and the service were started in the background: stop them.
+    let _ = Command::new("kill")
+        .args(["-TERM", "--", &format!("-{group}")])
+        .status();
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert!(
+        finished.is_ok(),
+        "the lines did not finish within 120 s:\n{stdout}\n{stderr}"
+    );
+    let serve_log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}\nserve.log:\n{serve_log}");
+    assert!(stdout.contains("\"status\":\"stored\""), "{context}");
+    let state = stdout.split("METRICS").next().unwrap_or("");
+    for expected in [
+        "d3b1e0a2-4c5f-ef11-8409-000d3a5b1c2d",
+        "James Glynn - 20 seats",
+        "james.glynn@contoso.com",
+        "Contoso Pharmaceuticals",
+        "Potential Customer",
+    ] {
+        assert!(state.contains(expected), "Marketo lacks {expected}: {context}");
+    }
+    let metrics = stdout.split("METRICS").nth(1).unwrap_or("");
+    assert!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("oppsync_dead_letters"))
+            .all(|l| l.ends_with(" 0")),
+        "dead letters: {context}"
+    );
+}
