@@ -27,6 +27,22 @@ const INSERT_ONE: &str = "INSERT INTO inbox (status, attempts, dedupe_key, recei
      VALUES ('pending', 0, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2) \
      ON CONFLICT (dedupe_key) DO NOTHING";
 
+/// Runs [`INSERT_ONE`] for `n`: rows inserted (0: a duplicate key).
+fn insert_one(insert: &mut rusqlite::CachedStatement<'_>, n: &NewNotification) -> rusqlite::Result<usize> {
+    insert.execute(params![
+        n.dedupe_key,
+        n.received_at,
+        n.entity,
+        n.message,
+        n.record_id.to_string(),
+        n.version,
+        n.correlation_id,
+        i64::from(n.data_missing),
+        n.body.bytes(),
+        n.body.codec().as_str(),
+    ])
+}
+
 /// Invocations of [`wait_for_the_write_lock`] polled at the fine interval first, and in all.
 const FINE_POLLS: i32 = 200;
 const MAX_POLLS: i32 = FINE_POLLS + 10_000;
@@ -121,18 +137,7 @@ impl SqliteInbox {
         {
             let mut insert = tx.prepare_cached(INSERT_ONE)?;
             for n in batch {
-                let inserted = insert.execute(params![
-                    n.dedupe_key,
-                    n.received_at,
-                    n.entity,
-                    n.message,
-                    n.record_id.to_string(),
-                    n.version,
-                    n.correlation_id,
-                    i64::from(n.data_missing),
-                    n.body.bytes(),
-                    n.body.codec().as_str(),
-                ])?;
+                let inserted = insert_one(&mut insert, n)?;
                 results.push(match inserted {
                     0 => Received::Duplicate,
                     _ => Received::Stored(tx.last_insert_rowid()),
@@ -149,20 +154,7 @@ impl SqliteInbox {
         let mut conn = self.conn.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let n = NewNotification::probe();
-            let mut insert = tx.prepare_cached(INSERT_ONE)?;
-            insert.execute(params![
-                n.dedupe_key,
-                n.received_at,
-                n.entity,
-                n.message,
-                n.record_id.to_string(),
-                n.version,
-                n.correlation_id,
-                i64::from(n.data_missing),
-                n.body.bytes(),
-                n.body.codec().as_str(),
-            ])?;
+            insert_one(&mut tx.prepare_cached(INSERT_ONE)?, &NewNotification::probe())?;
         }
         tx.rollback()?;
         Ok(())

@@ -401,15 +401,7 @@ async fn admin_metrics_after_traffic() {
         .unwrap();
     assert_eq!(bad.status().as_u16(), 401);
     env.settle().await;
-    let text = env
-        .http
-        .get(format!("{}/metrics", env.app.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics_text().await;
     for needle in [
         "oppsync_intake_total{outcome=\"stored\"}",
         "oppsync_intake_total{outcome=\"unauthorized\"}",

@@ -127,15 +127,7 @@ async fn a_dead_letter_from_a_refused_connection_names_the_cause() {
 }
 
 async fn metric(env: &TestEnv, series: &str) -> Option<f64> {
-    let text = env
-        .http
-        .get(format!("{}/metrics", env.app.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics_text().await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
@@ -379,15 +371,7 @@ async fn every_metric_has_help_text() {
     let (_, n) = org.create_opportunity("Help", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
     env.deliver(&n).await;
     env.settle().await;
-    let text = env
-        .http
-        .get(format!("{}/metrics", env.app.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics_text().await;
     let typed: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -340,15 +340,7 @@ async fn the_organisation_is_learnt_from_who_am_i_and_another_ones_notifications
     let ok = NotificationBuilder::opportunity_create(Uuid::new_v4(), START).organization_id(ours);
     assert_eq!(env.post(&ok).await.status(), 202);
 
-    let metrics = env
-        .http
-        .get(format!("{}/metrics", env.app.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.metrics_text().await;
     let counted = |check: &str| {
         metrics.lines().any(|l| {
             l.starts_with("oppsync_intake_foreign_organization_total")

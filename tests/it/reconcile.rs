@@ -172,15 +172,7 @@ async fn an_update_and_a_delete_without_webhooks_are_fixed_by_one_reconcile_pass
         .map(|t| t["changes_found"].as_u64().unwrap())
         .sum();
     assert!(found >= 3, "{status}");
-    let metrics = env
-        .http
-        .get(format!("{}/metrics", env.app.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.metrics_text().await;
     assert!(
         metrics.contains("oppsync_reconcile_missed_changes_total"),
         "{metrics}"

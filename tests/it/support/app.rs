@@ -122,6 +122,18 @@ impl TestEnv {
         format!("{}/webhooks/dynamics?code={KEY}", self.app.url())
     }
 
+    /// What `/metrics` answers now.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.app.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Posts a composed notification exactly as Dynamics would.
     pub async fn post(&self, n: &NotificationBuilder) -> reqwest::Response {
         let mut req = self.http.post(self.webhook_url()).body(n.to_json());
