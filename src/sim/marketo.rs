@@ -175,6 +175,9 @@ struct SimState {
     faults: VecDeque<(QueuedFault, u32)>,
     /// A storm in progress: (code, percent, until).
     storm: Option<(u16, u8, Instant)>,
+    /// Calls answered during the storm so far: every call whose count crosses the next
+    /// `percent`-th is refused, so the share is exact, not left to chance.
+    storm_calls: u64,
     record_errors: HashMap<String, (String, String)>,
     error_counts: BTreeMap<String, u64>,
 }
@@ -405,7 +408,10 @@ impl MarketoSimHandle {
                 code,
                 percent,
                 lasting,
-            } => st.storm = Some((code, percent.min(100), now + lasting)),
+            } => {
+                st.storm = Some((code, percent.min(100), now + lasting));
+                st.storm_calls = 0;
+            }
             Fault::ExpireTokenNow => {
                 if let Some(t) = st.current_token.take()
                     && let Some(s) = st.tokens.get_mut(&t)
@@ -840,6 +846,7 @@ impl SimState {
             quota_used: 0,
             faults: VecDeque::new(),
             storm: None,
+            storm_calls: 0,
             record_errors: HashMap::new(),
             error_counts: BTreeMap::new(),
         }
@@ -990,7 +997,9 @@ impl SimState {
         }
         let storming = match self.storm {
             Some((code, percent, until)) if now < until => {
-                (rand::random_range(0..100u8) < percent).then_some(QueuedFault::Code(code))
+                self.storm_calls += 1;
+                let share = |calls: u64| calls * u64::from(percent) / 100;
+                (share(self.storm_calls) > share(self.storm_calls - 1)).then_some(QueuedFault::Code(code))
             }
             _ => None,
         };
