@@ -63,8 +63,23 @@ def one(kind):
 cfg = open("src/config.rs", encoding="utf-8").read()
 m = re.search(r"shutdown_grace_secs:\s*(\d+)", cfg)
 grace = int(m.group(1)) if m else 25
-cm = one("ConfigMap")
+maps = [d for d in docs if d["kind"] == "ConfigMap"]
+def named(prefix):
+    found = [d for d in maps if d["metadata"]["name"].startswith(prefix + "-")]
+    if len(found) != 1:
+        bad(f"expected one ConfigMap {prefix}-<hash>, found {len(found)}")
+        return {}
+    return found[0]
+if len(maps) != 2:
+    bad(f"expected the ConfigMaps oppsync-config and oppsync-instance, found {len(maps)}")
+cm = named("oppsync-config")
 toml_text = (cm.get("data") or {}).get("oppsync.toml", "")
+# The overlay names its Marketo instance and Dataverse environment.
+instance = named("oppsync-instance")
+for key in ["OPPSYNC__MARKETO__BASE_URL", "OPPSYNC__MARKETO__CLIENT_ID", "OPPSYNC__DATAVERSE__URL",
+            "OPPSYNC__DATAVERSE__TENANT_ID", "OPPSYNC__DATAVERSE__CLIENT_ID"]:
+    if not (instance.get("data") or {}).get(key):
+        bad(f"the overlay's oppsync-instance ConfigMap does not set {key}")
 m = re.search(r"^\s*shutdown_grace_secs\s*=\s*(\d+)", toml_text, re.M)
 if m:
     grace = max(grace, int(m.group(1)))
@@ -117,6 +132,10 @@ for c in containers + pod.get("initContainers", []):
     refs = [e.get("secretRef", {}).get("name") for e in c.get("envFrom", [])]
     if "oppsync-secrets" not in refs:
         bad(f"{c['name']}: does not take envFrom the Secret oppsync-secrets")
+    if c["name"] == "oppsync":
+        maps_used = [e.get("configMapRef", {}).get("name") for e in c.get("envFrom", [])]
+        if instance and instance["metadata"]["name"] not in maps_used:
+            bad("oppsync: does not take envFrom the overlay's oppsync-instance ConfigMap")
 
 tgp = pod.get("terminationGracePeriodSeconds", 30)
 pre = ((main.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds", 0)

@@ -15,7 +15,7 @@ echo "== openapi-spec-validator"
 "$VENV/bin/openapi-spec-validator" openapi/openapi.yaml
 
 echo "== schemathesis"
-cargo build -q --example openapi_target
+cargo build --example openapi_target
 BIN="${CARGO_TARGET_DIR:-target}/debug/examples/openapi_target"
 OUT=$(mktemp)
 RUST_LOG=warn "$BIN" >"$OUT" 2>"$OUT.log" &

@@ -10,6 +10,8 @@ for check in scripts/check-*.sh; do
   echo "== $check"
   "$check"
 done
+echo "== cargo test --locked (compiles first: cargo prints each crate it builds)"
 cargo test --locked
+echo "== reliability harness, short mode"
 # Reliability harness, short mode: SIGKILLs under load, injected faults, hostile input.
 cargo test --locked --bench harness -- --mode short

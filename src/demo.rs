@@ -31,9 +31,11 @@ pub struct DemoReport {
     pub marketo_calls: usize,
 }
 
-/// One step of the script: a caption and the notifications Dynamics sends for it.
+/// One step of the script: what happens in Dynamics (the records by name), what oppsync makes
+/// of it in Marketo, and the notifications Dynamics sends for it.
 struct Step {
     caption: &'static str,
+    effect: &'static str,
     notifications: Vec<NotificationBuilder>,
 }
 
@@ -50,7 +52,8 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
     let (maria, n3) = org.create_contact("Maria", "Campbell", "maria@fabrikam.com", Some(fabrikam));
     let (priya, n4) = org.create_contact("Priya", "Shah", "priya@freelance.example", None);
     steps.push(Step {
-        caption: "four contacts created",
+        caption: "Contacts James Glynn and Tom Avery (Contoso Ltd), Maria Campbell (Fabrikam Inc) and Priya Shah (no account) created",
+        effect: "nothing yet: a contact becomes a lead when an opportunity role needs it",
         notifications: vec![n1, n2, n3, n4],
     });
 
@@ -61,7 +64,8 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
         60,
     );
     steps.push(Step {
-        caption: "opportunity with a contact as potential customer",
+        caption: "Contoso - 500 seats renewal created, potential customer contact James Glynn",
+        effect: "opportunity; role Potential Customer for James; company Contoso Ltd (his account)",
         notifications: vec![n],
     });
     let (pilot, n) = org.create_opportunity(
@@ -71,15 +75,18 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
         30,
     );
     steps.push(Step {
-        caption: "opportunity with an account as potential customer",
+        caption: "Fabrikam - pilot created, potential customer account Fabrikam Inc",
+        effect: "opportunity; company Fabrikam Inc; no role (an account is not a person)",
         notifications: vec![n],
     });
     steps.push(Step {
-        caption: "stakeholder added from the opportunity (master, reciprocal, back-fill)",
+        caption: "Fabrikam - pilot: Maria Campbell added as Stakeholder (Dynamics sends the connection, its reciprocal and a back-fill update)",
+        effect: "one role Stakeholder for Maria, whichever of the three comes first",
         notifications: org.add_stakeholder(pilot, maria, ROLE_STAKEHOLDER),
     });
     steps.push(Step {
-        caption: "stakeholder added from the contact's side",
+        caption: "Contoso - 500 seats renewal: Tom Avery added as Decision Maker, from his contact form",
+        effect: "role Decision Maker for Tom (the opportunity is on the other side of the connection)",
         notifications: org.add_stakeholder_from_contact(renewal, tom, ROLE_DECISION_MAKER),
     });
     let mut older = Attributes::new();
@@ -96,15 +103,18 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
     newer.insert("closeprobability".into(), AttributeValue::Int(80));
     let newer = org.update_opportunity(renewal, newer);
     steps.push(Step {
-        caption: "two updates arriving out of order (the older one last)",
+        caption: "Contoso - 500 seats renewal: amount 130,000, then 142,500 at 80%; the older update arrives last, and twice",
+        effect: "amount 142,500 and probability 80 stay: the newest change wins each field",
         notifications: vec![newer, older.clone(), older],
     });
     steps.push(Step {
-        caption: "potential customer changed from an account to a contact without account",
+        caption: "Fabrikam - pilot: potential customer changes from account Fabrikam Inc to contact Priya Shah (no account)",
+        effect: "role Potential Customer for Priya; company emptied (she has no account)",
         notifications: vec![org.change_customer(pilot, Customer::Contact(priya))],
     });
     steps.push(Step {
-        caption: "stakeholder removed",
+        caption: "Contoso - 500 seats renewal: Tom Avery's connection removed",
+        effect: "his Decision Maker role is deleted",
         notifications: org.remove_stakeholder(renewal, tom),
     });
     let (doomed, n) = org.create_opportunity(
@@ -116,11 +126,13 @@ fn script(org: &mut DynamicsOrg) -> (Vec<Step>, Vec<(Uuid, &'static str)>) {
     let mut deleted = vec![n];
     deleted.extend(org.delete_opportunity(doomed));
     steps.push(Step {
-        caption: "opportunity created, then deleted",
+        caption: "Northwind - lost cause created for Priya Shah, then deleted",
+        effect: "created, then deleted with its role: nothing of it stays",
         notifications: deleted,
     });
     steps.push(Step {
-        caption: "the renewal is won (the Win message)",
+        caption: "Contoso - 500 seats renewal won (the Win message, not an Update)",
+        effect: "stage Won, closed and won",
         notifications: vec![org.close(renewal, true, 3, Decimal::new(142_500, 0)).0],
     });
     let names = vec![
@@ -159,6 +171,10 @@ pub async fn run(mut echo: impl FnMut(&str)) -> anyhow::Result<DemoReport> {
         sims.dataverse.url()
     ));
     echo("");
+    echo("Each step: what happens in Dynamics, what oppsync makes of it in Marketo, and the");
+    echo("answers to the webhooks Dynamics sends for it (202 = stored; 200 = a repeated delivery,");
+    echo("recognised and not stored again).");
+    echo("");
 
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
     let (steps, names) = script(&mut org);
@@ -180,7 +196,18 @@ pub async fn run(mut echo: impl FnMut(&str)) -> anyhow::Result<DemoReport> {
             answers.push(status.as_u16().to_string());
             posted += 1;
         }
-        echo(&format!("  {:<72} -> {}", step.caption, answers.join(" ")));
+        // Each step is synced before the next, so that the story (and what Marketo holds at
+        // the end) is the same on every run.
+        let step_started = Instant::now();
+        while !app.state.store.is_idle().await? {
+            if step_started.elapsed() > Duration::from_secs(60) {
+                bail!("step {:?} did not sync within 60 s", step.caption);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        echo(&format!("  {}", step.caption));
+        echo(&format!("      Marketo: {}", step.effect));
+        echo(&format!("      webhooks answered: {}", answers.join(" ")));
     }
 
     let started = Instant::now();
@@ -243,37 +270,74 @@ fn render(
         "\n{posted} notifications posted; queue drained in {:.1} s; dead letters: {dead}\n",
         drained_in.as_secs_f64()
     );
+    // Sorted by what a reader sees, so the report reads the same on every run.
+    let mut opportunities: Vec<(String, Vec<String>)> = m
+        .opportunities()
+        .iter()
+        .map(|(ext, o)| {
+            let company = match o.get("externalCompanyId") {
+                Some(Value::String(id)) => match companies.get(id).and_then(|c| c.get("company")) {
+                    Some(Value::String(name)) => name.clone(),
+                    _ => format!("(unnamed {})", &id[..8.min(id.len())]),
+                },
+                _ => "(none)".into(),
+            };
+            let row = vec![
+                text(o.get("stage")),
+                text(o.get("amount")),
+                text(o.get("probability")),
+                format!("{}/{}", text(o.get("isClosed")), text(o.get("isWon"))),
+                company,
+            ];
+            (name_of(ext), row)
+        })
+        .collect();
+    opportunities.sort();
     let _ = writeln!(out, "Marketo opportunities");
     let _ = writeln!(
         out,
-        "  {:<30} {:<6} {:>10} {:>5} {:<8} {:<14}",
+        "  {:<30} {:<6} {:>10} {:>5}  {:<11} {}",
         "name", "stage", "amount", "prob", "closed/won", "company"
     );
-    for (ext, o) in m.opportunities() {
-        let company = match o.get("externalCompanyId") {
-            Some(Value::String(id)) => match companies.get(id).and_then(|c| c.get("company")) {
-                Some(Value::String(name)) => name.clone(),
-                _ => format!("(unnamed {})", &id[..8.min(id.len())]),
-            },
-            _ => "(none)".into(),
-        };
-        let closed_won = format!("{}/{}", text(o.get("isClosed")), text(o.get("isWon")));
+    for (name, r) in &opportunities {
         let _ = writeln!(
             out,
-            "  {:<30} {:<6} {:>10} {:>5} {:<10} {:<14}",
-            name_of(&ext),
-            text(o.get("stage")),
-            text(o.get("amount")),
-            text(o.get("probability")),
-            closed_won,
-            company
+            "  {:<30} {:<6} {:>10} {:>5}  {:<11} {}",
+            name, r[0], r[1], r[2], r[3], r[4]
         );
     }
+    let mut roles: Vec<(String, String, String)> = m
+        .roles()
+        .into_iter()
+        .map(|(ext, lead, role)| {
+            let email = text(leads.get(&lead).and_then(|l| l.get("email")));
+            (name_of(&ext), email, role)
+        })
+        .collect();
+    roles.sort();
     let _ = writeln!(out, "\nMarketo opportunity roles");
-    let _ = writeln!(out, "  {:<30} {:<26} {:<20}", "opportunity", "lead", "role");
-    for (ext, lead, role) in m.roles() {
-        let email = text(leads.get(&lead).and_then(|l| l.get("email")));
-        let _ = writeln!(out, "  {:<30} {:<26} {:<20}", name_of(&ext), email, role);
+    let _ = writeln!(out, "  {:<30} {:<26} {}", "opportunity", "lead", "role");
+    for (opportunity, email, role) in &roles {
+        let _ = writeln!(out, "  {opportunity:<30} {email:<26} {role}");
+    }
+    let mut company_rows: Vec<String> = companies.values().map(|c| text(c.get("company"))).collect();
+    company_rows.sort();
+    let _ = writeln!(out, "\nMarketo companies");
+    for name in &company_rows {
+        let _ = writeln!(out, "  {name}");
+    }
+    let mut lead_rows: Vec<(String, String)> = leads
+        .values()
+        .map(|l| {
+            let name = format!("{} {}", text(l.get("firstName")), text(l.get("lastName")));
+            (text(l.get("email")), name)
+        })
+        .collect();
+    lead_rows.sort();
+    let _ = writeln!(out, "\nMarketo leads");
+    let _ = writeln!(out, "  {:<26} {}", "email", "name");
+    for (email, name) in &lead_rows {
+        let _ = writeln!(out, "  {email:<26} {name}");
     }
     let _ = writeln!(out, "\nMarketo calls (calls / records)");
     let mut by_path: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
