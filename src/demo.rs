@@ -296,8 +296,8 @@ fn render(
     let _ = writeln!(out, "Marketo opportunities");
     let _ = writeln!(
         out,
-        "  {:<30} {:<6} {:>10} {:>5}  {:<11} {}",
-        "name", "stage", "amount", "prob", "closed/won", "company"
+        "  {:<30} {:<6} {:>10} {:>5}  {:<11} company",
+        "name", "stage", "amount", "prob", "closed/won"
     );
     for (name, r) in &opportunities {
         let _ = writeln!(
@@ -316,7 +316,7 @@ fn render(
         .collect();
     roles.sort();
     let _ = writeln!(out, "\nMarketo opportunity roles");
-    let _ = writeln!(out, "  {:<30} {:<26} {}", "opportunity", "lead", "role");
+    let _ = writeln!(out, "  {:<30} {:<26} role", "opportunity", "lead");
     for (opportunity, email, role) in &roles {
         let _ = writeln!(out, "  {opportunity:<30} {email:<26} {role}");
     }
@@ -335,7 +335,7 @@ fn render(
         .collect();
     lead_rows.sort();
     let _ = writeln!(out, "\nMarketo leads");
-    let _ = writeln!(out, "  {:<26} {}", "email", "name");
+    let _ = writeln!(out, "  {:<26} name", "email");
     for (email, name) in &lead_rows {
         let _ = writeln!(out, "  {email:<26} {name}");
     }

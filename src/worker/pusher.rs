@@ -359,7 +359,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     }
     let read = started.elapsed();
     let ready_count = ready.len();
-    let tally = Tally::default();
+    let tally = Tally::new(ctx.marketo.usage().calls_today);
     let (groups, unreadable) = WriteGroups::parse(ready);
     settle(ctx, &unreadable, &tally).await?;
     outcome.settled = unreadable.len();
@@ -472,7 +472,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
         outcome.settled += outcomes.len();
         settle(ctx, &outcomes, &tally).await?;
     }
-    tally.log();
+    tally.log(ctx);
     Ok(outcome)
 }
 
@@ -522,11 +522,21 @@ fn retry_route(key: &WriteKey) -> String {
     )
 }
 
-/// What one push cycle settled, by kind of write and outcome: one INFO line per cycle.
-#[derive(Default)]
-struct Tally(std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), usize>>);
+/// What one push cycle settled, by kind of write and outcome, and the Marketo calls it made: one
+/// INFO line per cycle.
+struct Tally {
+    counts: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), usize>>,
+    calls_before: u32,
+}
 
 impl Tally {
+    fn new(calls_before: u32) -> Self {
+        Tally {
+            counts: std::sync::Mutex::default(),
+            calls_before,
+        }
+    }
+
     fn add(&self, key: &WriteKey, outcome: &WriteOutcome) {
         let kind = match key {
             WriteKey::Company(_) => "companies",
@@ -539,13 +549,13 @@ impl Tally {
             WriteOutcome::Retry { .. } => "retry",
             WriteOutcome::Dead { .. } => "dead",
         };
-        if let Ok(mut counts) = self.0.lock() {
+        if let Ok(mut counts) = self.counts.lock() {
             *counts.entry((kind, what)).or_default() += 1;
         }
     }
 
-    fn log(&self) {
-        let Ok(counts) = self.0.lock() else { return };
+    fn log(&self, ctx: &WorkerContext) {
+        let Ok(counts) = self.counts.lock() else { return };
         if counts.is_empty() {
             return;
         }
@@ -554,7 +564,9 @@ impl Tally {
             .map(|((kind, what), n)| format!("{kind} {what}: {n}"))
             .collect();
         let records: usize = counts.values().sum();
-        tracing::info!(records, summary = %summary.join(", "), "push cycle settled");
+        // The day's count (it restarts at Marketo's midnight: then this undercounts once).
+        let calls = ctx.marketo.usage().calls_today.saturating_sub(self.calls_before);
+        tracing::info!(calls, records, summary = %summary.join(", "), "push cycle settled");
     }
 }
 

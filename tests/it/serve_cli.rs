@@ -540,6 +540,13 @@ async fn the_readmes_by_hand_lines_sync_the_sample_opportunity() {
     ] {
         assert!(state.contains(expected), "Marketo lacks {expected}: {context}");
     }
+    // Each push cycle says what it did, at INFO.
+    assert!(
+        serve_log.lines().any(|l| l.contains("push cycle settled")
+            && l.contains("calls=")
+            && l.contains("opportunities done: 1")),
+        "{context}"
+    );
     let metrics = stdout.split("METRICS").nth(1).unwrap_or("");
     assert!(
         metrics
