@@ -23,6 +23,24 @@ use crate::dynamics::organization::ForeignOrganization;
 use crate::dynamics::{DecodeError, decode_notification};
 use crate::store::{IntakeError, NewNotification, PackedBody, Received, now_ms};
 
+/// How many times the body limit an oversized upload is read and dropped after its 413.
+const LINGER_FACTOR: u64 = 8;
+
+/// Reads and drops what is left of a refused body (see the oversized case in `intake`).
+async fn linger(mut body: Body, max_bytes: u64, within: Duration) {
+    use http_body_util::BodyExt;
+    let _ = tokio::time::timeout(within, async {
+        let mut read = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if read > max_bytes {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// At most one failed-authentication warning per this long; the rest are counted into it.
 const AUTH_WARN_EVERY_MS: i64 = 10_000;
 
@@ -177,6 +195,12 @@ async fn intake(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > limit as u64
     {
+        // The 413 goes out now. A client still sending would see its connection reset (and not
+        // the 413) if the unread rest were left in the socket when it closes, so the rest is
+        // read and dropped in the background, never held: at most LINGER_FACTOR times the
+        // limit, within the body timeout.
+        let within = Duration::from_secs(state.config.server.body_read_timeout_secs);
+        tokio::spawn(linger(body, (limit as u64).saturating_mul(LINGER_FACTOR), within));
         return Err(ApiError::PayloadTooLarge { limit });
     }
     // A body that trickles in is cut off: a slow client holds a connection, not the service.
