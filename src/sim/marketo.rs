@@ -93,12 +93,14 @@ pub enum Fault {
     /// Close the connection of the next `times` calls without a complete answer.
     DropConnection { times: u32 },
     /// A sustained storm, as when another integration saturates the shared instance: for
-    /// `lasting`, each REST call is answered with this response-level code (606, 615 …) with
-    /// probability `percent`/100, on top of the other faults.
+    /// `lasting`, and until it has refused `at_least` calls, `percent` of the REST calls are
+    /// answered with this response-level code (606, 615 …), the first of them included, on top
+    /// of the other faults. (A client that slows down under it still meets it.)
     Storm {
         code: u16,
         percent: u8,
         lasting: Duration,
+        at_least: u32,
     },
     /// Skip every write of these records (opportunity, company or role external ids) with this
     /// record-level reason, until `clear_faults`.
@@ -173,11 +175,13 @@ struct SimState {
     quota_day: time::Date,
     quota_used: u32,
     faults: VecDeque<(QueuedFault, u32)>,
-    /// A storm in progress: (code, percent, until).
-    storm: Option<(u16, u8, Instant)>,
-    /// Calls answered during the storm so far: every call whose count crosses the next
-    /// `percent`-th is refused, so the share is exact, not left to chance.
+    /// A storm in progress: (code, percent, until, at least this many refusals).
+    storm: Option<(u16, u8, Instant, u32)>,
+    /// Calls answered during the storm so far: the first and then every call that crosses the
+    /// next `percent`-th is refused, so the share is exact, not left to chance.
     storm_calls: u64,
+    /// Calls the storm refused.
+    storm_refused: u32,
     record_errors: HashMap<String, (String, String)>,
     error_counts: BTreeMap<String, u64>,
 }
@@ -379,6 +383,11 @@ impl MarketoSimHandle {
         self.sim.lock().error_counts.get(code).copied().unwrap_or(0)
     }
 
+    /// Calls the current (or last) storm refused.
+    pub fn storm_refused(&self) -> u32 {
+        self.sim.lock().storm_refused
+    }
+
     pub fn count_606(&self) -> u64 {
         self.error_count("606")
     }
@@ -408,9 +417,11 @@ impl MarketoSimHandle {
                 code,
                 percent,
                 lasting,
+                at_least,
             } => {
-                st.storm = Some((code, percent.min(100), now + lasting));
+                st.storm = Some((code, percent.min(100), now + lasting, at_least));
                 st.storm_calls = 0;
+                st.storm_refused = 0;
             }
             Fault::ExpireTokenNow => {
                 if let Some(t) = st.current_token.take()
@@ -847,6 +858,7 @@ impl SimState {
             faults: VecDeque::new(),
             storm: None,
             storm_calls: 0,
+            storm_refused: 0,
             record_errors: HashMap::new(),
             error_counts: BTreeMap::new(),
         }
@@ -996,10 +1008,14 @@ impl SimState {
             return (idx, Verdict::Answer(self.finish(idx, a)));
         }
         let storming = match self.storm {
-            Some((code, percent, until)) if now < until => {
+            Some((code, percent, until, at_least)) if now < until || self.storm_refused < at_least => {
+                let n = self.storm_calls;
                 self.storm_calls += 1;
-                let share = |calls: u64| calls * u64::from(percent) / 100;
-                (share(self.storm_calls) > share(self.storm_calls - 1)).then_some(QueuedFault::Code(code))
+                let refused = (n * u64::from(percent)) % 100 < u64::from(percent);
+                if refused {
+                    self.storm_refused += 1;
+                }
+                refused.then_some(QueuedFault::Code(code))
             }
             _ => None,
         };

@@ -43,6 +43,7 @@ async fn a_rate_limit_storm_from_another_integration_slows_pushing_and_dead_lett
         code: 606,
         percent: 50,
         lasting: Duration::from_secs(3),
+        at_least: 4,
     });
     let mut expected = Vec::new();
     for i in 0..30 {
