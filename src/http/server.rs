@@ -42,6 +42,9 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
+    // Accept failures (no descriptor free) repeat every 50 ms while they last: said once, then at
+    // most every 10 s with how many there were.
+    let mut accept_failures: (Option<std::time::Instant>, u64) = (None, 0);
     loop {
         let permit = tokio::select! {
             biased;
@@ -58,12 +61,24 @@ pub async fn serve(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and the like: the listener is fine, a descriptor is not free now.
-                    tracing::warn!(error = %e, "could not accept a connection; trying again shortly");
+                    accept_failures.1 += 1;
+                    if accept_failures.0.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(
+                            error = %e,
+                            failures = accept_failures.1,
+                            "could not accept a connection; trying again shortly (failures counts those since the last such line)"
+                        );
+                        accept_failures = (Some(std::time::Instant::now()), 0);
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        // Answers are written whole; Nagle's delay would only hold back their last segment.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
