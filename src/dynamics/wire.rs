@@ -117,7 +117,7 @@ impl ExecutionContext {
 
     /// Turns the context into the domain event. `size_exceeded` is the
     /// `x-ms-dynamics-msg-size-exceeded` header.
-    pub fn into_notification(self, size_exceeded: bool) -> Result<Notification, DecodeError> {
+    pub fn into_notification(mut self, size_exceeded: bool) -> Result<Notification, DecodeError> {
         let (entity, message) = match (
             EntityKind::from_logical_name(&self.primary_entity_name),
             MessageKind::from_name(&self.message_name),
@@ -171,6 +171,7 @@ impl ExecutionContext {
             ));
         }
 
+        let header = self.header();
         let ExecutionContext {
             mut input_parameters,
             pre_images,
@@ -213,16 +214,7 @@ impl ExecutionContext {
 
         let data_missing = size_exceeded
             || (matches!(message, MessageKind::Create | MessageKind::Update) && !target_present);
-        Ok(Header {
-            correlation_id: self.correlation_id,
-            operation_id: self.operation_id,
-            request_id: self.request_id,
-            organization_id: self.organization_id,
-            organization_name: self.organization_name,
-            stage: self.stage,
-            depth: self.depth,
-        }
-        .notification(DynamicsEvent {
+        Ok(header.notification(Change {
             entity,
             message,
             record_id,
@@ -230,10 +222,6 @@ impl ExecutionContext {
             attributes,
             pre_image,
             data_missing,
-            correlation_id: None,
-            operation_id: None,
-            request_id: None,
-            depth: 1,
         }))
     }
 
@@ -242,7 +230,7 @@ impl ExecutionContext {
     /// `statecode` / `statuscode` (and, for a close, `actualvalue` / `actualclosedate`), versioned
     /// by `OperationCreatedOn`: these messages carry no row, so no `modifiedon`.
     fn into_state_change(
-        self,
+        mut self,
         entity: EntityKind,
         message: MessageKind,
         size_exceeded: bool,
@@ -330,16 +318,7 @@ impl ExecutionContext {
             DecodeError::not_a_context(format!("{} without OperationCreatedOn", message.name()))
         })?;
         let data_missing = parameters.is_none();
-        Ok(Header {
-            correlation_id: self.correlation_id,
-            operation_id: self.operation_id,
-            request_id: self.request_id,
-            organization_id: self.organization_id,
-            organization_name: self.organization_name,
-            stage: self.stage,
-            depth: self.depth,
-        }
-        .notification(DynamicsEvent {
+        Ok(self.header().notification(Change {
             entity,
             message,
             record_id,
@@ -347,12 +326,35 @@ impl ExecutionContext {
             attributes,
             pre_image: Attributes::new(),
             data_missing,
-            correlation_id: None,
-            operation_id: None,
-            request_id: None,
-            depth: 1,
         }))
     }
+}
+
+impl ExecutionContext {
+    /// The members that go into every notification, whatever its message (taken out: the
+    /// context is consumed by then).
+    fn header(&mut self) -> Header {
+        Header {
+            correlation_id: self.correlation_id.take(),
+            operation_id: self.operation_id.take(),
+            request_id: self.request_id.take(),
+            organization_id: self.organization_id.take(),
+            organization_name: self.organization_name.take(),
+            stage: self.stage,
+            depth: self.depth,
+        }
+    }
+}
+
+/// What a notification changes, before the header's ids complete it.
+struct Change {
+    entity: EntityKind,
+    message: MessageKind,
+    record_id: Uuid,
+    version: i64,
+    attributes: Attributes,
+    pre_image: Attributes,
+    data_missing: bool,
 }
 
 /// The members of a context that go into every notification, whatever its message.
@@ -367,8 +369,22 @@ struct Header {
 }
 
 impl Header {
-    /// Completes `event` with the ids and makes its dedupe key.
-    fn notification(self, mut event: DynamicsEvent) -> Notification {
+    /// The event of `change` with the ids, and its dedupe key.
+    fn notification(self, change: Change) -> Notification {
+        let event = DynamicsEvent {
+            entity: change.entity,
+            message: change.message,
+            record_id: change.record_id,
+            version: change.version,
+            attributes: change.attributes,
+            pre_image: change.pre_image,
+            data_missing: change.data_missing,
+            correlation_id: self.correlation_id,
+            operation_id: self.operation_id,
+            request_id: self.request_id,
+            // A missing Depth is taken as a direct call.
+            depth: self.depth.unwrap_or(1),
+        };
         // Why these parts: OperationId names the async System Job, so a Dynamics retry
         // (502/503/504, §4) or a re-run of the failed job carries the same one and maps to the
         // same key. RequestId / CorrelationId are fall-backs for synchronous steps, where
@@ -382,9 +398,9 @@ impl Header {
         // inbox's unique index then grows at its right edge, where a key led by a random GUID
         // would dirty a different index page for every notification of a group commit.
         let origin = [
-            ("op", &self.operation_id),
-            ("req", &self.request_id),
-            ("corr", &self.correlation_id),
+            ("op", &event.operation_id),
+            ("req", &event.request_id),
+            ("corr", &event.correlation_id),
         ]
         .into_iter()
         .find_map(|(kind, id)| id.as_deref().map(|id| format!("{kind}:{id}")))
@@ -398,11 +414,6 @@ impl Header {
             event.record_id,
             content_digest(&event)
         );
-        event.correlation_id = self.correlation_id;
-        event.operation_id = self.operation_id;
-        event.request_id = self.request_id;
-        // A missing Depth is taken as a direct call.
-        event.depth = self.depth.unwrap_or(1);
         Notification {
             event,
             dedupe_key,
