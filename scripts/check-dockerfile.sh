@@ -19,38 +19,12 @@ def tracked(path):
     out = subprocess.run(["git", "ls-files", "--", path], capture_output=True, text=True)
     return out.returncode == 0 and out.stdout.strip() != ""
 
-# --- Dockerfile: logical lines (continuations joined, comments dropped) -> instructions
-raw = open("Dockerfile", encoding="utf-8").read().splitlines()
-lines, cur = [], ""
-for line in raw:
-    s = line.strip()
-    if not cur and (s.startswith("#") or not s):
-        continue
-    if s.startswith("#"):
-        continue
-    if s.endswith("\\"):
-        cur += s[:-1] + " "
-        continue
-    cur += s
-    lines.append(cur)
-    cur = ""
-instrs = []  # (stage index, keyword, rest)
-stages, stage = [], -1
-args = {}
-for l in lines:
-    kw, _, rest = l.partition(" ")
-    kw = kw.upper(); rest = rest.strip()
-    if kw == "FROM":
-        stage += 1
-        m = re.match(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?$", rest, re.I)
-        if not m:
-            bad(f"unreadable FROM: {rest}"); continue
-        image = re.sub(r"\$\{?(\w+)\}?", lambda x: args.get(x.group(1), x.group(0)), m.group(1))
-        stages.append({"image": image, "name": (m.group(2) or "").lower()})
-    elif kw == "ARG" and stage < 0:
-        name, _, val = rest.partition("=")
-        args[name.strip()] = val.strip().strip('"')
-    instrs.append((stage, kw, rest))
+# --- Dockerfile -> stages and instructions (scripts/lib/dockerfile.py)
+sys.path.insert(0, "scripts/lib")
+from dockerfile import parse
+stages, instrs, args, unreadable = parse("Dockerfile")
+for p in unreadable:
+    bad(p)
 if not stages:
     sys.exit("Dockerfile: no FROM")
 final = len(stages) - 1

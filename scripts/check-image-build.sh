@@ -84,36 +84,18 @@ context = sorted(f for f in tracked if f and os.path.isfile(f) and not ignored(f
 if not context:
     fail(".dockerignore leaves nothing in the build context")
 
-# ---- Dockerfile: logical lines -> (stage, keyword, arguments)
-lines, cur = [], ""
-for raw in open("Dockerfile", encoding="utf-8").read().splitlines():
-    s = raw.strip()
-    if s.startswith("#") or (not s and not cur):
-        continue
-    if s.endswith("\\"):
-        cur += s[:-1] + " "
-        continue
-    cur += s
-    lines.append(cur)
-    cur = ""
-stages, instrs, args = [], [], {}
-for l in lines:
-    kw, _, rest = l.partition(" ")
-    kw, rest = kw.upper(), rest.strip()
-    if kw == "FROM":
-        m = re.match(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?$", rest, re.I)
-        stages.append((m.group(2) or str(len(stages))).lower() if m else str(len(stages)))
-        continue
-    if kw == "ARG" and not stages:
-        name, _, val = rest.partition("=")
-        args[name.strip()] = val.strip().strip('"')
-        continue
-    instrs.append((len(stages) - 1, kw, rest))
+# ---- Dockerfile -> stages and instructions (scripts/lib/dockerfile.py)
+sys.path.insert(0, "scripts/lib")
+from dockerfile import parse
+stages, instrs, _, unreadable = parse("Dockerfile")
+if unreadable or not stages:
+    fail("; ".join(unreadable) or "the Dockerfile has no FROM")
 build_stage = 0
-build_name = stages[build_stage]
+build_name = stages[build_stage]["name"] or "0"
 
 def from_build(rest):
-    return re.search(r"--from=(\S+)", rest) and re.search(r"--from=(\S+)", rest).group(1).lower() in (build_name, "0")
+    m = re.search(r"--from=(\S+)", rest)
+    return m is not None and m.group(1).lower() in (build_name, "0")
 
 # Absolute directories the build stage uses: its WORKDIRs and what later stages copy out of it.
 absolute = set()
@@ -189,7 +171,7 @@ for st, kw, rest in instrs:
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=cwd, env=env)
         if done.returncode != 0:
             fail(f"RUN {rest[:200]} exited {done.returncode} in the image's build context")
-    elif kw in ("ENV", "ARG", "LABEL", "USER", "SHELL"):
+    elif kw in ("FROM", "ENV", "ARG", "LABEL", "USER", "SHELL"):
         pass
     else:
         fail(f"{kw} in the build stage: not understood by this check")
