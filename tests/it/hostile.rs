@@ -31,15 +31,11 @@ async fn a_deleted_store_is_never_acknowledged_and_fails_the_probes() {
         statuses.iter().all(|s| *s == 503),
         "after the store was deleted: {statuses:?}"
     );
-    let probe = |path: &'static str| {
-        let http = env.http.clone();
-        let url = format!("{}{path}", env.app.url());
-        async move { http.get(url).send().await.unwrap().status().as_u16() }
-    };
-    assert_eq!(probe("/healthz").await, 503);
-    let ready =
-        oppsync::sim::env::eventually(Duration::from_secs(5), || async { probe("/readyz").await == 503 })
-            .await;
+    assert_eq!(env.status_of("/healthz").await, 503);
+    let ready = oppsync::sim::env::eventually(Duration::from_secs(5), || async {
+        env.status_of("/readyz").await == 503
+    })
+    .await;
     assert!(ready, "readiness still green with the store gone");
 }
 
@@ -60,13 +56,7 @@ async fn a_replaced_store_file_is_never_acknowledged() {
         org.create_opportunity("After", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
     let status = env.post(&after).await.status().as_u16();
     assert_eq!(status, 503, "a notification acknowledged into a replaced store");
-    let health = env
-        .http
-        .get(format!("{}/healthz", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status().as_u16(), 503);
+    assert_eq!(env.status_of("/healthz").await, 503);
 }
 
 /// A raw HTTP/1.1 exchange: what a slow or hostile client can do that reqwest will not.
@@ -251,12 +241,7 @@ async fn readiness_is_503_while_intake_cannot_commit_and_recovers_with_it() {
         unreachable!("the test environment runs on SQLite")
     };
     let pool = s.pool().clone();
-    let probe = |path: &'static str| {
-        let http = env.http.clone();
-        let url = format!("{}{path}", env.app.url());
-        async move { http.get(url).send().await.unwrap().status().as_u16() }
-    };
-    assert_eq!(probe("/readyz").await, 200);
+    assert_eq!(env.status_of("/readyz").await, 200);
     sqlx::query(
         "CREATE TRIGGER refuse_all BEFORE INSERT ON inbox BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
     )
@@ -272,14 +257,26 @@ async fn readiness_is_503_while_intake_cannot_commit_and_recovers_with_it() {
     );
     assert_eq!(env.post(&n).await.status().as_u16(), 503);
     for _ in 0..3 {
-        assert_eq!(probe("/readyz").await, 503, "readiness while commits fail");
+        assert_eq!(
+            env.status_of("/readyz").await,
+            503,
+            "readiness while commits fail"
+        );
     }
-    assert_eq!(probe("/healthz").await, 200, "not a reason to restart the pod");
+    assert_eq!(
+        env.status_of("/healthz").await,
+        200,
+        "not a reason to restart the pod"
+    );
     sqlx::query("DROP TRIGGER refuse_all")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(probe("/readyz").await, 200, "readiness after commits work again");
+    assert_eq!(
+        env.status_of("/readyz").await,
+        200,
+        "readiness after commits work again"
+    );
     assert_eq!(env.post(&n).await.status().as_u16(), 202);
     // The probes stored nothing.
     let stored = env

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use oppsync::dynamics::compose::NotificationBuilder;
 use oppsync::sim::env::Simulators;
 use oppsync::sim::org::{Customer, DynamicsOrg};
 use oppsync::store::Store;
@@ -78,6 +79,17 @@ impl Serve {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// Posts `n` as Dynamics would, with webhook key `key`; the answer's status.
+    async fn post(&self, key: &str, n: &NotificationBuilder) -> u16 {
+        let mut post = reqwest::Client::new()
+            .post(format!("{}/webhooks/dynamics?code={key}", self.url))
+            .body(n.to_json());
+        for (k, v) in n.headers() {
+            post = post.header(k, v);
+        }
+        post.send().await.unwrap().status().as_u16()
     }
 }
 
@@ -239,13 +251,7 @@ async fn a_dead_letter_is_logged_once_at_warn_with_its_record_reason_and_retry()
         Decimal::new(1, 0),
         1,
     );
-    let mut post = reqwest::Client::new()
-        .post(format!("{}/webhooks/dynamics?code={KEY}", serve.url))
-        .body(n.to_json());
-    for (k, v) in n.headers() {
-        post = post.header(k, v);
-    }
-    assert!(post.send().await.unwrap().status().is_success());
+    assert_eq!(serve.post(KEY, &n).await, 202);
     let record = format!("opportunity:{id}");
     let said = |log: &str| {
         log.lines()
@@ -341,15 +347,8 @@ async fn no_log_level_shows_the_webhook_key_and_failed_authentications_are_warne
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
     let (_, n) = org.create_opportunity("Logged", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
     let wrong = "wrong-key-0000-9999";
-    let http = reqwest::Client::new();
     for (key, expected) in [(KEY, 202), (wrong, 401)] {
-        let mut post = http
-            .post(format!("{}/webhooks/dynamics?code={key}", serve.url))
-            .body(n.to_json());
-        for (k, v) in n.headers() {
-            post = post.header(k, v);
-        }
-        assert_eq!(post.send().await.unwrap().status().as_u16(), expected);
+        assert_eq!(serve.post(key, &n).await, expected);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = serve.log();
@@ -400,19 +399,9 @@ async fn running_out_of_descriptors_does_not_stop_intake() {
     };
     assert!(serve.answers("/readyz").await, "{}", serve.log());
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
-    let http = reqwest::Client::new();
-    let post = |n: &oppsync::dynamics::compose::NotificationBuilder| {
-        let mut post = http
-            .post(format!("{}/webhooks/dynamics?code={KEY}", serve.url))
-            .body(n.to_json());
-        for (k, v) in n.headers() {
-            post = post.header(k, v);
-        }
-        post.send()
-    };
     let (_, first) =
         org.create_opportunity("Before", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
-    assert_eq!(post(&first).await.unwrap().status().as_u16(), 202);
+    assert_eq!(serve.post(KEY, &first).await, 202);
 
     // A webhook whose headers are in, its body held back.
     let (_, during) =
@@ -452,12 +441,9 @@ async fn running_out_of_descriptors_does_not_stop_intake() {
     // The idle ones are cut, descriptors come back: intake as before, liveness green.
     let (_, after) =
         org.create_opportunity("After", Customer::Account(Uuid::new_v4()), Decimal::new(1, 0), 1);
-    let status = tokio::time::timeout(Duration::from_secs(20), post(&after))
+    let status = tokio::time::timeout(Duration::from_secs(20), serve.post(KEY, &after))
         .await
-        .expect("no answer after the descriptors came back")
-        .unwrap()
-        .status()
-        .as_u16();
+        .expect("no answer after the descriptors came back");
     assert_eq!(status, 202, "{}", serve.log());
     assert!(serve.answers("/healthz").await);
 }

@@ -122,6 +122,17 @@ impl TestEnv {
         format!("{}/webhooks/dynamics?code={KEY}", self.app.url())
     }
 
+    /// The status a GET of `path` (a probe, say) answers now.
+    pub async fn status_of(&self, path: &str) -> u16 {
+        self.http
+            .get(format!("{}{path}", self.app.url()))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// What `/metrics` answers now.
     pub async fn metrics_text(&self) -> String {
         self.http
