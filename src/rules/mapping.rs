@@ -321,24 +321,28 @@ mod tests {
         assert_eq!(conv(&map(Conversion::LookupName), Some(&unnamed)), Value::Null);
     }
 
+    /// Every conversion a mapping may name.
+    const CONVERSIONS: [&str; 11] = [
+        "string",
+        "int",
+        "decimal",
+        "money",
+        "bool",
+        "date",
+        "datetime",
+        "optionset_label",
+        "optionset_value",
+        "lookup_id",
+        "lookup_name",
+    ];
+
     #[test]
     fn a_mismatched_value_is_rejected_never_null_never_a_panic() {
         let odd = AttributeValue::Other(json!({"weird": true}));
-        for (name, conversion) in [
-            "string",
-            "int",
-            "decimal",
-            "money",
-            "bool",
-            "date",
-            "datetime",
-            "optionset_label",
-            "optionset_value",
-            "lookup_id",
-            "lookup_name",
-            "nonsense",
-        ]
-        .map(|n| (n, Conversion::from(n.to_owned())))
+        for (name, conversion) in CONVERSIONS
+            .into_iter()
+            .chain(["nonsense"])
+            .map(|n| (n, Conversion::from(n.to_owned())))
         {
             let m = map(conversion);
             let rejected = convert(&m, Some(&odd)).expect_err(name);
@@ -348,19 +352,7 @@ mod tests {
 
     #[test]
     fn a_truly_empty_value_clears_the_field_under_every_conversion() {
-        for name in [
-            "string",
-            "int",
-            "decimal",
-            "money",
-            "bool",
-            "date",
-            "datetime",
-            "optionset_label",
-            "optionset_value",
-            "lookup_id",
-            "lookup_name",
-        ] {
+        for name in CONVERSIONS {
             let m = map(Conversion::from(name.to_owned()));
             for empty in [
                 None,

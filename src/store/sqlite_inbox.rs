@@ -170,7 +170,7 @@ impl SqliteInbox {
     /// store was deleted or replaced: [`StoreError::Gone`]. Not being able to open the log (no
     /// descriptor free) is [`StoreError::SyncOpen`], not a failed fsync.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.check_in_place(&self.db_file, &self.db)?;
+        check_in_place(&self.db_file, &self.db)?;
         let mut held = self.wal_file.lock();
         if held.is_none() {
             match File::open(&self.wal) {
@@ -187,25 +187,25 @@ impl SqliteInbox {
         let Some(log) = held.as_ref() else {
             return Err(StoreError::SyncOpen(format!("{}: not open", self.wal.display())));
         };
-        self.check_in_place(log, &self.wal)?;
+        check_in_place(log, &self.wal)?;
         log.sync_data().map_err(|e| StoreError::Sync(e.to_string()))
     }
+}
 
-    /// The file held is still the one at `path`: linked, and the same inode.
-    fn check_in_place(&self, held: &File, path: &Path) -> Result<(), StoreError> {
-        let gone = |what: &str| StoreError::Gone(format!("{} {what}", path.display()));
-        let mine = held
-            .metadata()
-            .map_err(|e| gone(&format!("cannot be examined: {e}")))?;
-        if mine.nlink() == 0 {
-            return Err(gone("was deleted"));
-        }
-        match std::fs::metadata(path) {
-            Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => Ok(()),
-            Ok(_) => Err(gone("was replaced by another file")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(gone("was deleted")),
-            // Not known to be gone (e.g. a permission or descriptor problem reading the path).
-            Err(e) => Err(StoreError::SyncOpen(format!("{}: {e}", path.display()))),
-        }
+/// The file held is still the one at `path`: linked, and the same inode.
+fn check_in_place(held: &File, path: &Path) -> Result<(), StoreError> {
+    let gone = |what: &str| StoreError::Gone(format!("{} {what}", path.display()));
+    let mine = held
+        .metadata()
+        .map_err(|e| gone(&format!("cannot be examined: {e}")))?;
+    if mine.nlink() == 0 {
+        return Err(gone("was deleted"));
+    }
+    match std::fs::metadata(path) {
+        Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => Ok(()),
+        Ok(_) => Err(gone("was replaced by another file")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(gone("was deleted")),
+        // Not known to be gone (e.g. a permission or descriptor problem reading the path).
+        Err(e) => Err(StoreError::SyncOpen(format!("{}: {e}", path.display()))),
     }
 }
