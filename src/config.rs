@@ -427,6 +427,8 @@ pub struct ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     Serve,
+    /// `oppsync register`: the Dataverse credentials and the key it registers.
+    Register,
     Inspect,
 }
 
@@ -587,7 +589,7 @@ impl Config {
             p.push("marketo.timeout_scale: must be positive".into());
         }
         let d = &self.dataverse;
-        if purpose == Purpose::Serve {
+        if matches!(purpose, Purpose::Serve | Purpose::Register) {
             if d.url.is_none() {
                 p.push("dataverse.url (OPPSYNC__DATAVERSE__URL): required, e.g. https://contoso.crm.dynamics.com".into());
             }
@@ -599,6 +601,20 @@ impl Config {
             }
             if d.effective_token_url().is_none() {
                 p.push("dataverse.tenant_id (OPPSYNC__DATAVERSE__TENANT_ID) or dataverse.token_url: one is required".into());
+            }
+        }
+        if purpose == Purpose::Register {
+            if self.webhook.auth != WebhookAuth::WebhookKey {
+                p.push(
+                    "webhook.auth (OPPSYNC__WEBHOOK__AUTH): register creates a WebhookKey endpoint, so webhook.auth must be webhook_key"
+                        .into(),
+                );
+            }
+            if self.webhook.keys.is_empty() {
+                p.push(
+                    "webhook.keys (OPPSYNC__WEBHOOK__KEYS): at least one key is required; the first one is registered"
+                        .into(),
+                );
             }
         }
         if self.admin.max_token_ttl_secs == 0 {

@@ -10,6 +10,7 @@ pub mod errors;
 pub mod http;
 pub mod marketo;
 pub mod register;
+pub mod retry;
 pub mod rules;
 pub mod service;
 pub mod sim;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use oppsync::config::{Config, Purpose, WebhookAuth};
+use oppsync::config::{Config, Purpose};
 use oppsync::dynamics::webapi::DataverseClient;
 use oppsync::marketo::MarketoClient;
 use oppsync::register::{self, RegisterOptions};
@@ -388,7 +388,7 @@ fn parse_webhook_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// `oppsync register`: what it needs beyond `Purpose::Inspect`, then the registration.
+/// `oppsync register`: what `Purpose::Register` needs, then the registration.
 async fn register_endpoint(
     config: &Config,
     webhook_url: &Url,
@@ -396,38 +396,8 @@ async fn register_endpoint(
     dry_run: bool,
     enable_change_tracking: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut problems = Vec::new();
-    let d = &config.dataverse;
-    if d.url.is_none() {
-        problems.push("dataverse.url (OPPSYNC__DATAVERSE__URL): required to register".to_owned());
-    }
-    if d.client_id.as_deref().unwrap_or("").is_empty() {
-        problems.push("dataverse.client_id (OPPSYNC__DATAVERSE__CLIENT_ID): required to register".to_owned());
-    }
-    if d.client_secret.is_none() {
-        problems.push(
-            "dataverse.client_secret (OPPSYNC__DATAVERSE__CLIENT_SECRET): required to register".to_owned(),
-        );
-    }
-    if d.effective_token_url().is_none() {
-        problems.push(
-            "dataverse.tenant_id (OPPSYNC__DATAVERSE__TENANT_ID) or dataverse.token_url: one is required to register"
-                .to_owned(),
-        );
-    }
-    if config.webhook.auth != WebhookAuth::WebhookKey {
-        problems.push(
-            "webhook.auth (OPPSYNC__WEBHOOK__AUTH): register creates a WebhookKey endpoint, so webhook.auth must be webhook_key"
-                .to_owned(),
-        );
-    }
+    let problems = config.problems(Purpose::Register);
     let key = config.webhook.keys.first().cloned();
-    if key.is_none() {
-        problems.push(
-            "webhook.keys (OPPSYNC__WEBHOOK__KEYS): at least one key is required; the first one is registered"
-                .to_owned(),
-        );
-    }
     let Some(webhook_key) = key.filter(|_| problems.is_empty()) else {
         eprintln!(
             "cannot register:\n{}",

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::config::Secret;
 use crate::dynamics::webapi::{DataverseClient, WebApiError};
 use crate::dynamics::{EntityKind, MessageKind};
+use crate::rules::{ACCOUNT_ATTRIBUTES, CONNECTION_ATTRIBUTES, CONTACT_ATTRIBUTES};
 
 pub struct RegisterOptions {
     /// e.g. `https://oppsync.example.com/webhooks/dynamics`.
@@ -147,27 +148,11 @@ const DEPLOYMENT_SERVER: i64 = 0;
 const IMAGE_PRE: i64 = 0;
 const IMAGE_POST: i64 = 1;
 
-/// Connection columns the rules read (spec §6.1); Update fires only on these, so the
-/// `relatedconnectionid` back-fill does not (spec §6.2).
-const CONNECTION_FILTERING: &[&str] = &[
-    "record1id",
-    "record2id",
-    "record1roleid",
-    "record2roleid",
-    "statecode",
-];
+// Update steps fire only on the attributes the rules read (`rules::*_ATTRIBUTES`), so the
+// `relatedconnectionid` back-fill of a connection does not fire one (spec §6.2); images carry
+// these extra ones too.
 const CONNECTION_IMAGE_EXTRA: &[&str] = &["ismaster", "relatedconnectionid"];
-/// `merged`: the losing contact of a merge is flagged, and loses its roles.
-const CONTACT_FILTERING: &[&str] = &[
-    "parentcustomerid",
-    "emailaddress1",
-    "firstname",
-    "lastname",
-    "merged",
-];
 const CONTACT_IMAGE_EXTRA: &[&str] = &["fullname"];
-/// An account's name is its Marketo company's name; nothing else of it is read.
-const ACCOUNT_FILTERING: &[&str] = &["name"];
 
 struct StepSpec {
     entity: EntityKind,
@@ -213,11 +198,16 @@ fn step_specs(opts: &RegisterOptions) -> Vec<StepSpec> {
     // `modifiedon` changes on every save: in the filter it would make every update fire the
     // step. It stays in the image, where it gives the row's version.
     let opportunity_filter = attribute_list(opportunity.split(',').filter(|a| *a != "modifiedon"));
-    let connection_filter = attribute_list(CONNECTION_FILTERING.iter().copied());
-    let connection_image = attribute_list(CONNECTION_FILTERING.iter().chain(CONNECTION_IMAGE_EXTRA).copied());
-    let contact_filter = attribute_list(CONTACT_FILTERING.iter().copied());
-    let contact_image = attribute_list(CONTACT_FILTERING.iter().chain(CONTACT_IMAGE_EXTRA).copied());
-    let account = attribute_list(ACCOUNT_FILTERING.iter().copied());
+    let connection_filter = attribute_list(CONNECTION_ATTRIBUTES.iter().copied());
+    let connection_image = attribute_list(
+        CONNECTION_ATTRIBUTES
+            .iter()
+            .chain(CONNECTION_IMAGE_EXTRA)
+            .copied(),
+    );
+    let contact_filter = attribute_list(CONTACT_ATTRIBUTES.iter().copied());
+    let contact_image = attribute_list(CONTACT_ATTRIBUTES.iter().chain(CONTACT_IMAGE_EXTRA).copied());
+    let account = attribute_list(ACCOUNT_ATTRIBUTES.iter().copied());
     let post = |property, attributes: &String| {
         Some(ImageSpec {
             alias: "PostImage",

@@ -10,7 +10,7 @@ use oppsync::sim::marketo::Fault;
 use oppsync::sim::org::{Customer, DynamicsOrg};
 use oppsync::sim::process::{ServeProcess, free_port, serve_env};
 use oppsync::sim::scenario::view;
-use oppsync::store::{Store, WriteStatus, now_ms};
+use oppsync::store::{Status, Store, now_ms};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
@@ -182,7 +182,7 @@ async fn run_inner(mode: Mode) -> anyhow::Result<Report> {
     let storm_606 = m.storm_refused();
     let stats = store.stats(now_ms()).await?;
     let dead: BTreeSet<String> = store
-        .list_writes(Some(WriteStatus::Dead), None, 1000)
+        .list_writes(Some(Status::Dead), None, 1000)
         .await?
         .into_iter()
         .map(|w| w.key.to_string())

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{ACCEPT, HeaderMap, IF_MATCH, RETRY_AFTER};
@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::config::{DataverseConfig, Secret};
 use crate::dynamics::{AttributeValue, Attributes, EntityRef, Version};
+use crate::rules::{ACCOUNT_ATTRIBUTES, CONNECTION_ATTRIBUTES, CONTACT_ATTRIBUTES, LOOKUP_ATTRIBUTES};
 
 mod paging;
 
@@ -31,9 +32,29 @@ const LOOKUP_ANNOTATION: &str = "@Microsoft.Dynamics.CRM.lookuplogicalname";
 const NAVIGATION_ANNOTATION: &str = "@Microsoft.Dynamics.CRM.associatednavigationproperty";
 const FORMATTED_ANNOTATION: &str = "@OData.Community.Display.V1.FormattedValue";
 
-const CONTACT_COLUMNS: &str = "fullname,firstname,lastname,emailaddress1,_parentcustomerid_value,modifiedon";
-const CONNECTION_COLUMNS: &str =
-    "_record1id_value,_record2id_value,_record1roleid_value,_record2roleid_value,statecode,modifiedon";
+/// `$select` of the attributes the rules read of a table (lookups named `_x_value`), then
+/// `extra`: what a read of the table returns follows the rules' own lists.
+fn rule_columns(attributes: &[&str], extra: &[&str]) -> String {
+    attributes
+        .iter()
+        .map(|a| {
+            if LOOKUP_ATTRIBUTES.contains(a) {
+                format!("_{a}_value")
+            } else {
+                (*a).to_owned()
+            }
+        })
+        .chain(extra.iter().map(|e| (*e).to_owned()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+static CONTACT_COLUMNS: LazyLock<String> =
+    LazyLock::new(|| rule_columns(CONTACT_ATTRIBUTES, &["fullname", "modifiedon"]));
+static CONNECTION_COLUMNS: LazyLock<String> =
+    LazyLock::new(|| rule_columns(CONNECTION_ATTRIBUTES, &["modifiedon"]));
+static ACCOUNT_COLUMNS: LazyLock<String> =
+    LazyLock::new(|| rule_columns(ACCOUNT_ATTRIBUTES, &["modifiedon"]));
 const ROLE_COLUMNS: &str = "connectionroleid,name,category";
 
 /// Opportunity columns that are lookups, so the Web API names them `_x_value` (spec §5, §7.1).
@@ -205,7 +226,10 @@ impl DataverseClient {
     /// `GET contacts(id)`; `None` when the contact does not exist (spec §7.2).
     pub async fn contact(&self, id: Uuid) -> Result<Option<ContactRecord>, WebApiError> {
         let Some(body) = self
-            .get_row(&format!("contacts({id})"), &[("$select", CONTACT_COLUMNS)])
+            .get_row(
+                &format!("contacts({id})"),
+                &[("$select", CONTACT_COLUMNS.as_str())],
+            )
             .await?
         else {
             return Ok(None);
@@ -235,7 +259,10 @@ impl DataverseClient {
     /// `GET accounts(id)?$select=name,modifiedon`; `None` when the account does not exist.
     pub async fn account(&self, id: Uuid) -> Result<Option<AccountRecord>, WebApiError> {
         let Some(body) = self
-            .get_row(&format!("accounts({id})"), &[("$select", "name,modifiedon")])
+            .get_row(
+                &format!("accounts({id})"),
+                &[("$select", ACCOUNT_COLUMNS.as_str())],
+            )
             .await?
         else {
             return Ok(None);
@@ -331,7 +358,7 @@ impl DataverseClient {
     pub async fn connection(&self, id: Uuid) -> Result<Option<RowRecord>, WebApiError> {
         self.row(
             &format!("connections({id})"),
-            CONNECTION_COLUMNS,
+            &CONNECTION_COLUMNS,
             "connectionid",
             id,
         )
@@ -1062,7 +1089,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             call.query.get("$select").map(String::as_str),
-            Some(CONTACT_COLUMNS)
+            Some(CONTACT_COLUMNS.as_str())
         );
         assert_eq!(call.prefer.as_deref(), Some("odata.include-annotations=\"*\""));
     }

@@ -10,13 +10,14 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
+use super::admin_responses::{ReadRefusals, WorkerRefusals, WriteRefusals};
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
 use crate::rules::{
     self, ConnectionRoleInfo, ConnectionState, OpportunityState, Projection, RejectedValue, World, WriteKey,
 };
 use crate::service::Blocked;
-use crate::store::{InboxEntry, NotificationStatus, RowKeys, StoreStats, StoredWrite, WriteStatus, now_ms};
+use crate::store::{InboxEntry, RowKeys, Status, StoreError, StoreStats, StoredWrite, now_ms};
 use crate::worker::ResyncError;
 
 const DEFAULT_LIMIT: i64 = 50;
@@ -25,12 +26,12 @@ const MAX_LIMIT: i64 = 500;
 /// `Query` whose rejection is a problem+json 400 (axum's own answers text/plain).
 #[derive(FromRequestParts)]
 #[from_request(via(Query), rejection(ApiError))]
-pub struct Q<T>(pub T);
+pub struct ProblemQuery<T>(pub T);
 
 /// `Path` whose rejection is a problem+json 400.
 #[derive(FromRequestParts)]
 #[from_request(via(Path), rejection(ApiError))]
-pub struct P<T>(pub T);
+pub struct ProblemPath<T>(pub T);
 
 fn limit(requested: Option<i64>) -> Result<i64, ApiError> {
     match requested {
@@ -102,6 +103,11 @@ pub struct OpportunitySync {
     pub last_error: Option<String>,
 }
 
+/// A stored row this version cannot read: the view would be wrong without it.
+fn unreadable(e: StoreError) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
 /// Sync state of one opportunity.
 #[utoipa::path(
     get,
@@ -111,31 +117,24 @@ pub struct OpportunitySync {
     responses(
         (status = 200, description = "Success", body = OpportunitySync),
         (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "oppsync knows no such opportunity", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "Stored state unreadable", body = Problem, content_type = "application/problem+json"),
+        ReadRefusals,
     ),
     security(("admin_jwt" = ["oppsync.read"]))
 )]
 pub async fn opportunity(
     _auth: AdminRead,
     State(state): State<AppState>,
-    P(id): P<Uuid>,
+    ProblemPath(id): ProblemPath<Uuid>,
 ) -> Result<Json<OpportunitySync>, ApiError> {
     let store = &state.store;
     let row = store
         .opportunity_row(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("oppsync knows no opportunity {id}.")))?;
-    let opp: OpportunityState = serde_json::from_str(&row.state)
-        .map_err(|e| ApiError::Internal(format!("opportunity {id}: stored state unreadable: {e}")))?;
-    let projection: Option<Projection> = row
-        .projection
-        .as_deref()
-        .map(serde_json::from_str)
-        .transpose()
-        .map_err(|e| ApiError::Internal(format!("opportunity {id}: stored projection unreadable: {e}")))?;
+    let opp: OpportunityState = row.decode().map_err(unreadable)?;
+    let projection: Option<Projection> = row.decode_projection().map_err(unreadable)?;
 
     // The connections of this opportunity and their role names say which roles they justify.
     let loaded = store
@@ -147,8 +146,8 @@ pub async fn opportunity(
     let connections: Vec<ConnectionState> = loaded
         .connections
         .iter()
-        .filter_map(|r| serde_json::from_str(&r.state).ok())
-        .collect();
+        .map(|r| r.decode().map_err(unreadable))
+        .collect::<Result<_, _>>()?;
     let role_ids: Vec<Uuid> = connections.iter().filter_map(|c| c.role_id).collect();
     let roles_known = if role_ids.is_empty() {
         Vec::new()
@@ -179,8 +178,8 @@ pub async fn opportunity(
             .await?
             .contacts
             .iter()
-            .filter_map(|r| Some((r.id, serde_json::from_str(&r.state).ok()?)))
-            .collect()
+            .map(|r| Ok((r.id, r.decode().map_err(unreadable)?)))
+            .collect::<Result<_, ApiError>>()?
     };
     // Which rule justifies each role: the rules' own statement of them, over what is stored.
     let world = World {
@@ -233,7 +232,7 @@ pub async fn opportunity(
         .unwrap_or_default();
 
     let mut writes = Vec::new();
-    for status in [WriteStatus::Pending, WriteStatus::Dead] {
+    for status in [Status::Pending, Status::Dead] {
         writes.extend(store.list_writes(Some(status), Some(id), MAX_LIMIT).await?);
     }
     writes.sort_by_key(|w| std::cmp::Reverse(w.updated_at));
@@ -290,19 +289,17 @@ pub struct Resynced {
     responses(
         (status = 200, description = "Success", body = Resynced),
         (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Dynamics has no such opportunity", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "Stored state unreadable", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The Dataverse Web API failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+        WorkerRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
 pub async fn resync(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
-    P(id): P<Uuid>,
+    ProblemPath(id): ProblemPath<Uuid>,
 ) -> Result<Json<Resynced>, ApiError> {
     if !state.worker.is_running() {
         return Err(ApiError::WorkerNotRunning);
@@ -346,7 +343,7 @@ pub async fn create_opportunity(_auth: AdminWrite) -> ApiError {
 #[into_params(parameter_in = Query)]
 pub struct NotificationQuery {
     /// Only notifications with this status.
-    #[param(value_type = Option<NotificationStatus>)]
+    #[param(value_type = Option<Status>)]
     pub status: Option<String>,
     /// Paging: only notifications with an id below this (the previous page's `next`).
     pub before: Option<i64>,
@@ -372,22 +369,20 @@ pub struct NotificationPage {
     responses(
         (status = 200, description = "Success", body = NotificationPage),
         (status = 400, description = "Unknown status or limit out of range", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        ReadRefusals,
     ),
     security(("admin_jwt" = ["oppsync.read"]))
 )]
 pub async fn list_notifications(
     _auth: AdminRead,
     State(state): State<AppState>,
-    Q(q): Q<NotificationQuery>,
+    ProblemQuery(q): ProblemQuery<NotificationQuery>,
 ) -> Result<Json<NotificationPage>, ApiError> {
     let status = q
         .status
         .as_deref()
         .map(|s| {
-            NotificationStatus::parse(s).ok_or_else(|| {
+            Status::parse(s).ok_or_else(|| {
                 ApiError::BadRequest(format!(
                     "unknown status {s:?}; use pending, done, dead or discarded"
                 ))
@@ -411,17 +406,15 @@ pub async fn list_notifications(
     responses(
         (status = 200, description = "Success", body = InboxEntry),
         (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        ReadRefusals,
     ),
     security(("admin_jwt" = ["oppsync.read"]))
 )]
 pub async fn notification(
     _auth: AdminRead,
     State(state): State<AppState>,
-    P(id): P<i64>,
+    ProblemPath(id): ProblemPath<i64>,
 ) -> Result<Json<InboxEntry>, ApiError> {
     state
         .store
@@ -454,18 +447,16 @@ async fn notification_exists(state: &AppState, id: i64) -> Result<InboxEntry, Ap
     responses(
         (status = 200, description = "Success", body = Changed),
         (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The notification is not dead or discarded", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
 pub async fn retry_notification(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
-    P(id): P<i64>,
+    ProblemPath(id): ProblemPath<i64>,
 ) -> Result<Json<Changed>, ApiError> {
     let entry = notification_exists(&state, id).await?;
     let changed = state.store.retry_notifications(Some(id), None).await?;
@@ -492,18 +483,16 @@ pub async fn retry_notification(
     responses(
         (status = 200, description = "Success", body = Changed),
         (status = 400, description = "The id is not a number", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The notification is already done or discarded", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
 pub async fn discard_notification(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
-    P(id): P<i64>,
+    ProblemPath(id): ProblemPath<i64>,
 ) -> Result<Json<Changed>, ApiError> {
     let entry = notification_exists(&state, id).await?;
     let changed = state.store.discard_notification(id).await?;
@@ -537,16 +526,14 @@ pub struct RetryDeadQuery {
     responses(
         (status = 200, description = "Success", body = Changed),
         (status = 400, description = "Malformed query", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
 pub async fn retry_dead_notifications(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
-    Q(q): Q<RetryDeadQuery>,
+    ProblemQuery(q): ProblemQuery<RetryDeadQuery>,
 ) -> Result<Json<Changed>, ApiError> {
     let changed = state.store.retry_notifications(None, q.entity.as_deref()).await?;
     tracing::info!(
@@ -564,7 +551,7 @@ pub async fn retry_dead_notifications(
 #[into_params(parameter_in = Query)]
 pub struct WriteQuery {
     /// Only writes with this status.
-    #[param(value_type = Option<WriteStatus>)]
+    #[param(value_type = Option<Status>)]
     pub status: Option<String>,
     /// Only writes for this Dynamics opportunityid.
     pub opportunity_id: Option<Uuid>,
@@ -582,22 +569,20 @@ pub struct WriteQuery {
     responses(
         (status = 200, description = "Success", body = Vec<StoredWrite>),
         (status = 400, description = "Unknown status, malformed id or limit out of range", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        ReadRefusals,
     ),
     security(("admin_jwt" = ["oppsync.read"]))
 )]
 pub async fn list_writes(
     _auth: AdminRead,
     State(state): State<AppState>,
-    Q(q): Q<WriteQuery>,
+    ProblemQuery(q): ProblemQuery<WriteQuery>,
 ) -> Result<Json<Vec<StoredWrite>>, ApiError> {
     let status = q
         .status
         .as_deref()
         .map(|s| {
-            WriteStatus::parse(s).ok_or_else(|| {
+            Status::parse(s).ok_or_else(|| {
                 ApiError::BadRequest(format!(
                     "unknown status {s:?}; use pending, done, dead or discarded"
                 ))
@@ -616,7 +601,7 @@ fn write_key(key: &str) -> Result<WriteKey, ApiError> {
         .map_err(|e: crate::rules::BadWriteKey| ApiError::BadRequest(e.to_string()))
 }
 
-async fn write_status(state: &AppState, key: &WriteKey) -> Result<WriteStatus, ApiError> {
+async fn write_status(state: &AppState, key: &WriteKey) -> Result<Status, ApiError> {
     state
         .store
         .write_statuses(std::slice::from_ref(key))
@@ -634,18 +619,16 @@ async fn write_status(state: &AppState, key: &WriteKey) -> Result<WriteStatus, A
     responses(
         (status = 200, description = "Success", body = Changed),
         (status = 400, description = "The key is not a write key", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The write is not dead or discarded", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
 pub async fn retry_write(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
-    P(key): P<String>,
+    ProblemPath(key): ProblemPath<String>,
 ) -> Result<Json<Changed>, ApiError> {
     let key = write_key(&key)?;
     let status = write_status(&state, &key).await?;
@@ -674,18 +657,16 @@ pub async fn retry_write(
     responses(
         (status = 200, description = "Success", body = Changed),
         (status = 400, description = "The key is not a write key", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such write", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The write is already done or discarded", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
 pub async fn discard_write(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
-    P(key): P<String>,
+    ProblemPath(key): ProblemPath<String>,
 ) -> Result<Json<Changed>, ApiError> {
     let key = write_key(&key)?;
     let status = write_status(&state, &key).await?;
@@ -711,9 +692,7 @@ pub async fn discard_write(
     tag = "admin",
     responses(
         (status = 200, description = "Success", body = Changed),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
@@ -747,9 +726,7 @@ pub struct PauseState {
     tag = "admin",
     responses(
         (status = 200, description = "Success", body = PauseState),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
@@ -772,9 +749,7 @@ pub async fn pause(
     tag = "admin",
     responses(
         (status = 200, description = "Success", body = PauseState),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
@@ -828,9 +803,7 @@ pub struct AdminStats {
     tag = "admin",
     responses(
         (status = 200, description = "Success", body = AdminStats),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        ReadRefusals,
     ),
     security(("admin_jwt" = ["oppsync.read"]))
 )]

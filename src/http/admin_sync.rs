@@ -8,12 +8,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::AppState;
+use super::admin_responses::{ReadRefusals, WorkerRefusals, WriteRefusals};
 use super::auth::{AdminRead, AdminWrite};
 use super::problem::{ApiError, Problem};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::admin::Q;
+use super::admin::ProblemQuery;
 use crate::worker::{
     BackfillProgress, BackfillRequest, DriftError, DriftRepair, DriftReport, ReconcileStatus, StartError,
 };
@@ -37,10 +38,8 @@ async fn current(state: &AppState) -> Result<BackfillProgress, ApiError> {
     responses(
         (status = 202, description = "Started; follow it with GET /admin/backfill", body = BackfillProgress),
         (status = 400, description = "The body is not a valid request", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A backfill is already running", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+        WorkerRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
@@ -86,10 +85,8 @@ pub async fn start_backfill(
     tag = "admin",
     responses(
         (status = 200, description = "Success", body = BackfillProgress),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No backfill was ever started", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        ReadRefusals,
     ),
     security(("admin_jwt" = ["oppsync.read"]))
 )]
@@ -108,10 +105,8 @@ pub async fn backfill_progress(
     tag = "admin",
     responses(
         (status = 200, description = "Cancelled", body = BackfillProgress),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "No backfill is running", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        WriteRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
@@ -139,9 +134,7 @@ pub async fn cancel_backfill(
     tag = "admin",
     responses(
         (status = 200, description = "Success", body = ReconcileStatus),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.read missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, or the store is unavailable", body = Problem, content_type = "application/problem+json"),
+        ReadRefusals,
     ),
     security(("admin_jwt" = ["oppsync.read"]))
 )]
@@ -164,9 +157,7 @@ pub async fn reconcile_status(
     tag = "admin",
     responses(
         (status = 200, description = "The pass ran; per table what it found (a table that failed shows last_error)", body = ReconcileStatus),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+        WorkerRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
@@ -232,7 +223,7 @@ fn drift_error(e: DriftError) -> ApiError {
 pub async fn drift_report(
     _auth: AdminRead,
     State(state): State<AppState>,
-    Q(q): Q<DriftQuery>,
+    ProblemQuery(q): ProblemQuery<DriftQuery>,
 ) -> Result<Json<DriftReport>, ApiError> {
     let budget = budget(&q)?;
     match state.worker.drift_report(budget).await {
@@ -251,17 +242,15 @@ pub async fn drift_report(
     responses(
         (status = 200, description = "The writes are queued", body = DriftRepair),
         (status = 400, description = "Budget out of range", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Bearer token missing or refused", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Scope oppsync.write missing", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Marketo failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Admin API not configured, worker not running, or store unavailable", body = Problem, content_type = "application/problem+json"),
+        WorkerRefusals,
     ),
     security(("admin_jwt" = ["oppsync.write"]))
 )]
 pub async fn drift_repair(
     AdminWrite(claims): AdminWrite,
     State(state): State<AppState>,
-    Q(q): Q<DriftQuery>,
+    ProblemQuery(q): ProblemQuery<DriftQuery>,
 ) -> Result<Json<DriftRepair>, ApiError> {
     let budget = budget(&q)?;
     tracing::info!(by = claims.sub.as_deref().unwrap_or(""), "admin repairs drift");

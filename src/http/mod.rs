@@ -2,6 +2,7 @@
 //! API and the refusal of Marketo-side creation. Handlers know the store and little else.
 
 pub mod admin;
+pub mod admin_responses;
 pub mod admin_sync;
 pub mod auth;
 pub mod health;

@@ -706,18 +706,15 @@ impl MarketoClient {
         }
     }
 
-    /// Exponential backoff with jitter before retrying a failed call. (Throttle answers wait
-    /// in the limiter instead, see `Limiter::throttled`.)
+    /// How long to wait before retrying a failed call (`retry::backoff`). Throttle answers
+    /// wait in the limiter instead, see `Limiter::throttled`.
     fn backoff(&self, attempt: u32) -> Duration {
         let cfg = &self.inner.cfg;
-        let max = cfg.retry_max_delay_ms as f64;
-        let exp = (cfg.retry_base_delay_ms as f64 * 2f64.powi(attempt.min(30) as i32)).min(max);
-        let jittered = if exp > 0.0 {
-            rand::random_range(exp / 2.0..=exp)
-        } else {
-            0.0
-        };
-        Duration::from_secs_f64(jittered / 1000.0)
+        crate::retry::backoff(
+            attempt,
+            Duration::from_millis(cfg.retry_base_delay_ms),
+            Duration::from_millis(cfg.retry_max_delay_ms),
+        )
     }
 }
 

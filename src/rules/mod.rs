@@ -20,7 +20,8 @@ pub use project::{
     CompanyRecord, Lookup, Projection, RejectedValue, RoleKey, RoleSource, project, role_sources,
 };
 pub use state::{
-    AccountState, Applied, ConnectionRoleInfo, ConnectionState, ContactState, NeedsRow, OpportunityState,
-    Versioned, VersionedAttributes, World, apply, connection_opportunity, customer_contact,
-    event_opportunity, full_row_event,
+    ACCOUNT_ATTRIBUTES, AccountState, Applied, CONNECTION_ATTRIBUTES, CONTACT_ATTRIBUTES, ConnectionRoleInfo,
+    ConnectionState, ContactState, LOOKUP_ATTRIBUTES, NeedsRow, OpportunityState, Versioned,
+    VersionedAttributes, World, apply, connection_opportunity, customer_contact, event_opportunity,
+    full_row_event,
 };

@@ -192,8 +192,9 @@ pub fn customer_contact(state: &OpportunityState) -> Option<Uuid> {
         .map(|c| c.id)
 }
 
-/// Connection attributes the rules read (specs/dynamics.md §6.1); the rest is not stored.
-const CONNECTION_ATTRIBUTES: &[&str] = &[
+/// Connection attributes the rules read (specs/dynamics.md §6.1); the rest is not stored. What
+/// `register` asks Dynamics to send and the Web API client selects follow this list.
+pub const CONNECTION_ATTRIBUTES: &[&str] = &[
     "record1id",
     "record2id",
     "record1roleid",
@@ -312,8 +313,9 @@ pub fn connection_opportunity(state: &ConnectionState) -> Option<Uuid> {
 }
 
 /// Contact attributes the rules read (specs/dynamics.md §7.1). `merged` marks the losing
-/// contact of a merge.
-const CONTACT_ATTRIBUTES: &[&str] = &[
+/// contact of a merge. What `register` asks Dynamics to send and the Web API client selects
+/// follow this list.
+pub const CONTACT_ATTRIBUTES: &[&str] = &[
     "parentcustomerid",
     "emailaddress1",
     "firstname",
@@ -464,6 +466,20 @@ impl ContactState {
         self.last_name = text("lastname");
     }
 }
+
+/// Account attributes the rules read: the name, which is the Marketo company's name.
+pub const ACCOUNT_ATTRIBUTES: &[&str] = &[ACCOUNT_NAME];
+const ACCOUNT_NAME: &str = "name";
+
+/// Attributes of the rules' lists that are lookups (an `EntityReference` on the wire), which
+/// the Web API names `_x_value`.
+pub const LOOKUP_ATTRIBUTES: &[&str] = &[
+    "record1id",
+    "record2id",
+    "record1roleid",
+    "record2roleid",
+    "parentcustomerid",
+];
 
 /// What oppsync knows of an account: its name, which is the Marketo company's name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -651,7 +667,7 @@ pub fn apply(world: &mut World, event: &DynamicsEvent) -> Result<Applied, NeedsR
         }
         EntityKind::Account => {
             // Only the name is read; an Update that does not carry it changes nothing.
-            let Some(name) = event.attributes.get("name") else {
+            let Some(name) = event.attributes.get(ACCOUNT_NAME) else {
                 return Ok(applied);
             };
             let account = world.accounts.entry(id).or_insert_with(|| AccountState::new(id));

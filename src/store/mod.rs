@@ -15,6 +15,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use uuid::Uuid;
@@ -114,33 +115,31 @@ pub enum Received {
     Duplicate,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+/// Where a stored notification or Marketo write stands; stored as its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
-pub enum NotificationStatus {
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum Status {
     Pending,
     Done,
     Dead,
     Discarded,
 }
 
-impl NotificationStatus {
+impl Status {
+    pub const ALL: [Status; 4] = [Status::Pending, Status::Done, Status::Dead, Status::Discarded];
+
     pub fn as_str(self) -> &'static str {
         match self {
-            NotificationStatus::Pending => "pending",
-            NotificationStatus::Done => "done",
-            NotificationStatus::Dead => "dead",
-            NotificationStatus::Discarded => "discarded",
+            Status::Pending => "pending",
+            Status::Done => "done",
+            Status::Dead => "dead",
+            Status::Discarded => "discarded",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "pending" => Some(NotificationStatus::Pending),
-            "done" => Some(NotificationStatus::Done),
-            "dead" => Some(NotificationStatus::Dead),
-            "discarded" => Some(NotificationStatus::Discarded),
-            _ => None,
-        }
+        Status::ALL.into_iter().find(|status| status.as_str() == s)
     }
 }
 
@@ -156,7 +155,7 @@ pub struct InboxEntry {
     pub version: i64,
     pub correlation_id: Option<String>,
     pub data_missing: bool,
-    pub status: NotificationStatus,
+    pub status: Status,
     pub attempts: i64,
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
@@ -174,6 +173,34 @@ pub struct StateRow {
     pub state: String,
     /// Opportunities only: the last projection planned for Marketo.
     pub projection: Option<String>,
+}
+
+// The one codec of state rows: the rules' types (`OpportunityState`, `ContactState`, a
+// `Projection`, …) as JSON text. Every reader and writer of `state` and `projection` goes
+// through it, so a row this version cannot read is always the same `Corrupt` error.
+impl StateRow {
+    /// The row's state as the rules' type `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, StoreError> {
+        serde_json::from_str(&self.state)
+            .map_err(|e| StoreError::Corrupt(format!("the state of {} cannot be read: {e}", self.id)))
+    }
+
+    /// The opportunity's last projection, if one was planned.
+    pub fn decode_projection<T: DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
+        self.projection
+            .as_deref()
+            .map(|text| {
+                serde_json::from_str(text).map_err(|e| {
+                    StoreError::Corrupt(format!("the projection of {} cannot be read: {e}", self.id))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// A state or projection as a row stores it (see [`StateRow::decode`]).
+pub fn encode_state<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("a state cannot be written: {e}")))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -289,36 +316,6 @@ pub enum Settlement {
     Dead { error: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum WriteStatus {
-    Pending,
-    Done,
-    Dead,
-    Discarded,
-}
-
-impl WriteStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WriteStatus::Pending => "pending",
-            WriteStatus::Done => "done",
-            WriteStatus::Dead => "dead",
-            WriteStatus::Discarded => "discarded",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "pending" => Some(WriteStatus::Pending),
-            "done" => Some(WriteStatus::Done),
-            "dead" => Some(WriteStatus::Dead),
-            "discarded" => Some(WriteStatus::Discarded),
-            _ => None,
-        }
-    }
-}
-
 /// A stored Marketo write.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StoredWrite {
@@ -333,7 +330,7 @@ pub struct StoredWrite {
     #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     pub revision: i64,
-    pub status: WriteStatus,
+    pub status: Status,
     pub attempts: i64,
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
@@ -628,10 +625,7 @@ impl Store {
         dispatch!(self, s => s.ready_writes(now, limit).await)
     }
 
-    pub async fn write_statuses(
-        &self,
-        keys: &[WriteKey],
-    ) -> Result<HashMap<WriteKey, WriteStatus>, StoreError> {
+    pub async fn write_statuses(&self, keys: &[WriteKey]) -> Result<HashMap<WriteKey, Status>, StoreError> {
         dispatch!(self, s => s.write_statuses(keys).await)
     }
 
@@ -672,7 +666,7 @@ impl Store {
     /// Notifications with `status`, newest first, ids below `before` (paging).
     pub async fn list_notifications(
         &self,
-        status: Option<NotificationStatus>,
+        status: Option<Status>,
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<InboxEntry>, StoreError> {
@@ -695,7 +689,7 @@ impl Store {
 
     pub async fn list_writes(
         &self,
-        status: Option<WriteStatus>,
+        status: Option<Status>,
         opportunity_id: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<StoredWrite>, StoreError> {

@@ -1,18 +1,21 @@
 //! One SQL text, two backends. The statements are portable between SQLite and PostgreSQL
 //! (`$N` placeholders, `ON CONFLICT`, `RETURNING`, times as epoch-ms integers bound from Rust),
-//! so a macro stamps out both implementations and they cannot drift apart; the differences
-//! (how a write transaction begins, `FOR UPDATE SKIP LOCKED`, the migrations) are parameters.
+//! so one generic implementation serves both and they cannot drift apart; what differs (how a
+//! write transaction begins, `FOR UPDATE SKIP LOCKED`, the migrations, how intake writes) is
+//! the small [`Backend`] trait.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sqlx::Row;
+use sqlx::migrate::Migrator;
 use uuid::Uuid;
 
 use super::body::PackedBody;
 use super::{
-    Commit, CommitError, InboxEntry, LoadedRows, NewNotification, NotificationStatus, Received, RoleRow,
-    RowKeys, RowWrite, SchemaState, Settlement, SqliteInbox, StateRow, StoreError, StoreStats, StoredWrite,
-    WriteKey, WriteOutcome, WriteStatus,
+    Commit, CommitError, InboxEntry, LoadedRows, NewNotification, Received, RoleRow, RowKeys, RowWrite,
+    SchemaState, Settlement, SqliteInbox, StateRow, Status, StoreError, StoreStats, StoredWrite, WriteKey,
+    WriteOutcome,
 };
 use crate::rules::Phase;
 
@@ -158,8 +161,8 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Status: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let status: String = row.try_get("status")?;
     Ok(InboxEntry {
         id: row.try_get("id")?,
         dedupe_key: row.try_get("dedupe_key")?,
@@ -170,8 +173,7 @@ where
         version: row.try_get("version")?,
         correlation_id: row.try_get("correlation_id")?,
         data_missing: row.try_get::<i64, _>("data_missing")? != 0,
-        status: NotificationStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown notification status {status:?}")))?,
+        status: row.try_get("status")?,
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
@@ -190,8 +192,8 @@ where
     for<'c> &'c str: sqlx::ColumnIndex<R>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Status: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let status: String = row.try_get("status")?;
     let payload: String = row.try_get("payload")?;
     let key: String = row.try_get("key")?;
     let phase: i64 = row.try_get("phase")?;
@@ -205,8 +207,7 @@ where
         payload: serde_json::from_str(&payload)
             .map_err(|e| StoreError::Corrupt(format!("write payload is not JSON: {e}")))?,
         revision: row.try_get("revision")?,
-        status: WriteStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown write status {status:?}")))?,
+        status: row.try_get("status")?,
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
@@ -233,813 +234,928 @@ where
     })
 }
 
-macro_rules! sql_store {
-    ($Store:ident, $Db:ty, intake = $Intake:ty, migrations = $migrations:literal, begin = $begin:literal, skip_locked = $skip_locked:literal) => {
-        #[derive(Clone)]
-        pub struct $Store {
-            /// Everything but intake's inserts. On SQLite its commits skip the fsync
-            /// (`synchronous = NORMAL`): each is re-derivable from the durable inbox, so a
-            /// power cut can only make work happen again, never lose it; intake's next fsync
-            /// persists them anyway.
-            pool: sqlx::Pool<$Db>,
-            /// What intake writes through (see `insert_notifications` of each backend).
-            intake: $Intake,
-        }
-
-        impl $Store {
-            pub fn new(pool: sqlx::Pool<$Db>, intake: $Intake) -> Self {
-                $Store { pool, intake }
-            }
-
-            pub fn pool(&self) -> &sqlx::Pool<$Db> {
-                &self.pool
-            }
-
-            fn migrator() -> sqlx::migrate::Migrator {
-                sqlx::migrate!($migrations)
-            }
-
-            pub async fn migrate(&self) -> Result<(), StoreError> {
-                Self::migrator().run(&self.pool).await?;
-                Ok(())
-            }
-
-            /// Applies the migrations up to `version` only (upgrade tests).
-            #[cfg(any(test, feature = "testing"))]
-            pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
-                Self::migrator().run_to(version, &self.pool).await?;
-                Ok(())
-            }
-
-            pub async fn schema_state(&self) -> Result<SchemaState, StoreError> {
-                let migrator = Self::migrator();
-                let known: Vec<i64> = migrator.iter().filter(|m| m.migration_type.is_up_migration()).map(|m| m.version).collect();
-                let applied: Vec<i64> = match sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = true")
-                    .fetch_all(&self.pool)
-                    .await
-                {
-                    Ok(rows) => rows.iter().map(|r| r.try_get::<i64, _>("version")).collect::<Result<_, _>>()?,
-                    // No migrations table yet: nothing applied.
-                    Err(sqlx::Error::Database(_)) => Vec::new(),
-                    Err(e) => return Err(e.into()),
-                };
-                if applied.iter().any(|v| !known.contains(v)) {
-                    return Ok(SchemaState::Ahead);
-                }
-                let missing = known.iter().filter(|v| !applied.contains(v)).count();
-                Ok(if missing == 0 { SchemaState::UpToDate } else { SchemaState::Behind(missing) })
-            }
-
-            /// Nothing of oppsync's is in this database yet: no migration applied and no
-            /// inbox table (a new SQLite file, an empty PostgreSQL database).
-            pub async fn is_new(&self) -> Result<bool, StoreError> {
-                let applied: i64 = match sqlx::query("SELECT COUNT(*) AS n FROM _sqlx_migrations").fetch_one(&self.pool).await {
-                    Ok(row) => row.try_get("n")?,
-                    // No migrations table yet.
-                    Err(sqlx::Error::Database(_)) => 0,
-                    Err(e) => return Err(e.into()),
-                };
-                if applied > 0 {
-                    return Ok(false);
-                }
-                match sqlx::query("SELECT 1 FROM inbox LIMIT 1").fetch_optional(&self.pool).await {
-                    Ok(_) => Ok(false),
-                    Err(sqlx::Error::Database(_)) => Ok(true),
-                    Err(e) => Err(e.into()),
-                }
-            }
-
-            /// Reachable and the inbox readable (what intake needs).
-            pub async fn ping(&self) -> Result<(), StoreError> {
-                sqlx::query("SELECT id FROM inbox LIMIT 1").fetch_optional(&self.pool).await?;
-                Ok(())
-            }
-
-            /// Oldest ready first, in the order of the `(status, next_attempt_at)` index, so the
-            /// scan stops after `limit` claimable rows instead of reading (for the lease check)
-            /// and sorting every pending one.
-            pub async fn claim_notifications(
-                &self,
-                owner: &str,
-                now: i64,
-                lease_ms: i64,
-                limit: i64,
-            ) -> Result<Vec<InboxEntry>, StoreError> {
-                let mut tx = self.pool.begin_with($begin).await?;
-                let rows = sqlx::query(concat!(
-                    "UPDATE inbox SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1 \
-                     WHERE id IN (SELECT id FROM inbox WHERE status = 'pending' AND next_attempt_at <= $3 \
-                     AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY next_attempt_at, id LIMIT $4",
-                    $skip_locked,
-                    ") RETURNING id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec"
-                ))
-                .bind(owner)
-                .bind(now + lease_ms)
-                .bind(now)
-                .bind(limit)
-                .fetch_all(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                let mut entries = rows.iter().map(|r| inbox_entry(r, true)).collect::<Result<Vec<_>, _>>()?;
-                entries.sort_by_key(|e| e.id);
-                Ok(entries)
-            }
-
-            pub async fn renew_leases(&self, owner: &str, ids: &[i64], until: i64) -> Result<u64, StoreError> {
-                let mut tx = self.pool.begin_with($begin).await?;
-                let mut n = 0;
-                for chunk in ids.chunks(IN_CHUNK) {
-                    let sql = with_in_list(
-                        "UPDATE inbox SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
-                        3,
-                        chunk.len(),
-                    );
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(until).bind(owner);
-                    for id in chunk {
-                        q = q.bind(id);
-                    }
-                    n += q.execute(&mut *tx).await?.rows_affected();
-                }
-                tx.commit().await?;
-                Ok(n)
-            }
-
-            /// Gives back every lease `owner` holds (graceful shutdown), so another worker can
-            /// take the notifications at once instead of after the lease expires.
-            pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
-                Ok(sqlx::query(
-                    "UPDATE inbox SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1 AND status = 'pending'",
-                )
-                .bind(owner)
-                .execute(&self.pool)
-                .await?
-                .rows_affected())
-            }
-
-            /// Loads the rows `keys` name with one `IN (…)` query per kind of key (per
-            /// `IN_CHUNK` values): a batch of notifications costs a handful of round trips, not
-            /// one per row.
-            pub async fn load_rows(&self, keys: &RowKeys) -> Result<LoadedRows, StoreError> {
-                let mut conn = self.pool.acquire().await?;
-                let mut out = LoadedRows::default();
-                let mut seen_opportunities = std::collections::BTreeSet::new();
-                let mut seen_connections = std::collections::BTreeSet::new();
-                let mut seen_contacts = std::collections::BTreeSet::new();
-                let lookups: [(&[Uuid], &str, u8); 8] = [
-                    (&keys.opportunity_ids, "SELECT id, revision, state, projection FROM opportunities WHERE id IN ({})", 0),
-                    (
-                        &keys.opportunities_with_customer,
-                        "SELECT id, revision, state, projection FROM opportunities WHERE customer_contact_id IN ({})",
-                        0,
-                    ),
-                    (&keys.connection_ids, "SELECT id, revision, state FROM connections WHERE id IN ({})", 1),
-                    (
-                        &keys.connections_of_opportunities,
-                        "SELECT id, revision, state FROM connections WHERE opportunity_id IN ({})",
-                        1,
-                    ),
-                    (
-                        &keys.connections_of_contacts,
-                        "SELECT id, revision, state FROM connections WHERE contact_id IN ({})",
-                        1,
-                    ),
-                    (&keys.contact_ids, "SELECT id, revision, state FROM contacts WHERE id IN ({})", 2),
-                    (&keys.role_ids, "SELECT id, name, category FROM connection_roles WHERE id IN ({})", 3),
-                    (&keys.account_ids, "SELECT id, revision, state FROM accounts WHERE id IN ({})", 4),
-                ];
-                for (ids, query, kind) in lookups {
-                    for chunk in id_texts(ids).chunks(IN_CHUNK) {
-                        let sql = with_in_list(query, 1, chunk.len());
-                        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                        for id in chunk {
-                            q = q.bind(id);
-                        }
-                        for r in q.fetch_all(&mut *conn).await? {
-                            match kind {
-                                0 => {
-                                    let row = state_row(&r, true)?;
-                                    if seen_opportunities.insert(row.id) {
-                                        out.opportunities.push(row);
-                                    }
-                                }
-                                1 => {
-                                    let row = state_row(&r, false)?;
-                                    if seen_connections.insert(row.id) {
-                                        out.connections.push(row);
-                                    }
-                                }
-                                2 => {
-                                    let row = state_row(&r, false)?;
-                                    if seen_contacts.insert(row.id) {
-                                        out.contacts.push(row);
-                                    }
-                                }
-                                4 => out.accounts.push(state_row(&r, false)?),
-                                _ => {
-                                    let id: String = r.try_get("id")?;
-                                    out.roles.push(RoleRow {
-                                        id: parse_uuid(&id)?,
-                                        name: r.try_get("name")?,
-                                        category: i32::try_from(r.try_get::<i64, _>("category")?)
-                                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                                    });
-                                }
-                            }
-                        }
-                    }
-                }
-                Ok(out)
-            }
-
-            pub async fn commit(&self, commit: &Commit) -> Result<(), CommitError> {
-                let now = super::now_ms();
-                let mut tx = self.pool.begin_with($begin).await?;
-                if let Some(settle) = &commit.settle {
-                    let mut ids = settle.ids.clone();
-                    ids.sort_unstable();
-                    ids.dedup();
-                    for chunk in ids.chunks(IN_CHUNK) {
-                        let sql = with_in_list(
-                            "UPDATE inbox SET status = 'done', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
-                             last_error = NULL WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
-                            3,
-                            chunk.len(),
-                        );
-                        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now).bind(&settle.owner);
-                        for id in chunk {
-                            q = q.bind(id);
-                        }
-                        // Every one of them, or none: a notification whose lease went to another
-                        // worker must not be settled by this plan.
-                        if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                            return Err(CommitError::LeaseLost);
-                        }
-                    }
-                }
-                // One statement per kind of row and chunk, not one per row: on SQLite the write
-                // lock is held for the whole transaction, and intake waits for it.
-                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
-                    commit.opportunities.iter().partition(|w| w.expected_revision.is_some());
-                for chunk in updates.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(OPPORTUNITY_UPDATE, chunk.len(), 5))).bind(now);
-                    for w in chunk {
-                        q = q
-                            .bind(w.id.to_string())
-                            .bind(w.expected_revision)
-                            .bind(&w.state)
-                            .bind(&w.projection)
-                            .bind(w.index.map(|u| u.to_string()));
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                for chunk in inserts.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(OPPORTUNITY_INSERT, chunk.len(), 4))).bind(now);
-                    for w in chunk {
-                        q = q
-                            .bind(w.id.to_string())
-                            .bind(&w.state)
-                            .bind(&w.projection)
-                            .bind(w.index.map(|u| u.to_string()));
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
-                    commit.connections.iter().partition(|w| w.expected_revision.is_some());
-                for chunk in updates.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONNECTION_UPDATE, chunk.len(), 4))).bind(now);
-                    for w in chunk {
-                        q = q
-                            .bind(w.id.to_string())
-                            .bind(w.expected_revision)
-                            .bind(&w.state)
-                            .bind(w.index.map(|u| u.to_string()));
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                for chunk in inserts.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONNECTION_INSERT, chunk.len(), 3))).bind(now);
-                    for w in chunk {
-                        q = q.bind(w.id.to_string()).bind(&w.state).bind(w.index.map(|u| u.to_string()));
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
-                    commit.contacts.iter().partition(|w| w.expected_revision.is_some());
-                for chunk in updates.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONTACT_UPDATE, chunk.len(), 3))).bind(now);
-                    for w in chunk {
-                        q = q.bind(w.id.to_string()).bind(w.expected_revision).bind(&w.state);
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                for chunk in inserts.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(CONTACT_INSERT, chunk.len(), 2))).bind(now);
-                    for w in chunk {
-                        q = q.bind(w.id.to_string()).bind(&w.state);
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
-                    commit.accounts.iter().partition(|w| w.expected_revision.is_some());
-                for chunk in updates.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(ACCOUNT_UPDATE, chunk.len(), 3))).bind(now);
-                    for w in chunk {
-                        q = q.bind(w.id.to_string()).bind(w.expected_revision).bind(&w.state);
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                for chunk in inserts.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(ACCOUNT_INSERT, chunk.len(), 2))).bind(now);
-                    for w in chunk {
-                        q = q.bind(w.id.to_string()).bind(&w.state);
-                    }
-                    if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
-                        return Err(CommitError::Conflict);
-                    }
-                }
-                for r in &commit.roles {
-                    sqlx::query(
-                        "INSERT INTO connection_roles (id, name, category, fetched_at) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (id) DO UPDATE SET name = excluded.name, category = excluded.category, \
-                         fetched_at = excluded.fetched_at",
-                    )
-                    .bind(r.id.to_string())
-                    .bind(&r.name)
-                    .bind(i64::from(r.category))
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                // Several plans of one record in one commit: the last one wins, as if committed
-                // one after the other.
-                let mut last_of_key: HashMap<&WriteKey, usize> = HashMap::with_capacity(commit.writes.len());
-                for (i, w) in commit.writes.iter().enumerate() {
-                    last_of_key.insert(&w.key, i);
-                }
-                let writes: Vec<&super::PlannedWrite> = commit
-                    .writes
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, w)| last_of_key.get(&w.key) == Some(i))
-                    .map(|(_, w)| w)
-                    .collect();
-                for chunk in writes.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 5))).bind(now);
-                    for w in chunk {
-                        q = q
-                            .bind(w.key.to_string())
-                            .bind(w.opportunity_id.map(|u| u.to_string()))
-                            .bind(w.phase.number())
-                            .bind(&w.payload)
-                            .bind(i64::from(commit.background));
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(())
-            }
-
-            pub async fn settle_notification(
-                &self,
-                id: i64,
-                owner: &str,
-                settlement: &Settlement,
-            ) -> Result<(), StoreError> {
-                let now = super::now_ms();
-                match settlement {
-                    Settlement::Retry { at, error } => {
-                        sqlx::query(
-                            "UPDATE inbox SET next_attempt_at = $1, last_error = $2, lease_owner = NULL, \
-                             lease_expires_at = NULL WHERE id = $3 AND lease_owner = $4 AND status = 'pending'",
-                        )
-                        .bind(at)
-                        .bind(error)
-                        .bind(id)
-                        .bind(owner)
-                        .execute(&self.pool)
-                        .await?;
-                    }
-                    Settlement::Dead { error } => {
-                        sqlx::query(
-                            "UPDATE inbox SET status = 'dead', last_error = $1, settled_at = $2, lease_owner = NULL, \
-                             lease_expires_at = NULL WHERE id = $3 AND lease_owner = $4 AND status = 'pending'",
-                        )
-                        .bind(error)
-                        .bind(now)
-                        .bind(id)
-                        .bind(owner)
-                        .execute(&self.pool)
-                        .await?;
-                    }
-                }
-                Ok(())
-            }
-
-            pub async fn ready_writes(&self, now: i64, limit: i64) -> Result<Vec<StoredWrite>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
-                     last_error, updated_at FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
-                     ORDER BY phase, background, updated_at, key LIMIT $2",
-                )
-                .bind(now)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-                rows.iter().map(stored_write).collect()
-            }
-
-            pub async fn write_statuses(&self, keys: &[WriteKey]) -> Result<HashMap<WriteKey, WriteStatus>, StoreError> {
-                let mut keys: Vec<String> = keys.iter().map(WriteKey::to_string).collect();
-                keys.sort();
-                keys.dedup();
-                let mut conn = self.pool.acquire().await?;
-                let mut out = HashMap::new();
-                for chunk in keys.chunks(IN_CHUNK) {
-                    let sql = with_in_list("SELECT key, status FROM marketo_writes WHERE key IN ({})", 1, chunk.len());
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                    for key in chunk {
-                        q = q.bind(key);
-                    }
-                    for r in q.fetch_all(&mut *conn).await? {
-                        let s: String = r.try_get("status")?;
-                        let key: String = r.try_get("key")?;
-                        if let (Some(status), Ok(key)) = (WriteStatus::parse(&s), key.parse()) {
-                            out.insert(key, status);
-                        }
-                    }
-                }
-                Ok(out)
-            }
-
-            pub async fn settle_writes(&self, settled: &[(WriteKey, i64, WriteOutcome)]) -> Result<(), StoreError> {
-                let now = super::now_ms();
-                let mut done = Vec::new();
-                let mut retry = Vec::new();
-                let mut dead = Vec::new();
-                for item in settled {
-                    match &item.2 {
-                        WriteOutcome::Done => done.push(item),
-                        WriteOutcome::Retry { .. } => retry.push(item),
-                        WriteOutcome::Dead { .. } => dead.push(item),
-                    }
-                }
-                let mut tx = self.pool.begin_with($begin).await?;
-                for chunk in done.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DONE, chunk.len(), 2))).bind(now);
-                    for (key, revision, _) in chunk {
-                        q = q.bind(key.to_string()).bind(revision);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                for chunk in retry.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_RETRY, chunk.len(), 5))).bind(now);
-                    for (key, revision, outcome) in chunk {
-                        if let WriteOutcome::Retry { at, error, count_attempt } = outcome {
-                            q = q
-                                .bind(key.to_string())
-                                .bind(revision)
-                                .bind(i64::from(*count_attempt))
-                                .bind(at)
-                                .bind(error);
-                        }
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                for chunk in dead.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DEAD, chunk.len(), 3))).bind(now);
-                    for (key, revision, outcome) in chunk {
-                        if let WriteOutcome::Dead { error } = outcome {
-                            q = q.bind(key.to_string()).bind(revision).bind(error);
-                        }
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(())
-            }
-
-            pub async fn lead_ids(&self, contact_ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, StoreError> {
-                let mut conn = self.pool.acquire().await?;
-                let mut out = HashMap::new();
-                for chunk in id_texts(contact_ids).chunks(IN_CHUNK) {
-                    let sql = with_in_list(
-                        "SELECT contact_id, lead_id FROM marketo_leads WHERE contact_id IN ({})",
-                        1,
-                        chunk.len(),
-                    );
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                    for id in chunk {
-                        q = q.bind(id);
-                    }
-                    for r in q.fetch_all(&mut *conn).await? {
-                        let contact: String = r.try_get("contact_id")?;
-                        out.insert(parse_uuid(&contact)?, r.try_get::<i64, _>("lead_id")?);
-                    }
-                }
-                Ok(out)
-            }
-
-            pub async fn save_lead_ids(&self, leads: &[(Uuid, i64)]) -> Result<(), StoreError> {
-                let now = super::now_ms();
-                // One row per contact (a statement may not upsert one row twice): the last wins.
-                let mut by_contact: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
-                for (contact, lead) in leads {
-                    by_contact.insert(contact.to_string(), *lead);
-                }
-                let rows: Vec<(String, i64)> = by_contact.into_iter().collect();
-                let mut tx = self.pool.begin_with($begin).await?;
-                for chunk in rows.chunks(ROW_CHUNK) {
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(LEADS_UPSERT, chunk.len(), 2))).bind(now);
-                    for (contact, lead) in chunk {
-                        q = q.bind(contact).bind(lead);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(())
-            }
-
-            pub async fn control(&self, key: &str) -> Result<Option<String>, StoreError> {
-                let row = sqlx::query("SELECT value FROM control WHERE key = $1")
-                    .bind(key)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                Ok(match row {
-                    Some(r) => Some(r.try_get("value")?),
-                    None => None,
-                })
-            }
-
-            pub async fn set_control(&self, key: &str, value: &str) -> Result<(), StoreError> {
-                sqlx::query(
-                    "INSERT INTO control (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                )
-                .bind(key)
-                .bind(value)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
-            }
-
-            pub async fn notification(&self, id: i64) -> Result<Option<InboxEntry>, StoreError> {
-                let row = sqlx::query(
-                    "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-                     data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec FROM inbox WHERE id = $1",
-                )
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-                row.map(|r| inbox_entry(&r, true)).transpose()
-            }
-
-            pub async fn list_notifications(
-                &self,
-                status: Option<NotificationStatus>,
-                before: Option<i64>,
-                limit: i64,
-            ) -> Result<Vec<InboxEntry>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-                     data_missing, status, attempts, next_attempt_at, last_error, settled_at FROM inbox \
-                     WHERE ($1 IS NULL OR status = $1) AND id < $2 ORDER BY id DESC LIMIT $3",
-                )
-                .bind(status.map(|s| s.as_str()))
-                .bind(before.unwrap_or(i64::MAX))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-                rows.iter().map(|r| inbox_entry(r, false)).collect()
-            }
-
-            pub async fn retry_notifications(
-                &self,
-                id: Option<i64>,
-                entity: Option<&str>,
-                now: i64,
-            ) -> Result<u64, StoreError> {
-                let q = match id {
-                    Some(id) => sqlx::query(
-                        "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = $1, settled_at = NULL, \
-                         lease_owner = NULL, lease_expires_at = NULL WHERE id = $2 AND status IN ('dead', 'discarded')",
-                    )
-                    .bind(now)
-                    .bind(id),
-                    None => sqlx::query(
-                        "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = $1, settled_at = NULL, \
-                         lease_owner = NULL, lease_expires_at = NULL WHERE status = 'dead' AND ($2 IS NULL OR entity = $2)",
-                    )
-                    .bind(now)
-                    .bind(entity),
-                };
-                Ok(q.execute(&self.pool).await?.rows_affected())
-            }
-
-            pub async fn discard_notification(&self, id: i64, now: i64) -> Result<u64, StoreError> {
-                Ok(sqlx::query(
-                    "UPDATE inbox SET status = 'discarded', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = $2 AND status IN ('dead', 'pending')",
-                )
-                .bind(now)
-                .bind(id)
-                .execute(&self.pool)
-                .await?
-                .rows_affected())
-            }
-
-            pub async fn list_writes(
-                &self,
-                status: Option<WriteStatus>,
-                opportunity_id: Option<Uuid>,
-                limit: i64,
-            ) -> Result<Vec<StoredWrite>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
-                     last_error, updated_at FROM marketo_writes WHERE ($1 IS NULL OR status = $1) \
-                     AND ($2 IS NULL OR opportunity_id = $2) ORDER BY updated_at DESC, key LIMIT $3",
-                )
-                .bind(status.map(|s| s.as_str()))
-                .bind(opportunity_id.map(|u| u.to_string()))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-                rows.iter().map(stored_write).collect()
-            }
-
-            pub async fn retry_writes(&self, key: Option<&WriteKey>, now: i64) -> Result<u64, StoreError> {
-                let key = key.map(WriteKey::to_string);
-                Ok(sqlx::query(
-                    "UPDATE marketo_writes SET status = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 \
-                     WHERE status IN ('dead', 'discarded') AND ($2 IS NULL OR key = $2) AND ($2 IS NOT NULL OR status = 'dead')",
-                )
-                .bind(now)
-                .bind(key)
-                .execute(&self.pool)
-                .await?
-                .rows_affected())
-            }
-
-            pub async fn discard_write(&self, key: &WriteKey, now: i64) -> Result<u64, StoreError> {
-                let key = key.to_string();
-                Ok(sqlx::query(
-                    "UPDATE marketo_writes SET status = 'discarded', updated_at = $1 WHERE key = $2 AND status IN ('dead', 'pending')",
-                )
-                .bind(now)
-                .bind(key)
-                .execute(&self.pool)
-                .await?
-                .rows_affected())
-            }
-
-            pub async fn opportunity_row(&self, id: Uuid) -> Result<Option<StateRow>, StoreError> {
-                let row = sqlx::query("SELECT id, revision, state, projection FROM opportunities WHERE id = $1")
-                    .bind(id.to_string())
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.map(|r| state_row(&r, true)).transpose()
-            }
-
-            /// Puts writes back to pending, done ones included (a drift repair: Marketo lost what
-            /// it took). Returns how many.
-            pub async fn requeue_writes(&self, keys: &[WriteKey], now: i64) -> Result<u64, StoreError> {
-                let keys: Vec<String> = keys.iter().map(WriteKey::to_string).collect();
-                let mut n = 0;
-                for chunk in keys.chunks(IN_CHUNK) {
-                    let sql = with_in_list(
-                        "UPDATE marketo_writes SET status = 'pending', revision = revision + 1, attempts = 0, \
-                         next_attempt_at = $1, last_error = NULL, updated_at = $1 WHERE status <> 'pending' AND key IN ({})",
-                        2,
-                        chunk.len(),
-                    );
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-                    for key in chunk {
-                        q = q.bind(key);
-                    }
-                    n += q.execute(&self.pool).await?.rows_affected();
-                }
-                Ok(n)
-            }
-
-            /// Up to `limit` opportunity rows in id order after `after` (a sweep over all of them).
-            pub async fn opportunities_after(&self, after: Option<Uuid>, limit: i64) -> Result<Vec<StateRow>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT id, revision, state, projection FROM opportunities WHERE id > $1 ORDER BY id LIMIT $2",
-                )
-                .bind(after.map(|u| u.to_string()).unwrap_or_default())
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-                rows.iter().map(|r| state_row(r, true)).collect()
-            }
-
-            /// Notifications ready to be planned now (claimed ones included), counted on the
-            /// `(status, next_attempt_at)` index alone.
-            pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
-                let row = sqlx::query("SELECT COUNT(*) AS n FROM inbox WHERE status = 'pending' AND next_attempt_at <= $1")
-                    .bind(now)
-                    .fetch_one(&self.pool)
-                    .await?;
-                Ok(row.try_get("n")?)
-            }
-
-            /// Pending notifications and pending writes, counted on the status indexes alone.
-            /// Pending Marketo writes planned by a background job.
-            pub async fn pending_background_writes(&self) -> Result<i64, StoreError> {
-                Ok(sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending' AND background = 1",
-                )
-                .fetch_one(&self.pool)
-                .await?)
-            }
-
-            /// Opportunities oppsync knows (tombstones included).
-            pub async fn opportunity_count(&self) -> Result<i64, StoreError> {
-                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM opportunities").fetch_one(&self.pool).await?)
-            }
-
-            pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
-                let row = sqlx::query(
-                    "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') AS inbox, \
-                     (SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending') AS writes",
-                )
-                .fetch_one(&self.pool)
-                .await?;
-                Ok((row.try_get("inbox")?, row.try_get("writes")?))
-            }
-
-            /// Counts from `status_counts` (kept by triggers) and the oldest pending rows from
-            /// the partial indexes of pending rows: a handful of rows read, however many
-            /// settled rows the tables keep.
-            pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
-                let mut stats = StoreStats::default();
-                let rows = sqlx::query(
-                    "SELECT tbl, status, CAST(SUM(n) AS BIGINT) AS n FROM status_counts GROUP BY tbl, status",
-                )
-                .fetch_all(&self.pool)
-                .await?;
-                for r in &rows {
-                    let table: String = r.try_get("tbl")?;
-                    let status: String = r.try_get("status")?;
-                    let n: i64 = r.try_get("n")?;
-                    match (table.as_str(), status.as_str()) {
-                        ("inbox", "pending") => stats.inbox_pending = n,
-                        ("inbox", "dead") => stats.inbox_dead = n,
-                        ("inbox", "done") => stats.inbox_done = n,
-                        ("marketo_writes", "pending") => stats.writes_pending = n,
-                        ("marketo_writes", "dead") => stats.writes_dead = n,
-                        ("marketo_writes", "done") => stats.writes_done = n,
-                        _ => {}
-                    }
-                }
-                let row = sqlx::query(
-                    "SELECT (SELECT MIN(received_at) FROM inbox WHERE status = 'pending') AS inbox, \
-                     (SELECT MIN(updated_at) FROM marketo_writes WHERE status = 'pending') AS writes",
-                )
-                .fetch_one(&self.pool)
-                .await?;
-                let age = |oldest: Option<i64>| oldest.map(|o| (now - o).max(0));
-                stats.inbox_oldest_pending_age_ms = age(row.try_get("inbox")?);
-                stats.writes_oldest_pending_age_ms = age(row.try_get("writes")?);
-                Ok(stats)
-            }
-        }
-    };
+/// What differs between the two backends. Everything else is [`SqlStore`]'s one SQL text.
+pub trait Backend: sqlx::Database {
+    /// What intake writes through (see `insert_notifications` of each backend).
+    type Intake: Clone + Send + Sync + 'static;
+    /// How a write transaction begins.
+    const BEGIN_WRITE: &'static str;
+    /// Appended to the claim's row selection.
+    const SKIP_LOCKED: &'static str;
+    fn migrator() -> Migrator;
 }
 
-sql_store!(
-    SqliteStore,
-    sqlx::Sqlite,
-    intake = std::sync::Arc<SqliteInbox>,
-    migrations = "./migrations/sqlite",
+impl Backend for sqlx::Sqlite {
+    type Intake = Arc<SqliteInbox>;
     // IMMEDIATE takes the write lock up front: a deferred transaction that reads first and
     // writes later can fail with SQLITE_BUSY when another writer got in between.
-    begin = "BEGIN IMMEDIATE",
-    skip_locked = ""
-);
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+    const SKIP_LOCKED: &'static str = "";
+    fn migrator() -> Migrator {
+        sqlx::migrate!("./migrations/sqlite")
+    }
+}
 
-sql_store!(
-    PgStore,
-    sqlx::Postgres,
-    intake = sqlx::PgPool,
-    migrations = "./migrations/postgres",
-    begin = "BEGIN",
+impl Backend for sqlx::Postgres {
+    type Intake = sqlx::PgPool;
+    const BEGIN_WRITE: &'static str = "BEGIN";
     // Several replicas claim at once: each skips rows another has locked instead of waiting.
-    skip_locked = " FOR UPDATE SKIP LOCKED"
-);
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    fn migrator() -> Migrator {
+        sqlx::migrate!("./migrations/postgres")
+    }
+}
+
+/// Rows changed by a statement: sqlx has no trait for it, each backend's result has its own
+/// method.
+pub trait RowsAffected {
+    fn rows_affected(&self) -> u64;
+}
+
+impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
+    fn rows_affected(&self) -> u64 {
+        sqlx::sqlite::SqliteQueryResult::rows_affected(self)
+    }
+}
+
+impl RowsAffected for sqlx::postgres::PgQueryResult {
+    fn rows_affected(&self) -> u64 {
+        sqlx::postgres::PgQueryResult::rows_affected(self)
+    }
+}
+
+/// The store on one backend.
+pub struct SqlStore<DB: Backend> {
+    /// Everything but intake's inserts. On SQLite its commits skip the fsync (`synchronous =
+    /// NORMAL`): each is re-derivable from the durable inbox, so a power cut can only make work
+    /// happen again, never lose it; intake's next fsync persists them anyway.
+    pool: sqlx::Pool<DB>,
+    /// What intake writes through.
+    intake: DB::Intake,
+}
+
+pub type SqliteStore = SqlStore<sqlx::Sqlite>;
+pub type PgStore = SqlStore<sqlx::Postgres>;
+
+impl<DB: Backend> Clone for SqlStore<DB> {
+    fn clone(&self) -> Self {
+        SqlStore {
+            pool: self.pool.clone(),
+            intake: self.intake.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> SqlStore<DB> {
+    pub fn new(pool: sqlx::Pool<DB>, intake: DB::Intake) -> Self {
+        SqlStore { pool, intake }
+    }
+
+    pub fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
+}
+
+/// A table of Dynamics rows' state, as a commit writes it: a compare-and-swap update of the
+/// rows it loaded (id, revision, state, then the optional columns), an insert of the rows new
+/// to it (id, state, then the optional columns).
+struct StateTable {
+    update: &'static str,
+    insert: &'static str,
+    /// Rows carry the last projection planned (opportunities).
+    projection: bool,
+    /// Rows carry the secondary index column (`RowWrite::index`).
+    index: bool,
+}
+
+const OPPORTUNITIES: StateTable = StateTable {
+    update: OPPORTUNITY_UPDATE,
+    insert: OPPORTUNITY_INSERT,
+    projection: true,
+    index: true,
+};
+const CONNECTIONS: StateTable = StateTable {
+    update: CONNECTION_UPDATE,
+    insert: CONNECTION_INSERT,
+    projection: false,
+    index: true,
+};
+const CONTACTS: StateTable = StateTable {
+    update: CONTACT_UPDATE,
+    insert: CONTACT_INSERT,
+    projection: false,
+    index: false,
+};
+const ACCOUNTS: StateTable = StateTable {
+    update: ACCOUNT_UPDATE,
+    insert: ACCOUNT_INSERT,
+    projection: false,
+    index: false,
+};
+
+/// Which table a lookup of `load_rows` reads, and so where its rows go.
+#[derive(Clone, Copy)]
+enum Loaded {
+    Opportunity,
+    Connection,
+    Contact,
+    Role,
+    Account,
+}
+
+// The bounds say what the one SQL text needs of a backend: its connections execute queries,
+// and the column types it binds and reads are the ones both backends have.
+impl<DB> SqlStore<DB>
+where
+    DB: Backend,
+    DB::Connection: sqlx::migrate::Migrate,
+    DB::QueryResult: RowsAffected,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c str: sqlx::ColumnIndex<DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q, 'r> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'q, 'r> String: sqlx::Encode<'q, DB> + sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'q, 'r> Status: sqlx::Encode<'q, DB> + sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    // sqlx implements `Encode` of an `Option` per backend, not for every one.
+    for<'q> Option<i64>: sqlx::Encode<'q, DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB>,
+    for<'q> Option<Status>: sqlx::Encode<'q, DB>,
+{
+    /// Writes a commit's rows of one table: updates that must find the revision they loaded,
+    /// inserts that must find no row. Any row not as expected fails the commit with
+    /// `Conflict`.
+    async fn write_state_rows(
+        tx: &mut sqlx::Transaction<'static, DB>,
+        table: &StateTable,
+        rows: &[RowWrite],
+        now: i64,
+    ) -> Result<(), CommitError> {
+        let (updates, inserts): (Vec<&RowWrite>, Vec<&RowWrite>) =
+            rows.iter().partition(|w| w.expected_revision.is_some());
+        let optional = usize::from(table.projection) + usize::from(table.index);
+        for (rows, sql, columns) in [
+            (&updates, table.update, 3 + optional),
+            (&inserts, table.insert, 2 + optional),
+        ] {
+            for chunk in rows.chunks(ROW_CHUNK) {
+                let mut q =
+                    sqlx::query(sqlx::AssertSqlSafe(with_tuples(sql, chunk.len(), columns))).bind(now);
+                for w in chunk {
+                    q = q.bind(w.id.to_string());
+                    if let Some(revision) = w.expected_revision {
+                        q = q.bind(revision);
+                    }
+                    q = q.bind(&w.state);
+                    if table.projection {
+                        q = q.bind(&w.projection);
+                    }
+                    if table.index {
+                        q = q.bind(w.index.map(|u| u.to_string()));
+                    }
+                }
+                if q.execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
+                    return Err(CommitError::Conflict);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        DB::migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Applies the migrations up to `version` only (upgrade tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
+        DB::migrator().run_to(version, &self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn schema_state(&self) -> Result<SchemaState, StoreError> {
+        let migrator = DB::migrator();
+        let known: Vec<i64> = migrator
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| m.version)
+            .collect();
+        let applied: Vec<i64> = match sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = true")
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| r.try_get::<i64, _>("version"))
+                .collect::<Result<_, _>>()?,
+            // No migrations table yet: nothing applied.
+            Err(sqlx::Error::Database(_)) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        if applied.iter().any(|v| !known.contains(v)) {
+            return Ok(SchemaState::Ahead);
+        }
+        let missing = known.iter().filter(|v| !applied.contains(v)).count();
+        Ok(if missing == 0 {
+            SchemaState::UpToDate
+        } else {
+            SchemaState::Behind(missing)
+        })
+    }
+
+    /// Nothing of oppsync's is in this database yet: no migration applied and no
+    /// inbox table (a new SQLite file, an empty PostgreSQL database).
+    pub async fn is_new(&self) -> Result<bool, StoreError> {
+        let applied: i64 = match sqlx::query("SELECT COUNT(*) AS n FROM _sqlx_migrations")
+            .fetch_one(&self.pool)
+            .await
+        {
+            Ok(row) => row.try_get("n")?,
+            // No migrations table yet.
+            Err(sqlx::Error::Database(_)) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        if applied > 0 {
+            return Ok(false);
+        }
+        match sqlx::query("SELECT 1 FROM inbox LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(_) => Ok(false),
+            Err(sqlx::Error::Database(_)) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reachable and the inbox readable (what intake needs).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT id FROM inbox LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Oldest ready first, in the order of the `(status, next_attempt_at)` index, so the
+    /// scan stops after `limit` claimable rows instead of reading (for the lease check)
+    /// and sorting every pending one.
+    pub async fn claim_notifications(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
+        let sql = format!(
+            "UPDATE inbox SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM inbox WHERE status = 'pending' AND next_attempt_at <= $3 \
+             AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY next_attempt_at, id LIMIT $4{}) \
+             RETURNING id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+             data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec",
+            DB::SKIP_LOCKED
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut entries = rows
+            .iter()
+            .map(|r| inbox_entry(r, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|e| e.id);
+        Ok(entries)
+    }
+
+    pub async fn renew_leases(&self, owner: &str, ids: &[i64], until: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
+        let mut n = 0;
+        for chunk in ids.chunks(IN_CHUNK) {
+            let sql = with_in_list(
+                "UPDATE inbox SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
+                3,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(until).bind(owner);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            n += q.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Gives back every lease `owner` holds (graceful shutdown), so another worker can
+    /// take the notifications at once instead of after the lease expires.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE inbox SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1 AND status = 'pending'",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Loads the rows `keys` name with one `IN (…)` query per kind of key (per
+    /// `IN_CHUNK` values): a batch of notifications costs a handful of round trips, not
+    /// one per row.
+    pub async fn load_rows(&self, keys: &RowKeys) -> Result<LoadedRows, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut out = LoadedRows::default();
+        let mut seen_opportunities = std::collections::BTreeSet::new();
+        let mut seen_connections = std::collections::BTreeSet::new();
+        let mut seen_contacts = std::collections::BTreeSet::new();
+        let lookups: [(&[Uuid], &str, Loaded); 8] = [
+            (
+                &keys.opportunity_ids,
+                "SELECT id, revision, state, projection FROM opportunities WHERE id IN ({})",
+                Loaded::Opportunity,
+            ),
+            (
+                &keys.opportunities_with_customer,
+                "SELECT id, revision, state, projection FROM opportunities WHERE customer_contact_id IN ({})",
+                Loaded::Opportunity,
+            ),
+            (
+                &keys.connection_ids,
+                "SELECT id, revision, state FROM connections WHERE id IN ({})",
+                Loaded::Connection,
+            ),
+            (
+                &keys.connections_of_opportunities,
+                "SELECT id, revision, state FROM connections WHERE opportunity_id IN ({})",
+                Loaded::Connection,
+            ),
+            (
+                &keys.connections_of_contacts,
+                "SELECT id, revision, state FROM connections WHERE contact_id IN ({})",
+                Loaded::Connection,
+            ),
+            (
+                &keys.contact_ids,
+                "SELECT id, revision, state FROM contacts WHERE id IN ({})",
+                Loaded::Contact,
+            ),
+            (
+                &keys.role_ids,
+                "SELECT id, name, category FROM connection_roles WHERE id IN ({})",
+                Loaded::Role,
+            ),
+            (
+                &keys.account_ids,
+                "SELECT id, revision, state FROM accounts WHERE id IN ({})",
+                Loaded::Account,
+            ),
+        ];
+        for (ids, query, table) in lookups {
+            for chunk in id_texts(ids).chunks(IN_CHUNK) {
+                let sql = with_in_list(query, 1, chunk.len());
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                for r in q.fetch_all(&mut *conn).await? {
+                    // A row may match several lookups (an opportunity by id and by customer):
+                    // each is loaded once.
+                    match table {
+                        Loaded::Opportunity => {
+                            let row = state_row(&r, true)?;
+                            if seen_opportunities.insert(row.id) {
+                                out.opportunities.push(row);
+                            }
+                        }
+                        Loaded::Connection => {
+                            let row = state_row(&r, false)?;
+                            if seen_connections.insert(row.id) {
+                                out.connections.push(row);
+                            }
+                        }
+                        Loaded::Contact => {
+                            let row = state_row(&r, false)?;
+                            if seen_contacts.insert(row.id) {
+                                out.contacts.push(row);
+                            }
+                        }
+                        Loaded::Account => out.accounts.push(state_row(&r, false)?),
+                        Loaded::Role => {
+                            let id: String = r.try_get("id")?;
+                            out.roles.push(RoleRow {
+                                id: parse_uuid(&id)?,
+                                name: r.try_get("name")?,
+                                category: i32::try_from(r.try_get::<i64, _>("category")?)
+                                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn commit(&self, commit: &Commit) -> Result<(), CommitError> {
+        let now = super::now_ms();
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
+        if let Some(settle) = &commit.settle {
+            let mut ids = settle.ids.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            for chunk in ids.chunks(IN_CHUNK) {
+                let sql = with_in_list(
+                    "UPDATE inbox SET status = 'done', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
+                     last_error = NULL WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
+                    3,
+                    chunk.len(),
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(&settle.owner);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                // Every one of them, or none: a notification whose lease went to another
+                // worker must not be settled by this plan.
+                if q.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+                    return Err(CommitError::LeaseLost);
+                }
+            }
+        }
+        // One statement per kind of row and chunk, not one per row: on SQLite the write
+        // lock is held for the whole transaction, and intake waits for it.
+        Self::write_state_rows(&mut tx, &OPPORTUNITIES, &commit.opportunities, now).await?;
+        Self::write_state_rows(&mut tx, &CONNECTIONS, &commit.connections, now).await?;
+        Self::write_state_rows(&mut tx, &CONTACTS, &commit.contacts, now).await?;
+        Self::write_state_rows(&mut tx, &ACCOUNTS, &commit.accounts, now).await?;
+        for r in &commit.roles {
+            sqlx::query(
+                "INSERT INTO connection_roles (id, name, category, fetched_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, category = excluded.category, \
+                 fetched_at = excluded.fetched_at",
+            )
+            .bind(r.id.to_string())
+            .bind(&r.name)
+            .bind(i64::from(r.category))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Several plans of one record in one commit: the last one wins, as if committed
+        // one after the other.
+        let mut last_of_key: HashMap<&WriteKey, usize> = HashMap::with_capacity(commit.writes.len());
+        for (i, w) in commit.writes.iter().enumerate() {
+            last_of_key.insert(&w.key, i);
+        }
+        let writes: Vec<&super::PlannedWrite> = commit
+            .writes
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| last_of_key.get(&w.key) == Some(i))
+            .map(|(_, w)| w)
+            .collect();
+        for chunk in writes.chunks(ROW_CHUNK) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 5))).bind(now);
+            for w in chunk {
+                q = q
+                    .bind(w.key.to_string())
+                    .bind(w.opportunity_id.map(|u| u.to_string()))
+                    .bind(w.phase.number())
+                    .bind(&w.payload)
+                    .bind(i64::from(commit.background));
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn settle_notification(
+        &self,
+        id: i64,
+        owner: &str,
+        settlement: &Settlement,
+    ) -> Result<(), StoreError> {
+        let now = super::now_ms();
+        match settlement {
+            Settlement::Retry { at, error } => {
+                sqlx::query(
+                    "UPDATE inbox SET next_attempt_at = $1, last_error = $2, lease_owner = NULL, \
+                     lease_expires_at = NULL WHERE id = $3 AND lease_owner = $4 AND status = 'pending'",
+                )
+                .bind(at)
+                .bind(error)
+                .bind(id)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+            }
+            Settlement::Dead { error } => {
+                sqlx::query(
+                    "UPDATE inbox SET status = 'dead', last_error = $1, settled_at = $2, lease_owner = NULL, \
+                     lease_expires_at = NULL WHERE id = $3 AND lease_owner = $4 AND status = 'pending'",
+                )
+                .bind(error)
+                .bind(now)
+                .bind(id)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn ready_writes(&self, now: i64, limit: i64) -> Result<Vec<StoredWrite>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
+             last_error, updated_at FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY phase, background, updated_at, key LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(stored_write).collect()
+    }
+
+    pub async fn write_statuses(&self, keys: &[WriteKey]) -> Result<HashMap<WriteKey, Status>, StoreError> {
+        let mut keys: Vec<String> = keys.iter().map(WriteKey::to_string).collect();
+        keys.sort();
+        keys.dedup();
+        let mut conn = self.pool.acquire().await?;
+        let mut out = HashMap::new();
+        for chunk in keys.chunks(IN_CHUNK) {
+            let sql = with_in_list(
+                "SELECT key, status FROM marketo_writes WHERE key IN ({})",
+                1,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for key in chunk {
+                q = q.bind(key);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let key: String = r.try_get("key")?;
+                if let Ok(key) = key.parse() {
+                    out.insert(key, r.try_get("status")?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn settle_writes(&self, settled: &[(WriteKey, i64, WriteOutcome)]) -> Result<(), StoreError> {
+        let now = super::now_ms();
+        let mut done = Vec::new();
+        let mut retry = Vec::new();
+        let mut dead = Vec::new();
+        for item in settled {
+            match &item.2 {
+                WriteOutcome::Done => done.push(item),
+                WriteOutcome::Retry { .. } => retry.push(item),
+                WriteOutcome::Dead { .. } => dead.push(item),
+            }
+        }
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
+        for chunk in done.chunks(ROW_CHUNK) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DONE, chunk.len(), 2))).bind(now);
+            for (key, revision, _) in chunk {
+                q = q.bind(key.to_string()).bind(revision);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for chunk in retry.chunks(ROW_CHUNK) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_RETRY, chunk.len(), 5))).bind(now);
+            for (key, revision, outcome) in chunk {
+                if let WriteOutcome::Retry {
+                    at,
+                    error,
+                    count_attempt,
+                } = outcome
+                {
+                    q = q
+                        .bind(key.to_string())
+                        .bind(revision)
+                        .bind(i64::from(*count_attempt))
+                        .bind(at)
+                        .bind(error);
+                }
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for chunk in dead.chunks(ROW_CHUNK) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DEAD, chunk.len(), 3))).bind(now);
+            for (key, revision, outcome) in chunk {
+                if let WriteOutcome::Dead { error } = outcome {
+                    q = q.bind(key.to_string()).bind(revision).bind(error);
+                }
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn lead_ids(&self, contact_ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut out = HashMap::new();
+        for chunk in id_texts(contact_ids).chunks(IN_CHUNK) {
+            let sql = with_in_list(
+                "SELECT contact_id, lead_id FROM marketo_leads WHERE contact_id IN ({})",
+                1,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let contact: String = r.try_get("contact_id")?;
+                out.insert(parse_uuid(&contact)?, r.try_get::<i64, _>("lead_id")?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn save_lead_ids(&self, leads: &[(Uuid, i64)]) -> Result<(), StoreError> {
+        let now = super::now_ms();
+        // One row per contact (a statement may not upsert one row twice): the last wins.
+        let mut by_contact: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+        for (contact, lead) in leads {
+            by_contact.insert(contact.to_string(), *lead);
+        }
+        let rows: Vec<(String, i64)> = by_contact.into_iter().collect();
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
+        for chunk in rows.chunks(ROW_CHUNK) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(LEADS_UPSERT, chunk.len(), 2))).bind(now);
+            for (contact, lead) in chunk {
+                q = q.bind(contact).bind(lead);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn control(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM control WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get("value")?),
+            None => None,
+        })
+    }
+
+    pub async fn set_control(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO control (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn notification(&self, id: i64) -> Result<Option<InboxEntry>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+             data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec FROM inbox WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| inbox_entry(&r, true)).transpose()
+    }
+
+    pub async fn list_notifications(
+        &self,
+        status: Option<Status>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+             data_missing, status, attempts, next_attempt_at, last_error, settled_at FROM inbox \
+             WHERE ($1 IS NULL OR status = $1) AND id < $2 ORDER BY id DESC LIMIT $3",
+        )
+        .bind(status)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| inbox_entry(r, false)).collect()
+    }
+
+    pub async fn retry_notifications(
+        &self,
+        id: Option<i64>,
+        entity: Option<&str>,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let q = match id {
+            Some(id) => sqlx::query(
+                "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = $1, settled_at = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL WHERE id = $2 AND status IN ('dead', 'discarded')",
+            )
+            .bind(now)
+            .bind(id),
+            None => sqlx::query(
+                "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = $1, settled_at = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL WHERE status = 'dead' AND ($2 IS NULL OR entity = $2)",
+            )
+            .bind(now)
+            .bind(entity),
+        };
+        Ok(q.execute(&self.pool).await?.rows_affected())
+    }
+
+    pub async fn discard_notification(&self, id: i64, now: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE inbox SET status = 'discarded', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $2 AND status IN ('dead', 'pending')",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    pub async fn list_writes(
+        &self,
+        status: Option<Status>,
+        opportunity_id: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<StoredWrite>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
+             last_error, updated_at FROM marketo_writes WHERE ($1 IS NULL OR status = $1) \
+             AND ($2 IS NULL OR opportunity_id = $2) ORDER BY updated_at DESC, key LIMIT $3",
+        )
+        .bind(status)
+        .bind(opportunity_id.map(|u| u.to_string()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(stored_write).collect()
+    }
+
+    pub async fn retry_writes(&self, key: Option<&WriteKey>, now: i64) -> Result<u64, StoreError> {
+        let key = key.map(WriteKey::to_string);
+        Ok(sqlx::query(
+            "UPDATE marketo_writes SET status = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 \
+             WHERE status IN ('dead', 'discarded') AND ($2 IS NULL OR key = $2) AND ($2 IS NOT NULL OR status = 'dead')",
+        )
+        .bind(now)
+        .bind(key)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    pub async fn discard_write(&self, key: &WriteKey, now: i64) -> Result<u64, StoreError> {
+        let key = key.to_string();
+        Ok(sqlx::query(
+            "UPDATE marketo_writes SET status = 'discarded', updated_at = $1 WHERE key = $2 AND status IN ('dead', 'pending')",
+        )
+        .bind(now)
+        .bind(key)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    pub async fn opportunity_row(&self, id: Uuid) -> Result<Option<StateRow>, StoreError> {
+        let row = sqlx::query("SELECT id, revision, state, projection FROM opportunities WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| state_row(&r, true)).transpose()
+    }
+
+    /// Puts writes back to pending, done ones included (a drift repair: Marketo lost what
+    /// it took). Returns how many.
+    pub async fn requeue_writes(&self, keys: &[WriteKey], now: i64) -> Result<u64, StoreError> {
+        let keys: Vec<String> = keys.iter().map(WriteKey::to_string).collect();
+        let mut n = 0;
+        for chunk in keys.chunks(IN_CHUNK) {
+            let sql = with_in_list(
+                "UPDATE marketo_writes SET status = 'pending', revision = revision + 1, attempts = 0, \
+                 next_attempt_at = $1, last_error = NULL, updated_at = $1 WHERE status <> 'pending' AND key IN ({})",
+                2,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+            for key in chunk {
+                q = q.bind(key);
+            }
+            n += q.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(n)
+    }
+
+    /// Up to `limit` opportunity rows in id order after `after` (a sweep over all of them).
+    pub async fn opportunities_after(
+        &self,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<StateRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, revision, state, projection FROM opportunities WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after.map(|u| u.to_string()).unwrap_or_default())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| state_row(r, true)).collect()
+    }
+
+    /// Notifications ready to be planned now (claimed ones included), counted on the
+    /// `(status, next_attempt_at)` index alone.
+    pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM inbox WHERE status = 'pending' AND next_attempt_at <= $1")
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Pending notifications and pending writes, counted on the status indexes alone.
+    /// Pending Marketo writes planned by a background job.
+    pub async fn pending_background_writes(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending' AND background = 1",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Opportunities oppsync knows (tombstones included).
+    pub async fn opportunity_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM opportunities")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') AS inbox, \
+             (SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending') AS writes",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("inbox")?, row.try_get("writes")?))
+    }
+
+    /// Counts from `status_counts` (kept by triggers) and the oldest pending rows from
+    /// the partial indexes of pending rows: a handful of rows read, however many
+    /// settled rows the tables keep.
+    pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
+        let mut stats = StoreStats::default();
+        let rows = sqlx::query(
+            "SELECT tbl, status, CAST(SUM(n) AS BIGINT) AS n FROM status_counts GROUP BY tbl, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &rows {
+            let table: String = r.try_get("tbl")?;
+            let status: String = r.try_get("status")?;
+            let n: i64 = r.try_get("n")?;
+            match (table.as_str(), status.as_str()) {
+                ("inbox", "pending") => stats.inbox_pending = n,
+                ("inbox", "dead") => stats.inbox_dead = n,
+                ("inbox", "done") => stats.inbox_done = n,
+                ("marketo_writes", "pending") => stats.writes_pending = n,
+                ("marketo_writes", "dead") => stats.writes_dead = n,
+                ("marketo_writes", "done") => stats.writes_done = n,
+                _ => {}
+            }
+        }
+        let row = sqlx::query(
+            "SELECT (SELECT MIN(received_at) FROM inbox WHERE status = 'pending') AS inbox, \
+             (SELECT MIN(updated_at) FROM marketo_writes WHERE status = 'pending') AS writes",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let age = |oldest: Option<i64>| oldest.map(|o| (now - o).max(0));
+        stats.inbox_oldest_pending_age_ms = age(row.try_get("inbox")?);
+        stats.writes_oldest_pending_age_ms = age(row.try_get("writes")?);
+        Ok(stats)
+    }
+}
 
 impl SqliteStore {
     /// Intake's writer: the inbox's own connection (see `sqlite_inbox`).

@@ -6,8 +6,8 @@
 use uuid::Uuid;
 
 use super::{
-    Commit, CommitError, NewNotification, NotificationStatus, PackedBody, PlannedWrite, Received, RowKeys,
-    RowWrite, SchemaState, Settle, Settlement, Store, WriteOutcome, WriteStatus, now_ms,
+    Commit, CommitError, NewNotification, PackedBody, PlannedWrite, Received, RowKeys, RowWrite, SchemaState,
+    Settle, Settlement, Status, Store, WriteOutcome, now_ms,
 };
 use crate::rules::{Phase, WriteKey};
 
@@ -268,7 +268,7 @@ async fn a_group_commit_larger_than_one_statement_is_one_transaction(store: &Sto
     assert!(out[..1100].iter().all(|r| matches!(r, Received::Stored(_))));
     assert_eq!(out[1100], Received::Duplicate);
     let pending = store
-        .list_notifications(Some(NotificationStatus::Pending), None, 2000)
+        .list_notifications(Some(Status::Pending), None, 2000)
         .await
         .unwrap();
     assert_eq!(pending.len(), 1100);
@@ -306,14 +306,14 @@ async fn duplicates_are_recognised_within_and_across_batches(store: &Store) {
     };
     let stored = store.notification(id).await.unwrap().unwrap();
     assert_eq!(stored.dedupe_key, "dup-a");
-    assert_eq!(stored.status, NotificationStatus::Pending);
+    assert_eq!(stored.status, Status::Pending);
     assert_eq!(stored.body.as_deref(), Some("{}"));
     // Each answer carries the id of its own row, not a neighbour's.
     let stored_b = store.notification(id_b).await.unwrap().unwrap();
     assert_eq!(stored_b.dedupe_key, "dup-b");
     // Leave a clean inbox for the next checks.
     for n in store
-        .list_notifications(Some(NotificationStatus::Pending), None, 100)
+        .list_notifications(Some(Status::Pending), None, 100)
         .await
         .unwrap()
     {
@@ -478,7 +478,7 @@ async fn commit_settles_the_notification_atomically(store: &Store) {
     store.commit(&ok).await.unwrap();
     assert_eq!(
         store.notification(id).await.unwrap().unwrap().status,
-        NotificationStatus::Done
+        Status::Done
     );
     assert_eq!(store.list_writes(None, Some(opp), 10).await.unwrap().len(), 1);
 }
@@ -494,7 +494,7 @@ async fn writes_coalesce_per_marketo_record(store: &Store) {
         store.commit(&c).await.unwrap();
     }
     let writes = store
-        .list_writes(Some(WriteStatus::Pending), Some(opp), 10)
+        .list_writes(Some(Status::Pending), Some(opp), 10)
         .await
         .unwrap();
     assert_eq!(writes.len(), 1, "ten plans of one record are one write");
@@ -517,7 +517,7 @@ async fn writes_coalesce_per_marketo_record(store: &Store) {
         .await
         .unwrap();
     let w = &store.list_writes(None, Some(opp), 10).await.unwrap()[0];
-    assert_eq!((w.status, w.revision), (WriteStatus::Pending, 11));
+    assert_eq!((w.status, w.revision), (Status::Pending, 11));
     store
         .settle_writes(&[(
             key.clone(),
@@ -552,7 +552,7 @@ async fn writes_coalesce_per_marketo_record(store: &Store) {
         .await
         .unwrap();
     let statuses = store.write_statuses(std::slice::from_ref(&key)).await.unwrap();
-    assert_eq!(statuses.get(&key), Some(&WriteStatus::Dead));
+    assert_eq!(statuses.get(&key), Some(&Status::Dead));
     assert_eq!(store.stats(now_ms()).await.unwrap().writes_dead, 1);
     assert_eq!(store.retry_writes(Some(&key)).await.unwrap(), 1);
     store
@@ -560,7 +560,7 @@ async fn writes_coalesce_per_marketo_record(store: &Store) {
         .await
         .unwrap();
     let w = &store.list_writes(None, Some(opp), 10).await.unwrap()[0];
-    assert_eq!(w.status, WriteStatus::Done);
+    assert_eq!(w.status, Status::Done);
 }
 
 async fn a_plan_equal_to_what_marketo_holds_or_awaits_is_not_pushed_again(store: &Store) {
@@ -576,7 +576,7 @@ async fn a_plan_equal_to_what_marketo_holds_or_awaits_is_not_pushed_again(store:
     let w = current().await;
     assert_eq!(
         (w.status, w.revision),
-        (WriteStatus::Pending, 1),
+        (Status::Pending, 1),
         "the same plan twice is one write"
     );
     store
@@ -587,16 +587,12 @@ async fn a_plan_equal_to_what_marketo_holds_or_awaits_is_not_pushed_again(store:
     let w = current().await;
     assert_eq!(
         (w.status, w.revision),
-        (WriteStatus::Done, 1),
+        (Status::Done, 1),
         "Marketo has it already"
     );
     store.commit(&plan(r#"{"a":2}"#)).await.unwrap();
     let w = current().await;
-    assert_eq!(
-        (w.status, w.revision),
-        (WriteStatus::Pending, 2),
-        "a change is pushed"
-    );
+    assert_eq!((w.status, w.revision), (Status::Pending, 2), "a change is pushed");
     store
         .settle_writes(&[(key.clone(), 2, WriteOutcome::Dead { error: "1003".into() })])
         .await
@@ -605,7 +601,7 @@ async fn a_plan_equal_to_what_marketo_holds_or_awaits_is_not_pushed_again(store:
     let w = current().await;
     assert_eq!(
         (w.status, w.revision),
-        (WriteStatus::Pending, 3),
+        (Status::Pending, 3),
         "a dead letter planned again is tried again"
     );
 }
@@ -685,7 +681,7 @@ async fn a_batch_commit_settles_and_swaps_all_rows_or_none(store: &Store) {
     for id in &ids {
         assert_eq!(
             store.notification(*id).await.unwrap().unwrap().status,
-            NotificationStatus::Pending
+            Status::Pending
         );
     }
     let good = Commit {
@@ -698,7 +694,7 @@ async fn a_batch_commit_settles_and_swaps_all_rows_or_none(store: &Store) {
     for id in &ids {
         assert_eq!(
             store.notification(*id).await.unwrap().unwrap().status,
-            NotificationStatus::Done
+            Status::Done
         );
     }
     assert_eq!(store.opportunity_row(b).await.unwrap().unwrap().revision, 2);
@@ -752,7 +748,7 @@ async fn failed_notifications_retry_then_dead_letter_and_can_be_redriven(store: 
     assert_eq!(stats.inbox_dead, 1);
     assert_eq!(stats.inbox_pending, 0);
     let dead = store
-        .list_notifications(Some(NotificationStatus::Dead), None, 10)
+        .list_notifications(Some(Status::Dead), None, 10)
         .await
         .unwrap();
     assert_eq!(dead.len(), 1);
@@ -769,7 +765,7 @@ async fn failed_notifications_retry_then_dead_letter_and_can_be_redriven(store: 
         1
     );
     let again = store.notification(id).await.unwrap().unwrap();
-    assert_eq!((again.status, again.attempts), (NotificationStatus::Pending, 0));
+    assert_eq!((again.status, again.attempts), (Status::Pending, 0));
     assert_eq!(store.discard_notification(id).await.unwrap(), 1);
     assert!(store.is_idle().await.unwrap() || store.stats(now_ms()).await.unwrap().writes_pending > 0);
     // Paging: newest first, strictly below the cursor.

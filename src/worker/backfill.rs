@@ -361,7 +361,7 @@ pub async fn run_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                     Err(e) => {
                         failures += 1;
                         tracing::warn!(error = %e, "backfill interrupted; going on shortly");
-                        let wait = super::backoff_ms(failures, 1_000, 60_000);
+                        let wait = crate::retry::backoff_ms(failures, 1_000, 60_000);
                         sleep_or_cancel(
                             &shutdown,
                             Duration::from_millis(u64::try_from(wait).unwrap_or(1_000)),
@@ -470,7 +470,7 @@ async fn run(
                         tracing::warn!(error = %e, failures, "backfill page failed; trying again");
                         job.last_error = Some(e.to_string());
                         save(&ctx.store, &mut job).await?;
-                        let wait = super::backoff_ms(failures, 1_000, 60_000);
+                        let wait = crate::retry::backoff_ms(failures, 1_000, 60_000);
                         sleep_or_cancel(
                             shutdown,
                             Duration::from_millis(u64::try_from(wait).unwrap_or(1_000)),
@@ -550,7 +550,7 @@ async fn read_and_plan(
         })
         .await?;
     for row in &known.contacts {
-        if serde_json::from_str::<ContactState>(&row.state).is_ok_and(|c| c.is_complete()) {
+        if row.decode::<ContactState>().is_ok_and(|c| c.is_complete()) {
             contact_ids.remove(&row.id);
         }
     }

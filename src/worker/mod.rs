@@ -20,7 +20,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::RngExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -96,15 +95,6 @@ impl WorkerContext {
     pub async fn is_paused(&self) -> bool {
         matches!(self.store.paused().await, Ok(true))
     }
-}
-
-/// Exponential backoff with full jitter: a random delay up to `base * 2^attempts`, capped.
-pub fn backoff_ms(attempts: u32, base_ms: i64, max_ms: i64) -> i64 {
-    let ceiling = base_ms
-        .saturating_mul(1_i64 << attempts.min(20))
-        .min(max_ms)
-        .max(base_ms);
-    rand::rng().random_range(base_ms / 2..=ceiling)
 }
 
 /// Starts the planner and the pusher, each supervised; they stop when `shutdown` is cancelled.

@@ -15,11 +15,12 @@ use futures::StreamExt;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{WorkerContext, backoff_ms};
+use super::WorkerContext;
 use crate::dynamics::webapi::{ContactRecord, WebApiError};
 use crate::dynamics::{
     AttributeValue, Attributes, DynamicsEvent, EntityKind, MessageKind, decode_notification,
 };
+use crate::retry::backoff_ms;
 use crate::rules::{self, ConnectionRoleInfo, ContactState, Lookup, Projection, World};
 use crate::store::{
     Commit, CommitError, InboxEntry, LoadedRows, PlannedWrite, RoleRow, RowKeys, RowWrite, Settle,
@@ -396,12 +397,14 @@ struct Revisions {
     accounts: BTreeMap<Uuid, i64>,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, PlanError> {
-    serde_json::from_str(text).map_err(|e| PlanError::Corrupt(e.to_string()))
+/// A stored row this version cannot read (or a state it cannot write) is corrupt: a dead
+/// letter, not a store failure to retry.
+fn corrupt(e: StoreError) -> PlanError {
+    PlanError::Corrupt(e.to_string())
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<String, PlanError> {
-    serde_json::to_string(value).map_err(|e| PlanError::Corrupt(e.to_string()))
+    crate::store::encode_state(value).map_err(corrupt)
 }
 
 /// What a lookup still needs from the Web API after the store had its say.
@@ -536,30 +539,32 @@ impl PlanStep {
             if self.world.opportunities.contains_key(&r.id) {
                 continue;
             }
-            self.world.opportunities.insert(r.id, parse(&r.state)?);
+            self.world
+                .opportunities
+                .insert(r.id, r.decode().map_err(corrupt)?);
             self.revisions.opportunities.insert(r.id, r.revision);
-            let projection = r.projection.as_deref().map(parse::<Projection>).transpose()?;
+            let projection = r.decode_projection::<Projection>().map_err(corrupt)?;
             self.projections.insert(r.id, projection);
         }
         for r in &rows.connections {
             if self.world.connections.contains_key(&r.id) {
                 continue;
             }
-            self.world.connections.insert(r.id, parse(&r.state)?);
+            self.world.connections.insert(r.id, r.decode().map_err(corrupt)?);
             self.revisions.connections.insert(r.id, r.revision);
         }
         for r in &rows.contacts {
             if self.world.contacts.contains_key(&r.id) {
                 continue;
             }
-            self.world.contacts.insert(r.id, parse(&r.state)?);
+            self.world.contacts.insert(r.id, r.decode().map_err(corrupt)?);
             self.revisions.contacts.insert(r.id, r.revision);
         }
         for r in &rows.accounts {
             if self.world.accounts.contains_key(&r.id) {
                 continue;
             }
-            self.world.accounts.insert(r.id, parse(&r.state)?);
+            self.world.accounts.insert(r.id, r.decode().map_err(corrupt)?);
             self.revisions.accounts.insert(r.id, r.revision);
         }
         for r in &rows.roles {

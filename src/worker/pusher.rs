@@ -11,12 +11,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{WorkerContext, backoff_ms};
+use super::WorkerContext;
 use crate::marketo::{MarketoError, RecordResult, RoleRecord};
+use crate::retry::backoff_ms;
 use crate::rules::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID};
 use crate::rules::{ContactState, LeadMatch, MarketoWrite, MissingLead, WriteKey};
 use crate::service::{BlockReason, System};
-use crate::store::{RowKeys, StoreError, StoredWrite, WriteOutcome, WriteStatus, now_ms};
+use crate::store::{RowKeys, Status, StoreError, StoredWrite, WriteOutcome, now_ms};
 
 /// Most writes one cycle looks at.
 const CYCLE_LIMIT: i64 = 10_000;
@@ -732,7 +733,7 @@ async fn ensure_leads(ctx: &WorkerContext, writes: Vec<Ready<Uuid>>) -> Result<S
         .await?;
     let mut states: HashMap<Uuid, ContactState> = HashMap::new();
     for r in rows.contacts {
-        if let Ok(state) = serde_json::from_str::<ContactState>(&r.state) {
+        if let Ok(state) = r.decode::<ContactState>() {
             states.insert(r.id, state);
         }
     }
@@ -936,14 +937,14 @@ async fn push_roles(
                     statuses.get(&lead_key),
                     leads.get(&role.contact_id),
                 ) {
-                    (Some(WriteStatus::Dead), _, _) => settled.push((
+                    (Some(Status::Dead), _, _) => settled.push((
                         key,
                         revision,
                         dead(format!(
                             "its opportunity could not be written to Marketo ({opportunity} is a dead letter)"
                         )),
                     )),
-                    (_, Some(WriteStatus::Dead), _) => settled.push((
+                    (_, Some(Status::Dead), _) => settled.push((
                         key,
                         revision,
                         dead(format!(
@@ -951,7 +952,7 @@ async fn push_roles(
                         )),
                     )),
                     // Marketo refuses a role whose opportunity or lead does not exist yet.
-                    (Some(WriteStatus::Pending), _, _) | (_, Some(WriteStatus::Pending), _) => {
+                    (Some(Status::Pending), _, _) | (_, Some(Status::Pending), _) => {
                         blocked.push(w.row.updated_at)
                     }
                     (_, _, None) => blocked.push(w.row.updated_at), // the lead is still being resolved

@@ -385,7 +385,7 @@ async fn check_deletes(ctx: &WorkerContext, state: &mut TableReconcile) -> Resul
     let mut reported: BTreeSet<String> = state.deletes_needing_webhook.iter().cloned().collect();
     let mut live: Vec<Uuid> = Vec::new();
     for row in &rows {
-        let gone = serde_json::from_str::<OpportunityState>(&row.state).is_ok_and(|s| s.is_deleted());
+        let gone = row.decode::<OpportunityState>().is_ok_and(|s| s.is_deleted());
         if gone {
             reported.remove(&row.id.to_string());
         } else {

@@ -3,7 +3,7 @@
 use oppsync::config::{Secret, WebhookAuth};
 use oppsync::dynamics::AttributeValue;
 use oppsync::dynamics::compose::NotificationBuilder;
-use oppsync::store::NotificationStatus;
+use oppsync::store::Status;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use uuid::Uuid;
@@ -74,7 +74,7 @@ async fn stored_notification_is_202_and_a_repeat_is_200_and_stored_once() {
         .unwrap();
     assert_eq!(all.len(), 1, "stored once");
     let stored = env.app.state.store.notification(id).await.unwrap().unwrap();
-    assert_eq!(stored.status, NotificationStatus::Pending);
+    assert_eq!(stored.status, Status::Pending);
     assert_eq!(
         stored.body.as_deref(),
         Some(n.to_json().as_str()),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use oppsync::dynamics::{AttributeValue, Attributes};
 use oppsync::sim::marketo::{Fault, MarketoSimConfig};
 use oppsync::sim::org::{Customer, DynamicsOrg};
-use oppsync::store::WriteStatus;
+use oppsync::store::Status;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -71,7 +71,7 @@ async fn a_rate_limit_storm_from_another_integration_slows_pushing_and_dead_lett
         .app
         .state
         .store
-        .list_writes(Some(WriteStatus::Dead), None, 10)
+        .list_writes(Some(Status::Dead), None, 10)
         .await
         .unwrap();
     assert!(dead.is_empty(), "{dead:?}");
@@ -108,7 +108,7 @@ async fn a_dead_letter_from_a_refused_connection_names_the_cause() {
         .app
         .state
         .store
-        .list_writes(Some(WriteStatus::Dead), None, 10)
+        .list_writes(Some(Status::Dead), None, 10)
         .await
         .unwrap();
     let reason = dead
@@ -249,10 +249,7 @@ async fn a_mixed_ready_set_reaches_marketo_intact() {
     })
     .await;
     assert!(planned);
-    let pending = store
-        .list_writes(Some(WriteStatus::Pending), None, 100)
-        .await
-        .unwrap();
+    let pending = store.list_writes(Some(Status::Pending), None, 100).await.unwrap();
     let phases: std::collections::BTreeSet<_> = pending.iter().map(|w| w.phase).collect();
     assert_eq!(
         phases,

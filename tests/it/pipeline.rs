@@ -9,7 +9,7 @@ use oppsync::dynamics::compose::NotificationBuilder;
 use oppsync::sim::env::{Simulators, eventually};
 use oppsync::sim::marketo::Fault;
 use oppsync::sim::org::{Customer, DynamicsOrg};
-use oppsync::store::{Store, WriteStatus, now_ms};
+use oppsync::store::{Status, Store, now_ms};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
@@ -122,10 +122,7 @@ async fn permanent_record_errors_become_dead_letters_with_marketos_code() {
     env.deliver(&n2).await;
     env.settle_within(Duration::from_secs(30), true).await;
     let store = &env.app.state.store;
-    let dead = store
-        .list_writes(Some(WriteStatus::Dead), None, 10)
-        .await
-        .unwrap();
+    let dead = store.list_writes(Some(Status::Dead), None, 10).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].key.to_string(), format!("opportunity:{bad}"));
     let error = dead[0].last_error.clone().unwrap_or_default();

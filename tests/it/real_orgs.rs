@@ -9,7 +9,7 @@ use oppsync::dynamics::compose::{DEFAULT_ORGANIZATION_ID, NotificationBuilder};
 use oppsync::rules::{Conversion, FieldMapping};
 use oppsync::sim::dataverse::{ROLE_STAKEHOLDER, SIM_ORGANIZATION_ID};
 use oppsync::sim::org::{Customer, DynamicsOrg};
-use oppsync::store::{NotificationStatus, WriteStatus};
+use oppsync::store::Status;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -270,7 +270,7 @@ async fn distinct_changes_sharing_an_operation_and_modifiedon_are_both_applied_a
         .app
         .state
         .store
-        .list_notifications(Some(NotificationStatus::Done), None, 100)
+        .list_notifications(Some(Status::Done), None, 100)
         .await
         .unwrap();
     assert_eq!(
@@ -455,7 +455,7 @@ async fn a_contact_missing_from_dataverse_is_dead_lettered_as_not_found() {
         .app
         .state
         .store
-        .list_writes(Some(WriteStatus::Dead), None, 10)
+        .list_writes(Some(Status::Dead), None, 10)
         .await
         .unwrap();
     let reasons: Vec<&str> = dead.iter().filter_map(|w| w.last_error.as_deref()).collect();

@@ -75,7 +75,7 @@ impl CollectionQuery {
         Self::new(
             "contacts",
             "contactid",
-            format!("contactid,{CONTACT_COLUMNS}"),
+            format!("contactid,{}", *CONTACT_COLUMNS),
             page_size,
         )
     }

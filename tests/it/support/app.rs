@@ -183,11 +183,11 @@ impl TestEnv {
         assert!(ok, "work left after {timeout:?}: {stats:?}");
         if !allow_dead {
             let dead = store
-                .list_writes(Some(oppsync::store::WriteStatus::Dead), None, 20)
+                .list_writes(Some(oppsync::store::Status::Dead), None, 20)
                 .await
                 .unwrap();
             let dead_notifications = store
-                .list_notifications(Some(oppsync::store::NotificationStatus::Dead), None, 20)
+                .list_notifications(Some(oppsync::store::Status::Dead), None, 20)
                 .await
                 .unwrap();
             let reasons: Vec<_> = dead_notifications
