@@ -143,6 +143,11 @@ pub struct StoreConfig {
     pub max_connections: u32,
     /// Most notifications one group commit takes at once.
     pub group_commit_max: usize,
+    /// Settled notifications (done, discarded) are deleted this many days after they settled;
+    /// 0 keeps them for ever. Dead letters stay until handled. It is also the window in which
+    /// a re-delivery is recognised as a duplicate (a later one is planned again, and changes
+    /// nothing that already reached Marketo). Fractions are allowed (tests, benchmarks).
+    pub retention_days: f64,
 }
 
 impl Default for StoreConfig {
@@ -151,6 +156,7 @@ impl Default for StoreConfig {
             url: Secret::new("sqlite://oppsync.db"),
             max_connections: 8,
             group_commit_max: 256,
+            retention_days: 14.0,
         }
     }
 }
@@ -513,6 +519,12 @@ impl Config {
         }
         if self.store.group_commit_max == 0 {
             p.push("store.group_commit_max: must be at least 1".into());
+        }
+        if !self.store.retention_days.is_finite() || self.store.retention_days < 0.0 {
+            p.push(
+                "store.retention_days (OPPSYNC__STORE__RETENTION_DAYS): must be 0 (keep for ever) or a positive number of days"
+                    .into(),
+            );
         }
         match self.webhook.auth {
             WebhookAuth::HttpHeader if self.webhook.header_name.as_deref().unwrap_or("").is_empty() => p.push(

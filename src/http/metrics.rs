@@ -28,6 +28,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             .set(stats.writes_oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
         metrics::gauge!("oppsync_dead_letters", "kind" => "notification").set(stats.inbox_dead as f64);
         metrics::gauge!("oppsync_dead_letters", "kind" => "marketo_write").set(stats.writes_dead as f64);
+        if let Some(bytes) = stats.store_bytes {
+            metrics::gauge!("oppsync_store_bytes").set(bytes as f64);
+        }
+        metrics::gauge!("oppsync_store_oldest_retained_age_seconds")
+            .set(stats.inbox_oldest_retained_age_ms.unwrap_or(0) as f64 / 1000.0);
+        metrics::counter!("oppsync_store_retention_deleted_total").increment(0);
     }
     state.lifecycle.export_blocked();
     if let Ok(paused) = state.worker.is_paused().await {

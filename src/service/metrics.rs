@@ -122,6 +122,18 @@ fn describe() {
         "Age of the oldest Marketo write waiting to be pushed"
     );
     describe_gauge!(
+        "oppsync_store_bytes",
+        "Size of the store on disk: the SQLite database file, or oppsync's PostgreSQL tables with their indexes"
+    );
+    describe_gauge!(
+        "oppsync_store_oldest_retained_age_seconds",
+        "Age of the oldest notification kept (settled ones are deleted after store.retention_days)"
+    );
+    describe_counter!(
+        "oppsync_store_retention_deleted_total",
+        "Settled notifications deleted by retention"
+    );
+    describe_gauge!(
         "oppsync_dead_letters",
         "Dead letters waiting for an operator, by kind (notification, marketo_write)"
     );

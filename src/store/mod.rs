@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use uuid::Uuid;
 
 pub use body::{BodyCodec, PackedBody};
@@ -30,6 +32,9 @@ pub use crate::rules::{Phase, WriteKey};
 /// Group committers on PostgreSQL, each with a connection of intake's own pool. (SQLite has one
 /// writer.)
 pub const INTAKE_COMMITTERS_PG: usize = 4;
+
+/// Largest SQLite log file (bytes) kept after a checkpoint.
+pub(crate) const JOURNAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Control key of the pause flag (`"true"` while pushing is paused).
 const PAUSED: &str = "paused";
@@ -363,6 +368,12 @@ pub struct StoreStats {
     pub writes_oldest_pending_age_ms: Option<i64>,
     pub writes_dead: i64,
     pub writes_done: i64,
+    /// The store's size on disk: SQLite's database file (its log not included), or the
+    /// PostgreSQL tables with their indexes.
+    pub store_bytes: Option<i64>,
+    /// Age in milliseconds of the oldest notification retained (settled ones are deleted
+    /// after `store.retention_days`).
+    pub inbox_oldest_retained_age_ms: Option<i64>,
 }
 
 /// Whether the database schema matches this binary.
@@ -477,6 +488,12 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
+                // A new file gives the pages that retention frees back to the file system, a
+                // few at a time (`Store::reclaim_space`); an older file reuses them instead.
+                .auto_vacuum(SqliteAutoVacuum::Incremental)
+                // The log is cut back to this size after a checkpoint, so a burst does not
+                // leave a large file behind.
+                .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string())
                 // Multi-row statements keep a statement journal (to undo a half-done statement);
                 // in memory it costs a copy, on disk a write per page touched.
                 .pragma("temp_store", "memory");
@@ -727,6 +744,18 @@ impl Store {
     /// the indexes of pending rows: its cost does not grow with the rows the tables keep.
     pub async fn stats(&self, now: i64) -> Result<StoreStats, StoreError> {
         dispatch!(self, s => s.stats(now).await)
+    }
+
+    /// Deletes up to `limit` settled notifications (done or discarded) settled before
+    /// `before`, oldest first. Dead letters and pending ones are never deleted. Returns how many.
+    pub async fn delete_settled(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.delete_settled(before, limit).await)
+    }
+
+    /// Gives free pages back to the file system, a few at a time (SQLite stores created with
+    /// incremental auto-vacuum; PostgreSQL's autovacuum does this on its own).
+    pub async fn reclaim_space(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.reclaim_space().await)
     }
 
     /// Notifications ready to be planned now, including those being planned.

@@ -242,6 +242,10 @@ pub trait Backend: sqlx::Database {
     const BEGIN_WRITE: &'static str;
     /// Appended to the claim's row selection.
     const SKIP_LOCKED: &'static str;
+    /// One row, one column `bytes`: the store's size on disk.
+    const SIZE: &'static str;
+    /// Gives some free pages back to the file system, if the backend needs telling.
+    const RECLAIM: Option<&'static str>;
     fn migrator() -> Migrator;
 }
 
@@ -251,6 +255,11 @@ impl Backend for sqlx::Sqlite {
     // writes later can fail with SQLITE_BUSY when another writer got in between.
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
     const SKIP_LOCKED: &'static str = "";
+    const SIZE: &'static str =
+        "SELECT page_count * page_size AS bytes FROM pragma_page_count(), pragma_page_size()";
+    // At most 4,096 pages (16 MiB) per pass: each holds the write lock only briefly. A no-op
+    // on a file made before incremental auto-vacuum (its free pages are reused instead).
+    const RECLAIM: Option<&'static str> = Some("PRAGMA incremental_vacuum(4096)");
     fn migrator() -> Migrator {
         sqlx::migrate!("./migrations/sqlite")
     }
@@ -261,6 +270,13 @@ impl Backend for sqlx::Postgres {
     const BEGIN_WRITE: &'static str = "BEGIN";
     // Several replicas claim at once: each skips rows another has locked instead of waiting.
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    const SIZE: &'static str = "SELECT CAST(COALESCE(SUM(pg_total_relation_size(c.oid)), 0) AS BIGINT) AS bytes \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relname IN ('inbox', 'opportunities', \
+         'connections', 'contacts', 'accounts', 'connection_roles', 'marketo_writes', 'marketo_leads', \
+         'control', 'status_counts')";
+    // Autovacuum makes deleted rows' space reusable.
+    const RECLAIM: Option<&'static str> = None;
     fn migrator() -> Migrator {
         sqlx::migrate!("./migrations/postgres")
     }
@@ -1082,6 +1098,27 @@ where
         rows.iter().map(|r| state_row(r, true)).collect()
     }
 
+    /// Settled notifications, oldest first, on the `inbox_settled` index: one short statement
+    /// per call, so intake (which needs the same write lock on SQLite) waits at most one batch.
+    pub async fn delete_settled(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE status IN ('done', 'discarded') \
+             AND settled_at < $1 ORDER BY settled_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    pub async fn reclaim_space(&self) -> Result<(), StoreError> {
+        if let Some(statement) = DB::RECLAIM {
+            sqlx::query(statement).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
     /// Notifications ready to be planned now (claimed ones included), counted on the
     /// `(status, next_attempt_at)` index alone.
     pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
@@ -1153,6 +1190,12 @@ where
         let age = |oldest: Option<i64>| oldest.map(|o| (now - o).max(0));
         stats.inbox_oldest_pending_age_ms = age(row.try_get("inbox")?);
         stats.writes_oldest_pending_age_ms = age(row.try_get("writes")?);
+        // The first row by id: the oldest kept (ids follow arrival), read on the primary key.
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT received_at FROM inbox ORDER BY id LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        stats.inbox_oldest_retained_age_ms = age(oldest);
+        stats.store_bytes = Some(sqlx::query_scalar(DB::SIZE).fetch_one(&self.pool).await?);
         Ok(stats)
     }
 }

@@ -110,11 +110,13 @@ impl SqliteInbox {
         // journal_mode is a property of the file, set to WAL by the pool already; asked again so
         // this connection never writes a rollback journal whatever opened the file first. The
         // rest are per connection: a statement that may abort keeps a statement journal, which
-        // temp_store keeps in memory rather than in a temporary file.
-        conn.execute_batch(
+        // temp_store keeps in memory rather than in a temporary file; the log is cut back after
+        // a checkpoint as the pool's connections do.
+        conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-             PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
-        )?;
+             PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = {};",
+            super::JOURNAL_SIZE_LIMIT
+        ))?;
         let db_file = File::open(db).map_err(|e| StoreError::Sqlite(format!("{}: {e}", db.display())))?;
         Ok(SqliteInbox {
             conn: Mutex::new(conn),

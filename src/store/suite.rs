@@ -113,6 +113,124 @@ pub async fn run_all(store: &Store) {
     a_probe_commit_stores_nothing(store).await;
     // Last: every check above moved rows through every status.
     the_kept_counts_match_the_rows(store).await;
+    // After the counts: it deletes every settled row the checks above left.
+    retention_deletes_settled_notifications_only_and_frees_their_keys(store).await;
+}
+
+/// Retention deletes done and discarded notifications settled before its cutoff, a batch at a
+/// time; dead letters, pending notifications and rows of state (tombstones) stay; a key it
+/// deleted is stored anew when it comes again, and one it kept is still a duplicate.
+async fn retention_deletes_settled_notifications_only_and_frees_their_keys(store: &Store) {
+    let record = Uuid::new_v4();
+    let keys = ["ret-done", "ret-dead", "ret-discarded", "ret-pending"];
+    let out = store
+        .insert_notifications(&keys.map(|k| notification(k, record)))
+        .await
+        .unwrap();
+    let ids: Vec<i64> = out
+        .iter()
+        .map(|r| match r {
+            Received::Stored(id) => *id,
+            Received::Duplicate => panic!("{out:?}"),
+        })
+        .collect();
+    let claimed = store
+        .claim_notifications("ret", now_ms(), 60_000, 100)
+        .await
+        .unwrap();
+    assert!(
+        ids.iter().all(|id| claimed.iter().any(|c| c.id == *id)),
+        "{claimed:?}"
+    );
+    // A tombstone: an opportunity deleted in Dynamics, kept so a late update cannot revive it.
+    let tombstone = Uuid::new_v4();
+    store
+        .commit(&Commit {
+            settle: Some(Settle::one(ids[0], "ret")),
+            opportunities: vec![RowWrite {
+                id: tombstone,
+                expected_revision: None,
+                state: r#"{"deleted":true}"#.into(),
+                projection: None,
+                index: None,
+            }],
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    store
+        .settle_notification(
+            ids[1],
+            "ret",
+            &Settlement::Dead {
+                error: "refused".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store.discard_notification(ids[2]).await.unwrap();
+    store.release_leases("ret").await.unwrap();
+    let done = store.notification(ids[0]).await.unwrap().unwrap();
+    let settled_at = done.settled_at.unwrap();
+
+    // Inside the window (the cutoff before it settled): kept, and a re-delivery is a duplicate.
+    store.delete_settled(settled_at, 500).await.unwrap();
+    assert!(store.notification(ids[0]).await.unwrap().is_some());
+    assert_eq!(
+        store
+            .insert_notifications(&[notification("ret-done", record)])
+            .await
+            .unwrap(),
+        vec![Received::Duplicate]
+    );
+
+    // Past the window: at most a batch per statement, until the settled ones are gone.
+    let cutoff = now_ms() + 1;
+    loop {
+        let n = store.delete_settled(cutoff, 2).await.unwrap();
+        assert!(n <= 2, "{n}");
+        if n < 2 {
+            break;
+        }
+    }
+    assert!(
+        store.notification(ids[0]).await.unwrap().is_none(),
+        "done is deleted"
+    );
+    assert!(
+        store.notification(ids[2]).await.unwrap().is_none(),
+        "discarded is deleted"
+    );
+    assert_eq!(
+        store.notification(ids[1]).await.unwrap().unwrap().status,
+        Status::Dead
+    );
+    assert_eq!(
+        store.notification(ids[3]).await.unwrap().unwrap().status,
+        Status::Pending
+    );
+    let stats = store.stats(now_ms()).await.unwrap();
+    assert_eq!(stats.inbox_done, 0, "the kept counts follow deletes: {stats:?}");
+    assert!(stats.inbox_dead >= 1 && stats.inbox_pending >= 1, "{stats:?}");
+    assert!(stats.store_bytes.is_some_and(|b| b > 0), "{stats:?}");
+    assert!(stats.inbox_oldest_retained_age_ms.is_some(), "{stats:?}");
+    let rows = store
+        .load_rows(&RowKeys {
+            opportunity_ids: vec![tombstone],
+            ..RowKeys::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.opportunities.len(), 1, "the tombstone stays");
+    // A deleted key is free: the same notification again is stored as new.
+    assert!(matches!(
+        store
+            .insert_notifications(&[notification("ret-done", record)])
+            .await
+            .unwrap()[..],
+        [Received::Stored(_)]
+    ));
+    store.reclaim_space().await.unwrap();
 }
 
 /// Readiness's probe of intake's commit path leaves nothing behind.

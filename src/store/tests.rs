@@ -274,3 +274,58 @@ async fn a_connection_whose_transaction_the_database_ended_is_replaced() {
             .unwrap_or_else(|e| panic!("write {i}: {e}"));
     }
 }
+
+/// A new SQLite file frees space incrementally, so what retention deletes can go back to the
+/// file system (`Store::reclaim_space`), and the file shrinks by as much.
+#[tokio::test]
+async fn a_new_sqlite_store_gives_deleted_space_back() {
+    use super::{Commit, Received, Settle, now_ms};
+    let (store, _dir) = fresh_sqlite().await;
+    store.migrate().await.unwrap();
+    let Store::Sqlite(s) = &store else { unreachable!() };
+    let mode: i64 = sqlx::query_scalar("PRAGMA auto_vacuum")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, 2, "incremental");
+    // Bodies that do not compress, so the rows take real pages.
+    let rows: Vec<_> = (0..2_000)
+        .map(|i| {
+            let mut n = suite::notification(&format!("space-{i}"), uuid::Uuid::new_v4());
+            let noise: String = (0..1_500)
+                .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+                .collect();
+            n.body = super::PackedBody::pack(noise.as_bytes());
+            n
+        })
+        .collect();
+    let ids: Vec<i64> = store
+        .insert_notifications(&rows)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            Received::Stored(id) => id,
+            Received::Duplicate => unreachable!(),
+        })
+        .collect();
+    store
+        .claim_notifications("space", now_ms(), 60_000, 5_000)
+        .await
+        .unwrap();
+    store
+        .commit(&Commit {
+            settle: Some(Settle {
+                ids,
+                owner: "space".into(),
+            }),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let full = store.stats(now_ms()).await.unwrap().store_bytes.unwrap();
+    while store.delete_settled(now_ms() + 1, 500).await.unwrap() > 0 {}
+    store.reclaim_space().await.unwrap();
+    let after = store.stats(now_ms()).await.unwrap().store_bytes.unwrap();
+    assert!(after * 2 < full, "{full} bytes before, {after} after");
+}

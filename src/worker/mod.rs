@@ -9,6 +9,7 @@ pub mod planner;
 pub mod pusher;
 mod quota;
 pub mod reconcile;
+pub mod retention;
 
 pub use backfill::{BackfillPhase, BackfillProgress, BackfillRequest, BackfillStatus, StartError};
 pub use control::{ResyncError, WorkerControl};
@@ -131,6 +132,12 @@ pub async fn start(ctx: Arc<WorkerContext>, shutdown: CancellationToken) -> Join
         ctx.clone(),
         shutdown.clone(),
         reconcile::run_loop,
+    ));
+    tasks.spawn(supervise(
+        "retention",
+        ctx.clone(),
+        shutdown.clone(),
+        retention::run_loop,
     ));
     tasks.spawn(supervise("pusher", ctx, shutdown, push_loop));
     tasks

@@ -20,6 +20,7 @@ mod real_orgs;
 mod reconcile;
 mod register_cli;
 mod replicas;
+mod retention;
 mod rules_e2e;
 mod serve_cli;
 mod store_pg;
