@@ -269,6 +269,7 @@ async fn intake(
     match state.intake.submit(new).await {
         Ok(Received::Stored(id)) => {
             tracing::info!(inbox_id = id, "notification stored");
+            state.lifecycle.notify_stored();
             Ok((
                 StatusCode::ACCEPTED,
                 Json(IntakeAck {

@@ -108,6 +108,11 @@ pub(crate) fn cst_day_of(now: time::OffsetDateTime) -> i64 {
     (now.unix_timestamp() - 6 * 3600).div_euclid(86_400)
 }
 
+/// Milliseconds of Marketo's quota day gone at `now_ms` (epoch milliseconds).
+pub fn quota_day_elapsed_ms(now_ms: i64) -> i64 {
+    (now_ms - 6 * 3_600_000).rem_euclid(86_400_000)
+}
+
 impl Limiter {
     pub fn new(calls: u32, window: Duration, max_concurrent: u32, quota: u32) -> Self {
         Limiter {

@@ -13,9 +13,9 @@ mod wire;
 
 pub use client::{Lead, MarketoClient, ProbeReport, RecordResult, RecordStatus, RoleRecord, Usage};
 pub use error::MarketoError;
-pub use limiter::QuotaDay;
 #[cfg(test)]
 pub(crate) use limiter::cst_day_of;
+pub use limiter::{QuotaDay, quota_day_elapsed_ms};
 
 #[cfg(test)]
 mod tests;

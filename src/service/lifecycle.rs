@@ -82,9 +82,22 @@ pub struct Lifecycle {
     blocked: RwLock<BTreeMap<System, Blocked>>,
     /// What the last readiness check answered: 0 not asked yet, 1 ready, 2 not ready.
     readiness: std::sync::atomic::AtomicU8,
+    /// Poked by intake when it stored a notification, so this process's planner starts on it
+    /// at once instead of at its next poll (other replicas still poll).
+    stored: tokio::sync::Notify,
 }
 
 impl Lifecycle {
+    /// Intake stored a notification.
+    pub fn notify_stored(&self) {
+        self.stored.notify_one();
+    }
+
+    /// Returns once intake stored a notification (at once if it did since the last call).
+    pub async fn notification_stored(&self) {
+        self.stored.notified().await;
+    }
+
     /// Records a readiness answer; true when it differs from the last one, so that a probe
     /// every few seconds logs a change once, not every answer.
     pub fn readiness_changed(&self, ready: bool) -> bool {

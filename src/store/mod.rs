@@ -340,6 +340,9 @@ pub struct StoredWrite {
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
     pub updated_at: i64,
+    /// Planned by a background job (the initial sync, reconciliation, a drift repair): pushed
+    /// after live writes of its phase.
+    pub background: bool,
 }
 
 /// How one pushed write settles.

@@ -212,6 +212,7 @@ where
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
         updated_at: row.try_get("updated_at")?,
+        background: row.try_get::<i64, _>("background")? != 0,
     })
 }
 
@@ -793,7 +794,7 @@ where
     pub async fn ready_writes(&self, now: i64, limit: i64) -> Result<Vec<StoredWrite>, StoreError> {
         let rows = sqlx::query(
             "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
-             last_error, updated_at FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
+             last_error, updated_at, background FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
              ORDER BY phase, background, updated_at, key LIMIT $2",
         )
         .bind(now)
@@ -1017,7 +1018,7 @@ where
     ) -> Result<Vec<StoredWrite>, StoreError> {
         let rows = sqlx::query(
             "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
-             last_error, updated_at FROM marketo_writes WHERE ($1 IS NULL OR status = $1) \
+             last_error, updated_at, background FROM marketo_writes WHERE ($1 IS NULL OR status = $1) \
              AND ($2 IS NULL OR opportunity_id = $2) ORDER BY updated_at DESC, key LIMIT $3",
         )
         .bind(status)

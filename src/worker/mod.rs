@@ -282,7 +282,11 @@ async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
             }
         };
         if claimed.is_empty() {
-            sleep_or_cancel(&shutdown, poll).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = ctx.lifecycle.notification_stored() => {}
+            }
             continue;
         }
         let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
@@ -364,7 +368,8 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 if let Some(due) = outcome.due_at {
                     wait = wait.min(Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)));
                 }
-                let throttle = Duration::from_millis(ctx.config.marketo.batch_linger_ms.min(100)).min(wait);
+                let linger = u64::try_from(outcome.linger_ms).unwrap_or(0);
+                let throttle = Duration::from_millis(linger.min(100)).min(wait);
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     _ = async {

@@ -88,6 +88,8 @@ pub struct CycleOutcome {
     pub next_slot: Option<std::time::Instant>,
     /// A partial batch held back to fill up is due then (epoch ms).
     pub due_at: Option<i64>,
+    /// How long partial batches waited for more records in this cycle (`linger_ms`).
+    pub linger_ms: i64,
 }
 
 impl CycleOutcome {
@@ -97,6 +99,55 @@ impl CycleOutcome {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+    }
+}
+
+/// Milliseconds in a day, Marketo's quota day included.
+const DAY_MS: i64 = 86_400_000;
+
+/// Calls of the day's quota partial batches may spend ahead of an even spend over the day: a
+/// tenth of the quota (5,000 of the default 50,000), at least a rate window's worth.
+fn quota_burst(window_calls: usize, quota: u32) -> i64 {
+    i64::try_from(window_calls)
+        .unwrap_or(i64::MAX)
+        .max(i64::from(quota / 10))
+}
+
+/// How long partial batches must wait for the day's quota: None while the next call stays
+/// within an even spend over the day (`quota` × the share of the quota day gone, plus `burst`,
+/// never more than `quota`), else the milliseconds until it does (or until the day ends). The
+/// default quota is 0.58 calls a second on average: a steady trickle of changes, each sent
+/// alone, would spend it before the day is out, so once the day runs ahead of its pace the
+/// records wait and coalesce into fewer, fuller calls. Full batches are never held (they carry
+/// 300 records a call).
+pub fn quota_hold_ms(used_today: u32, quota: u32, day_elapsed_ms: i64, burst: i64) -> Option<i64> {
+    if quota == 0 {
+        return None;
+    }
+    let quota = i64::from(quota);
+    let elapsed = day_elapsed_ms.clamp(0, DAY_MS);
+    let next = i64::from(used_today) + 1;
+    let allowed = |at: i64| (quota * at / DAY_MS + burst).min(quota);
+    if next <= allowed(elapsed) {
+        return None;
+    }
+    if next > quota {
+        return Some(DAY_MS - elapsed);
+    }
+    // The first moment `allowed` reaches `next`: quota × at / DAY_MS ≥ next − burst.
+    let at = ((next - burst).saturating_mul(DAY_MS) + quota - 1) / quota;
+    Some((at - elapsed).max(1))
+}
+
+/// How long a partial batch waits for more records, given how many calls may start now out of
+/// `call_room` (the smaller of the rate window and the concurrency): not at all while at least
+/// half are free (a change goes out at once), `configured` once calls fill them (fewer, fuller
+/// calls when they are scarce).
+pub fn linger_ms(configured: i64, free_calls: usize, call_room: usize) -> i64 {
+    if free_calls.saturating_mul(2) >= call_room.max(1) {
+        0
+    } else {
+        configured
     }
 }
 
@@ -117,6 +168,8 @@ struct Gate {
     /// Notifications are waiting to be planned: more records are coming even if none joined a
     /// group lately (the planner may be slow, not the stream over).
     planning: bool,
+    /// The day's quota is spent ahead of its pace: partial batches wait until then (epoch ms).
+    quota_hold_until: Option<i64>,
 }
 
 /// One group's ready writes as the gate sees them.
@@ -159,14 +212,34 @@ impl Group {
 }
 
 impl Gate {
-    async fn new(ctx: &WorkerContext) -> Result<Gate, StoreError> {
+    /// `background`: writes of a background job are among the ready ones (see `linger_ms`).
+    async fn new(ctx: &WorkerContext, background: bool) -> Result<Gate, StoreError> {
         let now = now_ms();
+        let free_calls = ctx.marketo.free_calls(ctx.prepare_ahead.lead());
+        let window_calls = ctx.config.marketo.calls_per_window as usize;
+        // Free calls are bounded by the window and by the calls in flight: room is half of the
+        // smaller of the two.
+        let call_room = window_calls.min(ctx.config.marketo.max_concurrent as usize);
+        let configured = i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX);
+        let usage = ctx.marketo.usage();
+        let quota_hold_until = quota_hold_ms(
+            usage.calls_today,
+            usage.daily_quota,
+            crate::marketo::quota_day_elapsed_ms(now),
+            quota_burst(window_calls, usage.daily_quota),
+        )
+        .map(|ms| now.saturating_add(ms));
         Ok(Gate {
             now,
-            linger: i64::try_from(ctx.config.marketo.batch_linger_ms).unwrap_or(i64::MAX),
+            linger: if background {
+                configured
+            } else {
+                linger_ms(configured, free_calls, call_room)
+            },
             batch: ctx.config.marketo.batch_size.max(1),
-            free_calls: ctx.marketo.free_calls(ctx.prepare_ahead.lead()),
+            free_calls,
             planning: ctx.store.ready_notification_count(now).await? > 0,
+            quota_hold_until,
         })
     }
 
@@ -185,7 +258,8 @@ impl Gate {
             .map(|o| o.saturating_add(self.linger.saturating_mul(MAX_WAIT_LINGERS)));
         let quiet = !group.blocked && !self.planning && quiet_at.is_some_and(|at| at <= self.now);
         let waited = deadline.is_some_and(|at| at <= self.now);
-        let rest_goes = rest > 0 && (needed_first || quiet || waited);
+        let held_for_quota = self.quota_hold_until.is_some_and(|at| at > self.now);
+        let rest_goes = rest > 0 && (needed_first || (!held_for_quota && (quiet || waited)));
         let batches_wanted = full_batches + usize::from(rest_goes);
         // A batch is admitted only with every call it may take free, so none of its calls
         // waits in the limiter for a later window, holding the cycle (and the calls of the
@@ -202,8 +276,12 @@ impl Gate {
             } else {
                 quiet_at
             };
-            outcome.note_due(quiet_at);
-            outcome.note_due(deadline);
+            if held_for_quota {
+                outcome.note_due(self.quota_hold_until);
+            } else {
+                outcome.note_due(quiet_at);
+                outcome.note_due(deadline);
+            }
         }
         if batches == batches_wanted {
             if rest_goes {
@@ -360,6 +438,9 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     }
     let read = started.elapsed();
     let ready_count = ready.len();
+    // A background job (the initial sync) plans its records page after page, out of sight of
+    // the inbox: its partial batches always linger, or each page would cost calls of its own.
+    let background = ready.iter().any(|w| w.background);
     let tally = Tally::new(ctx.marketo.usage().calls_today);
     let (groups, unreadable) = WriteGroups::parse(ready);
     settle(ctx, &unreadable, &tally).await?;
@@ -376,7 +457,8 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     // Companies before the opportunities that name them, leads beside them (they depend on
     // nothing here: fewer phase barriers leave fewer rate-window slots unused); roles need
     // both, so they follow, and an opportunity's delete follows its role deletes.
-    let mut gate = Gate::new(ctx).await?;
+    let mut gate = Gate::new(ctx, background).await?;
+    outcome.linger_ms = gate.linger;
     let opportunities_group = Group::of(planned_at(&opportunities));
     let companies_group = Group::of(planned_at(&companies));
     let leads_group = Group::of(planned_at(&leads)).costing(LEAD_CALLS_PER_BATCH);
@@ -444,7 +526,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     outcome.settled += settled_in_order? + settled_leads?;
 
     // Roles: decided after the writes above settled, with the calls free by then.
-    let mut gate = Gate::new(ctx).await?;
+    let mut gate = Gate::new(ctx, background).await?;
     let mut held_role_opportunities: HashSet<Uuid> = HashSet::new();
     for (writes, kind) in [(role_upserts, RoleCall::Upsert), (role_deletes, RoleCall::Delete)] {
         if writes.is_empty() {
@@ -998,6 +1080,7 @@ mod tests {
             batch: 300,
             free_calls,
             planning,
+            quota_hold_until: None,
         }
     }
 
@@ -1040,6 +1123,81 @@ mod tests {
         let growing = Group::of([now - 30 * LINGER, now - 1]);
         let mut outcome = CycleOutcome::default();
         assert_eq!(gate(now, 10, true).admit(&growing, false, &mut outcome), 2);
+    }
+
+    #[test]
+    fn a_change_goes_at_once_while_half_the_rate_window_is_free() {
+        assert_eq!(linger_ms(LINGER, 100, 100), 0);
+        assert_eq!(linger_ms(LINGER, 50, 100), 0);
+        assert_eq!(linger_ms(LINGER, 49, 100), LINGER);
+        assert_eq!(linger_ms(LINGER, 0, 100), LINGER);
+        // Linger 0: a partial batch goes as soon as nothing waits to be planned.
+        let mut quiet = gate(10_000, 10, false);
+        quiet.linger = 0;
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(quiet.admit(&group(9_999, 1), false, &mut outcome), 1);
+    }
+
+    #[test]
+    fn partial_batches_wait_while_the_day_spends_its_quota_ahead_of_pace() {
+        let quota = 50_000;
+        let burst = quota_burst(100, quota);
+        assert_eq!(burst, 5_000);
+        // Early in the day the burst allows some calls, then the pace holds them.
+        assert_eq!(quota_hold_ms(0, quota, 0, burst), None);
+        assert_eq!(quota_hold_ms(4_999, quota, 0, burst), None);
+        let hold = quota_hold_ms(5_000, quota, 0, burst).unwrap();
+        // One more call is allowed once a 50,000th of the day has gone (1.728 s).
+        assert_eq!(hold, 1_728);
+        assert_eq!(quota_hold_ms(5_000, quota, hold, burst), None);
+        // At noon half the quota plus the burst may be spent; the quota itself never.
+        assert_eq!(quota_hold_ms(29_999, quota, DAY_MS / 2, burst), None);
+        assert!(quota_hold_ms(30_000, quota, DAY_MS / 2, burst).is_some());
+        assert_eq!(quota_hold_ms(50_000, quota, DAY_MS - 1, burst), Some(1));
+        // Held partial batches are due when the pace allows them, quiet or not.
+        let mut held = gate(100_000, 10, false);
+        held.quota_hold_until = Some(100_500);
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(held.admit(&group(1_000, 20), false, &mut outcome), 0);
+        assert_eq!(outcome.due_at, Some(100_500));
+        // Full batches are never held.
+        assert_eq!(held.admit(&group(1_000, 320), false, &mut outcome), 300);
+    }
+
+    /// A simulated quota day of steady changes, one every 1.5 s (57,600 in the day), each a
+    /// record for two endpoints: sent one call each, they would take 115,200 calls, more than
+    /// twice the default quota. Paced, the day ends within its quota, and no change waits more
+    /// than a few seconds.
+    #[test]
+    fn a_day_of_steady_changes_never_runs_out_of_quota() {
+        let quota = 50_000;
+        let burst = quota_burst(100, quota);
+        let mut used: u32 = 0;
+        let mut oldest_waiting: [Option<i64>; 2] = [None, None];
+        let mut records = 0;
+        let mut longest_wait = 0;
+        // The pusher looks every 100 ms (a held batch is due at the time the pace gives).
+        for now in (0..DAY_MS).step_by(100) {
+            if now % 1_500 == 0 {
+                for endpoint in &mut oldest_waiting {
+                    endpoint.get_or_insert(now);
+                    records += 1;
+                }
+            }
+            for endpoint in &mut oldest_waiting {
+                if let Some(since) = *endpoint
+                    && quota_hold_ms(used, quota, now, burst).is_none()
+                {
+                    used += 1;
+                    longest_wait = longest_wait.max(now - since);
+                    *endpoint = None;
+                }
+            }
+        }
+        assert_eq!(records, 115_200);
+        assert!(used <= quota, "{used} calls against a quota of {quota}");
+        assert!(used > quota / 2, "the quota is used, not hoarded: {used}");
+        assert!(longest_wait <= 5_000, "a change waited {longest_wait} ms");
     }
 
     #[test]
