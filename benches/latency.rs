@@ -44,6 +44,8 @@ async fn main() {
         .unwrap_or_else(|e| panic!("simulators: {e}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let mut config = sims.service_config(&format!("sqlite://{}", dir.path().join("l.db").display()), KEY);
+    // Production settings, not the simulators' quick test ones.
+    config.worker.poll_interval_ms = oppsync::config::Config::default().worker.poll_interval_ms;
     if let Some(ms) = value_after("--linger-ms") {
         config.marketo.batch_linger_ms = ms;
     }

@@ -22,8 +22,15 @@ use serde_json::Value;
 pub const KEY: &str = "harness-webhook-key-0001";
 
 /// The `oppsync` binary cargo built for this bench.
+/// The `oppsync` binary under test: this build's, or `OPPSYNC_HARNESS_BINARY` (to measure
+/// another build, e.g. before and after a change, with the same harness).
 pub fn binary() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_oppsync"))
+    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        std::env::var_os("OPPSYNC_HARNESS_BINARY")
+            .map(Into::into)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_oppsync").into())
+    })
 }
 
 /// One scenario's figures and verdict.

@@ -6,6 +6,7 @@
 //! cargo bench --bench harness -- --mode short          # crash, faults, bad input (CI)
 //! cargo bench --bench harness -- --mode full           # all scenarios, full sizes, fuzzing
 //! cargo bench --bench harness -- --mode full --only load,backlog
+//! cargo bench --bench harness -- --only soak --minutes 20   # not in the default runs
 //! ```
 //!
 //! Scenarios: crash (SIGKILL during load, SQLite and PostgreSQL), faults, load, backlog,
@@ -19,6 +20,7 @@ mod crash;
 mod faults;
 mod fuzz;
 mod load;
+mod soak;
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -40,11 +42,11 @@ impl Mode {
     }
 }
 
-const ALL: [&str; 6] = ["crash", "faults", "load", "backlog", "badinput", "fuzz"];
+const ALL: [&str; 7] = ["crash", "faults", "load", "backlog", "badinput", "fuzz", "soak"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench harness -- [--mode short|full] [--only {}]",
+        "usage: cargo bench --bench harness -- [--mode short|full] [--only {}] [--minutes N (soak)]",
         ALL.join(",")
     );
     std::process::exit(2)
@@ -54,6 +56,7 @@ fn usage() -> ! {
 async fn main() {
     let mut mode = Mode::Short;
     let mut only: Option<BTreeSet<String>> = None;
+    let mut soak_minutes = 20.0;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -74,6 +77,13 @@ async fn main() {
                 }
                 only = Some(list);
             }
+            "--minutes" => {
+                soak_minutes = args
+                    .next()
+                    .and_then(|m| m.parse().ok())
+                    .filter(|m: &f64| *m > 0.0)
+                    .unwrap_or_else(|| usage());
+            }
             // `cargo bench` passes --bench to harness = false targets.
             "--bench" | "--nocapture" => {}
             _ => usage(),
@@ -81,7 +91,8 @@ async fn main() {
     }
     let defaults: &[&str] = match mode {
         Mode::Short => &["crash", "faults", "badinput"],
-        Mode::Full => &ALL,
+        // The soak takes twenty minutes: only when asked for.
+        Mode::Full => &ALL[..6],
     };
     let selected = |name: &str| match &only {
         Some(list) => list.contains(name),
@@ -120,6 +131,10 @@ async fn main() {
     if selected("backlog") {
         let t = Instant::now();
         timed(vec![backlog::run(mode.pick(10_000, 100_000)).await], t);
+    }
+    if selected("soak") {
+        let t = Instant::now();
+        timed(vec![soak::run(soak_minutes).await], t);
     }
     if selected("fuzz") {
         let t = Instant::now();

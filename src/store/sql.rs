@@ -50,6 +50,11 @@ fn insert_sql(rows: usize) -> String {
 
 /// Values per `IN (…)` list: far below both backends' parameter limits, and small enough that
 /// the statement text stays short.
+///
+/// Statements built for a number of rows are kept prepared (sqlx's per-connection cache) only
+/// at the full chunk size, the one that recurs: every other size would take a place in the
+/// cache of each pooled connection, and a prepared statement of hundreds of placeholders holds
+/// tens of kilobytes.
 const IN_CHUNK: usize = 500;
 
 /// `$first, $first+1, …` for `n` values: the inside of an `IN (…)` list, built only from
@@ -386,6 +391,7 @@ impl<DB> SqlStore<DB>
 where
     DB: Backend,
     DB::Connection: sqlx::migrate::Migrate,
+    DB: sqlx::database::HasStatementCache,
     DB::QueryResult: RowsAffected,
     DB::Arguments: sqlx::IntoArguments<DB>,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -419,8 +425,9 @@ where
             (&inserts, table.insert, 2 + optional),
         ] {
             for chunk in rows.chunks(ROW_CHUNK) {
-                let mut q =
-                    sqlx::query(sqlx::AssertSqlSafe(with_tuples(sql, chunk.len(), columns))).bind(now);
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(sql, chunk.len(), columns)))
+                    .persistent(chunk.len() == ROW_CHUNK)
+                    .bind(now);
                 for w in chunk {
                     q = q.bind(w.id.to_string());
                     if let Some(revision) = w.expected_revision {
@@ -561,7 +568,10 @@ where
                 3,
                 chunk.len(),
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(until).bind(owner);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .persistent(chunk.len() == IN_CHUNK)
+                .bind(until)
+                .bind(owner);
             for id in chunk {
                 q = q.bind(id);
             }
@@ -637,7 +647,7 @@ where
         for (ids, query, table) in lookups {
             for chunk in id_texts(ids).chunks(IN_CHUNK) {
                 let sql = with_in_list(query, 1, chunk.len());
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() == IN_CHUNK);
                 for id in chunk {
                     q = q.bind(id);
                 }
@@ -695,6 +705,7 @@ where
                     chunk.len(),
                 );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .persistent(chunk.len() == IN_CHUNK)
                     .bind(now)
                     .bind(&settle.owner);
                 for id in chunk {
@@ -740,7 +751,9 @@ where
             .map(|(_, w)| w)
             .collect();
         for chunk in writes.chunks(ROW_CHUNK) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 5))).bind(now);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITE_UPSERT, chunk.len(), 5)))
+                .persistent(chunk.len() == ROW_CHUNK)
+                .bind(now);
             for w in chunk {
                 q = q
                     .bind(w.key.to_string())
@@ -816,7 +829,7 @@ where
                 1,
                 chunk.len(),
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() == IN_CHUNK);
             for key in chunk {
                 q = q.bind(key);
             }
@@ -844,14 +857,18 @@ where
         }
         let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         for chunk in done.chunks(ROW_CHUNK) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DONE, chunk.len(), 2))).bind(now);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DONE, chunk.len(), 2)))
+                .persistent(chunk.len() == ROW_CHUNK)
+                .bind(now);
             for (key, revision, _) in chunk {
                 q = q.bind(key.to_string()).bind(revision);
             }
             q.execute(&mut *tx).await?;
         }
         for chunk in retry.chunks(ROW_CHUNK) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_RETRY, chunk.len(), 5))).bind(now);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_RETRY, chunk.len(), 5)))
+                .persistent(chunk.len() == ROW_CHUNK)
+                .bind(now);
             for (key, revision, outcome) in chunk {
                 if let WriteOutcome::Retry {
                     at,
@@ -870,7 +887,9 @@ where
             q.execute(&mut *tx).await?;
         }
         for chunk in dead.chunks(ROW_CHUNK) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DEAD, chunk.len(), 3))).bind(now);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(WRITES_DEAD, chunk.len(), 3)))
+                .persistent(chunk.len() == ROW_CHUNK)
+                .bind(now);
             for (key, revision, outcome) in chunk {
                 if let WriteOutcome::Dead { error } = outcome {
                     q = q.bind(key.to_string()).bind(revision).bind(error);
@@ -891,7 +910,7 @@ where
                 1,
                 chunk.len(),
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() == IN_CHUNK);
             for id in chunk {
                 q = q.bind(id);
             }
@@ -913,7 +932,9 @@ where
         let rows: Vec<(String, i64)> = by_contact.into_iter().collect();
         let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         for chunk in rows.chunks(ROW_CHUNK) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(LEADS_UPSERT, chunk.len(), 2))).bind(now);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(with_tuples(LEADS_UPSERT, chunk.len(), 2)))
+                .persistent(chunk.len() == ROW_CHUNK)
+                .bind(now);
             for (contact, lead) in chunk {
                 q = q.bind(contact).bind(lead);
             }
@@ -1074,7 +1095,9 @@ where
                 2,
                 chunk.len(),
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .persistent(chunk.len() == IN_CHUNK)
+                .bind(now);
             for key in chunk {
                 q = q.bind(key);
             }

@@ -368,8 +368,7 @@ async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
                 if let Some(due) = outcome.due_at {
                     wait = wait.min(Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)));
                 }
-                let linger = u64::try_from(outcome.linger_ms).unwrap_or(0);
-                let throttle = Duration::from_millis(linger.min(100)).min(wait);
+                let throttle = Duration::from_millis(ctx.config.marketo.batch_linger_ms.min(100)).min(wait);
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     _ = async {

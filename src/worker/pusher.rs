@@ -88,8 +88,6 @@ pub struct CycleOutcome {
     pub next_slot: Option<std::time::Instant>,
     /// A partial batch held back to fill up is due then (epoch ms).
     pub due_at: Option<i64>,
-    /// How long partial batches waited for more records in this cycle (`linger_ms`).
-    pub linger_ms: i64,
 }
 
 impl CycleOutcome {
@@ -139,13 +137,18 @@ pub fn quota_hold_ms(used_today: u32, quota: u32, day_elapsed_ms: i64, burst: i6
     Some((at - elapsed).max(1))
 }
 
-/// How long a partial batch waits for more records, given how many calls may start now out of
-/// `call_room` (the smaller of the rate window and the concurrency): not at all while at least
-/// half are free (a change goes out at once), `configured` once calls fill them (fewer, fuller
-/// calls when they are scarce).
+/// How long a partial batch waits for records to stop joining it while calls are plentiful: a
+/// change at quiet load goes out within this, while a stream of changes (records joining every
+/// few milliseconds) keeps its groups filling towards full batches.
+pub const QUICK_LINGER_MS: i64 = 50;
+
+/// How long a partial batch waits for records to stop joining it, given how many calls may
+/// start now out of `call_room` (the smaller of the rate window and the concurrency): the quick
+/// linger while at least half are free, `configured` once calls fill them (fewer, fuller calls
+/// when they are scarce).
 pub fn linger_ms(configured: i64, free_calls: usize, call_room: usize) -> i64 {
     if free_calls.saturating_mul(2) >= call_room.max(1) {
-        0
+        QUICK_LINGER_MS.min(configured)
     } else {
         configured
     }
@@ -162,6 +165,9 @@ pub fn linger_ms(configured: i64, free_calls: usize, call_room: usize) -> i64 {
 struct Gate {
     now: i64,
     linger: i64,
+    /// A partial batch that keeps growing goes this long after its oldest record was planned
+    /// (`MAX_WAIT_LINGERS` configured lingers, whatever the linger now).
+    max_wait: i64,
     batch: usize,
     /// Calls that may still start this cycle.
     free_calls: usize,
@@ -236,6 +242,7 @@ impl Gate {
             } else {
                 linger_ms(configured, free_calls, call_room)
             },
+            max_wait: configured.saturating_mul(MAX_WAIT_LINGERS),
             batch: ctx.config.marketo.batch_size.max(1),
             free_calls,
             planning: ctx.store.ready_notification_count(now).await? > 0,
@@ -253,9 +260,7 @@ impl Gate {
         let full_batches = group.ready / self.batch;
         let rest = group.ready % self.batch;
         let quiet_at = group.newest.map(|n| n.saturating_add(self.linger));
-        let deadline = group
-            .oldest
-            .map(|o| o.saturating_add(self.linger.saturating_mul(MAX_WAIT_LINGERS)));
+        let deadline = group.oldest.map(|o| o.saturating_add(self.max_wait));
         let quiet = !group.blocked && !self.planning && quiet_at.is_some_and(|at| at <= self.now);
         let waited = deadline.is_some_and(|at| at <= self.now);
         let held_for_quota = self.quota_hold_until.is_some_and(|at| at > self.now);
@@ -458,7 +463,6 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     // nothing here: fewer phase barriers leave fewer rate-window slots unused); roles need
     // both, so they follow, and an opportunity's delete follows its role deletes.
     let mut gate = Gate::new(ctx, background).await?;
-    outcome.linger_ms = gate.linger;
     let opportunities_group = Group::of(planned_at(&opportunities));
     let companies_group = Group::of(planned_at(&companies));
     let leads_group = Group::of(planned_at(&leads)).costing(LEAD_CALLS_PER_BATCH);
@@ -1077,6 +1081,7 @@ mod tests {
         Gate {
             now,
             linger: LINGER,
+            max_wait: LINGER * MAX_WAIT_LINGERS,
             batch: 300,
             free_calls,
             planning,
@@ -1127,15 +1132,25 @@ mod tests {
 
     #[test]
     fn a_change_goes_at_once_while_half_the_rate_window_is_free() {
-        assert_eq!(linger_ms(LINGER, 100, 100), 0);
-        assert_eq!(linger_ms(LINGER, 50, 100), 0);
+        assert_eq!(linger_ms(LINGER, 100, 100), QUICK_LINGER_MS);
+        assert_eq!(linger_ms(LINGER, 50, 100), QUICK_LINGER_MS);
         assert_eq!(linger_ms(LINGER, 49, 100), LINGER);
         assert_eq!(linger_ms(LINGER, 0, 100), LINGER);
-        // Linger 0: a partial batch goes as soon as nothing waits to be planned.
-        let mut quiet = gate(10_000, 10, false);
-        quiet.linger = 0;
+        assert_eq!(linger_ms(0, 100, 100), 0);
+        // The quick linger: a change goes once nothing joined it for 50 ms...
+        let mut quick = gate(10_000, 10, false);
+        quick.linger = QUICK_LINGER_MS;
         let mut outcome = CycleOutcome::default();
-        assert_eq!(quiet.admit(&group(9_999, 1), false, &mut outcome), 1);
+        assert_eq!(quick.admit(&group(9_950, 1), false, &mut outcome), 1);
+        // ...while a stream keeps its group filling, up to the configured lingers' deadline.
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(quick.admit(&Group::of([5_000, 9_990]), false, &mut outcome), 0);
+        assert_eq!(outcome.due_at, Some(9_990 + QUICK_LINGER_MS));
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(
+            quick.admit(&Group::of([10_000 - 30 * LINGER, 9_990]), false, &mut outcome),
+            2
+        );
     }
 
     #[test]
