@@ -1,5 +1,6 @@
-//! Scenario 7 (not in the default runs: `--only soak`): a steady stream for a long time, with
-//! retention set to a few minutes, against Marketo's real limits. The store file and the
+//! Scenario 7 (not in the default runs: `--only soak`): a steady stream of changes to a fixed
+//! organisation (2,000 opportunities) for a long time, with retention set to a few minutes,
+//! against Marketo's real limits. The store file and the
 //! process's memory must level off: once retention deletes as much as arrives, neither grows.
 //! Prints both over time.
 
@@ -19,6 +20,8 @@ use crate::common::{KEY, Report, Wire, binary, post, webhook_url, wire};
 const RATE: usize = 300;
 /// Posted every tick, `RATE / 10` at a time.
 const TICK: Duration = Duration::from_millis(100);
+/// Opportunities of the organisation the stream changes (about 7.5 notifications each to create).
+const ORGANISATION: usize = 2_000;
 /// How long settled notifications are kept.
 const RETENTION_MINUTES: f64 = 3.0;
 const CRITERION: &str = "the store file and the RSS level off: the largest of the last third of the run at most 10% above the largest of the middle third; intake keeps up (no refusal) and the backlog stays small";
@@ -98,18 +101,39 @@ async fn run_inner(report: &mut Report, minutes: f64) -> anyhow::Result<()> {
     );
 
     let mut org = DynamicsOrg::new(1_780_000_000_000, Some(sims.dataverse.clone()));
+    // A fixed organisation (the records oppsync follows, which retention never deletes): its
+    // creation first, then a steady stream of changes to those same opportunities.
     let mut queue: std::collections::VecDeque<Wire> = std::collections::VecDeque::new();
+    for n in oppsync::sim::scenario::bulk_workload(ORGANISATION, &mut org) {
+        queue.push_back(wire(&n)?);
+    }
+    let opportunities: Vec<uuid::Uuid> = sims
+        .dataverse
+        .rows("opportunities")
+        .iter()
+        .filter_map(|r| {
+            r["opportunityid"]
+                .as_str()
+                .and_then(|id| uuid::Uuid::parse_str(id).ok())
+        })
+        .collect();
+    anyhow::ensure!(!opportunities.is_empty(), "the organisation has no opportunities");
+    let mut change = 0usize;
     let mut samples: Vec<Sample> = Vec::new();
     let started = Instant::now();
     let mut next_tick = started;
     let mut next_sample = started + Duration::from_secs(30);
     let mut in_flight = tokio::task::JoinSet::new();
     while started.elapsed() < run {
-        if queue.len() < RATE / 10 {
-            // About 7.5 notifications per opportunity: ten seconds' worth at a time.
-            for n in oppsync::sim::scenario::bulk_workload(RATE * 10 * 2 / 15, &mut org) {
-                queue.push_back(wire(&n)?);
-            }
+        while queue.len() < RATE / 10 {
+            change += 1;
+            let id = opportunities[(change * 7_919) % opportunities.len()];
+            let mut changes = oppsync::dynamics::Attributes::new();
+            changes.insert(
+                "name".into(),
+                oppsync::dynamics::AttributeValue::String(format!("Deal change {change}")),
+            );
+            queue.push_back(wire(&org.update_opportunity(id, changes))?);
         }
         for _ in 0..RATE / 10 {
             let Some(w) = queue.pop_front() else { break };
