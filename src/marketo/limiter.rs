@@ -103,14 +103,22 @@ fn cst_day() -> i64 {
     cst_day_of(time::OffsetDateTime::now_utc())
 }
 
-/// Marketo's quota day: a fixed UTC−6 offset (see the module comment).
+/// Milliseconds in a quota day.
+pub const QUOTA_DAY_MS: i64 = 86_400_000;
+
+/// Epoch milliseconds on Marketo's quota clock: a fixed UTC−6 offset (see the module comment).
+fn quota_clock_ms(now_ms: i64) -> i64 {
+    now_ms - 6 * 3_600_000
+}
+
+/// Marketo's quota day (days since the epoch on its clock).
 pub(crate) fn cst_day_of(now: time::OffsetDateTime) -> i64 {
-    (now.unix_timestamp() - 6 * 3600).div_euclid(86_400)
+    quota_clock_ms(now.unix_timestamp() * 1000).div_euclid(QUOTA_DAY_MS)
 }
 
 /// Milliseconds of Marketo's quota day gone at `now_ms` (epoch milliseconds).
 pub fn quota_day_elapsed_ms(now_ms: i64) -> i64 {
-    (now_ms - 6 * 3_600_000).rem_euclid(86_400_000)
+    quota_clock_ms(now_ms).rem_euclid(QUOTA_DAY_MS)
 }
 
 impl Limiter {

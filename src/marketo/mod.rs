@@ -15,7 +15,7 @@ pub use client::{Lead, MarketoClient, ProbeReport, RecordResult, RecordStatus, R
 pub use error::MarketoError;
 #[cfg(test)]
 pub(crate) use limiter::cst_day_of;
-pub use limiter::{QuotaDay, quota_day_elapsed_ms};
+pub use limiter::{QUOTA_DAY_MS, QuotaDay, quota_day_elapsed_ms};
 
 #[cfg(test)]
 mod tests;

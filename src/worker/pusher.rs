@@ -100,8 +100,7 @@ impl CycleOutcome {
     }
 }
 
-/// Milliseconds in a day, Marketo's quota day included.
-const DAY_MS: i64 = 86_400_000;
+use crate::marketo::QUOTA_DAY_MS as DAY_MS;
 
 /// Calls of the day's quota partial batches may spend ahead of an even spend over the day: a
 /// tenth of the quota (5,000 of the default 50,000), at least a rate window's worth.
