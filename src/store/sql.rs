@@ -240,14 +240,30 @@ where
     })
 }
 
+/// The claim of up to `$4` ready notifications, oldest first, with `$skip` appended to the
+/// selection of its rows: one text for both backends, built at compile time.
+macro_rules! claim_sql {
+    ($skip:literal) => {
+        concat!(
+            "UPDATE inbox SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM inbox WHERE status = 'pending' AND next_attempt_at <= $3 \
+             AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY next_attempt_at, id LIMIT $4",
+            $skip,
+            ") RETURNING id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
+             data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec"
+        )
+    };
+}
+
 /// What differs between the two backends. Everything else is [`SqlStore`]'s one SQL text.
 pub trait Backend: sqlx::Database {
     /// What intake writes through (see `insert_notifications` of each backend).
     type Intake: Clone + Send + Sync + 'static;
     /// How a write transaction begins.
     const BEGIN_WRITE: &'static str;
-    /// Appended to the claim's row selection.
-    const SKIP_LOCKED: &'static str;
+    /// The claim of ready notifications (`claim_sql!` with what the backend appends to its row
+    /// selection).
+    const CLAIM: &'static str;
     /// One row, one column `bytes`: the store's size on disk.
     const SIZE: &'static str;
     /// Gives some free pages back to the file system, if the backend needs telling.
@@ -260,7 +276,7 @@ impl Backend for sqlx::Sqlite {
     // IMMEDIATE takes the write lock up front: a deferred transaction that reads first and
     // writes later can fail with SQLITE_BUSY when another writer got in between.
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
-    const SKIP_LOCKED: &'static str = "";
+    const CLAIM: &'static str = claim_sql!("");
     const SIZE: &'static str =
         "SELECT page_count * page_size AS bytes FROM pragma_page_count(), pragma_page_size()";
     // At most 4,096 pages (16 MiB) per pass: each holds the write lock only briefly. A no-op
@@ -275,7 +291,7 @@ impl Backend for sqlx::Postgres {
     type Intake = sqlx::PgPool;
     const BEGIN_WRITE: &'static str = "BEGIN";
     // Several replicas claim at once: each skips rows another has locked instead of waiting.
-    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    const CLAIM: &'static str = claim_sql!(" FOR UPDATE SKIP LOCKED");
     const SIZE: &'static str = "SELECT CAST(COALESCE(SUM(pg_total_relation_size(c.oid)), 0) AS BIGINT) AS bytes \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relname IN ('inbox', 'opportunities', \
@@ -535,15 +551,7 @@ where
         limit: i64,
     ) -> Result<Vec<InboxEntry>, StoreError> {
         let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
-        let sql = format!(
-            "UPDATE inbox SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1 \
-             WHERE id IN (SELECT id FROM inbox WHERE status = 'pending' AND next_attempt_at <= $3 \
-             AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY next_attempt_at, id LIMIT $4{}) \
-             RETURNING id, dedupe_key, received_at, entity, message, record_id, version, correlation_id, \
-             data_missing, status, attempts, next_attempt_at, last_error, settled_at, body, body_codec",
-            DB::SKIP_LOCKED
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(DB::CLAIM)
             .bind(owner)
             .bind(now + lease_ms)
             .bind(now)
