@@ -11,8 +11,9 @@ use super::{
 };
 use crate::rules::{Phase, WriteKey};
 
-/// A small notification stored under `key` (the other store tests use it too).
-pub(crate) fn notification(key: &str, record: Uuid) -> NewNotification {
+/// A small notification stored under `key` (the other store tests and the retention tests use
+/// it too).
+pub fn notification(key: &str, record: Uuid) -> NewNotification {
     NewNotification {
         dedupe_key: key.to_owned(),
         entity: "opportunity".into(),
@@ -24,6 +25,37 @@ pub(crate) fn notification(key: &str, record: Uuid) -> NewNotification {
         body: PackedBody::pack(b"{}"),
         received_at: now_ms(),
     }
+}
+
+/// Stores `rows` and settles every one as done, as a planner leased to `owner` would: the rows
+/// retention deletes. Returns their ids.
+pub async fn store_settled(store: &Store, rows: &[NewNotification], owner: &str) -> Vec<i64> {
+    let ids: Vec<i64> = store
+        .insert_notifications(rows)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            Received::Stored(id) => id,
+            Received::Duplicate => panic!("{owner}: a row was already stored"),
+        })
+        .collect();
+    let limit = i64::try_from(ids.len()).unwrap();
+    store
+        .claim_notifications(owner, now_ms(), 60_000, limit)
+        .await
+        .unwrap();
+    store
+        .commit(&Commit {
+            settle: Some(Settle {
+                ids: ids.clone(),
+                owner: owner.into(),
+            }),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    ids
 }
 
 fn write(key: &WriteKey, opportunity: Uuid, payload: &str) -> PlannedWrite {

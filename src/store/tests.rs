@@ -279,7 +279,7 @@ async fn a_connection_whose_transaction_the_database_ended_is_replaced() {
 /// file system (`Store::reclaim_space`), and the file shrinks by as much.
 #[tokio::test]
 async fn a_new_sqlite_store_gives_deleted_space_back() {
-    use super::{Commit, Received, Settle, now_ms};
+    use super::now_ms;
     let (store, _dir) = fresh_sqlite().await;
     store.migrate().await.unwrap();
     let Store::Sqlite(s) = &store else { unreachable!() };
@@ -299,30 +299,7 @@ async fn a_new_sqlite_store_gives_deleted_space_back() {
             n
         })
         .collect();
-    let ids: Vec<i64> = store
-        .insert_notifications(&rows)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| match r {
-            Received::Stored(id) => id,
-            Received::Duplicate => unreachable!(),
-        })
-        .collect();
-    store
-        .claim_notifications("space", now_ms(), 60_000, 5_000)
-        .await
-        .unwrap();
-    store
-        .commit(&Commit {
-            settle: Some(Settle {
-                ids,
-                owner: "space".into(),
-            }),
-            ..Commit::default()
-        })
-        .await
-        .unwrap();
+    suite::store_settled(&store, &rows, "space").await;
     let full = store.stats(now_ms()).await.unwrap().store_bytes.unwrap();
     while store.delete_settled(now_ms() + 1, 500).await.unwrap() > 0 {}
     store.reclaim_space().await.unwrap();

@@ -8,7 +8,7 @@ use oppsync::dynamics::AttributeValue;
 use oppsync::dynamics::compose::NotificationBuilder;
 use oppsync::sim::env::eventually;
 use oppsync::sim::org::{Customer, DynamicsOrg};
-use oppsync::store::{Commit, NewNotification, PackedBody, Received, Settle, now_ms};
+use oppsync::store::{NewNotification, now_ms, suite};
 use oppsync::worker::retention;
 use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
@@ -66,20 +66,6 @@ async fn a_redelivery_inside_the_window_is_a_duplicate_and_after_it_changes_noth
     env.stop().await;
 }
 
-fn settled_row(i: usize) -> NewNotification {
-    NewNotification {
-        dedupe_key: format!("old-{i}"),
-        entity: "opportunity".into(),
-        message: "Update".into(),
-        record_id: Uuid::new_v4(),
-        version: 1,
-        correlation_id: None,
-        data_missing: false,
-        body: PackedBody::pack(br#"{"MessageName":"Update"}"#),
-        received_at: now_ms(),
-    }
-}
-
 #[tokio::test]
 async fn intake_keeps_answering_while_a_retention_pass_runs() {
     let env = TestEnv::start_with(EnvOptions {
@@ -90,31 +76,11 @@ async fn intake_keeps_answering_while_a_retention_pass_runs() {
     let store = env.app.state.store.clone();
     const ROWS: usize = 20_000;
     for chunk in (0..ROWS).collect::<Vec<_>>().chunks(2_000) {
-        let batch: Vec<NewNotification> = chunk.iter().map(|i| settled_row(*i)).collect();
-        let ids: Vec<i64> = store
-            .insert_notifications(&batch)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| match r {
-                Received::Stored(id) => id,
-                Received::Duplicate => unreachable!(),
-            })
+        let batch: Vec<NewNotification> = chunk
+            .iter()
+            .map(|i| suite::notification(&format!("old-{i}"), Uuid::new_v4()))
             .collect();
-        store
-            .claim_notifications("old", now_ms(), 60_000, 2_000)
-            .await
-            .unwrap();
-        store
-            .commit(&Commit {
-                settle: Some(Settle {
-                    ids,
-                    owner: "old".into(),
-                }),
-                ..Commit::default()
-            })
-            .await
-            .unwrap();
+        suite::store_settled(&store, &batch, "old").await;
     }
 
     // Small batches with a pause between them: the pass takes at least 200 × 20 ms.
