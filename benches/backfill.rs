@@ -26,18 +26,14 @@ use oppsync::store::Store;
 use oppsync::worker::backfill::{self, BackfillStatus};
 use serde_json::Value;
 
+#[path = "support/args.rs"]
+mod args;
+use args::value_after;
+
 const CALLS_PER_WINDOW: u32 = 10;
 const WINDOW: Duration = Duration::from_secs(2);
 const BATCH: usize = 300;
 const KEY: &str = "bench-webhook-key";
-
-/// The value given after `flag` on the command line, if any and if it parses.
-fn value_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
-    std::env::args()
-        .skip_while(|a| a != flag)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-}
 
 /// Time the rate limit needs for `calls` calls: the first window's worth at once, then
 /// CALLS_PER_WINDOW per window.

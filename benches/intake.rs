@@ -23,6 +23,10 @@ use oppsync::dynamics::AttributeValue;
 use oppsync::dynamics::compose::{NotificationBuilder, reference};
 use uuid::Uuid;
 
+#[path = "support/args.rs"]
+mod args;
+use args::value_after;
+
 /// The allocator the `oppsync` binary ships with (src/main.rs), so that the service measured in
 /// process allocates as it does in production.
 #[global_allocator]
@@ -244,14 +248,6 @@ fn print(runs: &[(Run, f64)]) {
             r.cpu_us_per_request
         );
     }
-}
-
-/// The value given after `flag` on the command line, if any and if it parses.
-fn value_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
-    std::env::args()
-        .skip_while(|a| a != flag)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::main(flavor = "multi_thread")]

@@ -17,18 +17,15 @@ use oppsync::sim::org::{Customer, DynamicsOrg};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
+#[path = "support/args.rs"]
+mod args;
+use args::value_after;
+
 /// The allocator the `oppsync` binary ships with (src/main.rs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const KEY: &str = "bench-webhook-key";
-
-fn value_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
-    std::env::args()
-        .skip_while(|a| a != flag)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;

@@ -21,6 +21,10 @@ use oppsync::sim::org::DynamicsOrg;
 use oppsync::store::now_ms;
 use serde_json::Value;
 
+#[path = "support/args.rs"]
+mod args;
+use args::value_after;
+
 /// The allocator the `oppsync` binary ships with (src/main.rs), so that the service measured in
 /// process allocates as it does in production.
 #[global_allocator]
@@ -309,14 +313,6 @@ async fn intake_alone(opportunities: usize) {
         started.elapsed().as_secs_f64()
     );
     service.app.stop().await;
-}
-
-/// The value given after `flag` on the command line, if any and if it parses.
-fn value_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
-    std::env::args()
-        .skip_while(|a| a != flag)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
 }
 
 async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measured {

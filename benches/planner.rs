@@ -14,6 +14,10 @@ use oppsync::sim::env::Simulators;
 use oppsync::sim::marketo::MarketoSimConfig;
 use oppsync::sim::org::DynamicsOrg;
 
+#[path = "support/args.rs"]
+mod args;
+use args::value_after;
+
 /// The allocator the `oppsync` binary ships with (src/main.rs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,13 +34,6 @@ fn cpu_seconds() -> f64 {
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-fn value_after<T: std::str::FromStr>(flag: &str) -> Option<T> {
-    std::env::args()
-        .skip_while(|a| a != flag)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::main]
