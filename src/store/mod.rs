@@ -474,9 +474,22 @@ fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
     }
 }
 
+/// The pool size `store.max_connections = 0` stands for. SQLite: 4. It has one writer at a
+/// time, and its readers are the pusher, the admin API and the periodic jobs; every further
+/// connection keeps a page cache, prepared statements and a thread (with its own malloc arena)
+/// of its own. PostgreSQL: 8, shared by the same users over the network.
+pub fn default_pool_size(url: &str) -> u32 {
+    if url.starts_with("sqlite:") { 4 } else { 8 }
+}
+
 impl Store {
     /// Connects (creating an SQLite file if needed, mode 0600). Does not migrate.
+    /// `max_connections`: the pool's size, 0 for [`default_pool_size`], at least 2.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let max_connections = match max_connections {
+            0 => default_pool_size(url),
+            n => n.max(2),
+        };
         if url.starts_with("sqlite:") {
             // Intake's connection must open the same database: a file, not memory.
             if is_in_memory_sqlite(url) {
@@ -505,7 +518,7 @@ impl Store {
             // writes through its own connection, made durable by an explicit fsync before the
             // 2xx (DESIGN §3; see `SqliteInbox`).
             let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections.max(2))
+                .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
                 .before_acquire(|conn, _| Box::pin(async move { Ok(fit_for_use(conn)) }))
                 .connect_with(options.clone().synchronous(SqliteSynchronous::Normal))
@@ -518,7 +531,7 @@ impl Store {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
-                .max_connections(max_connections.max(2))
+                .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
                 .before_acquire(|conn, _| Box::pin(async move { Ok(fit_for_use(conn)) }))
                 .connect_with(options.clone())
@@ -761,12 +774,12 @@ impl Store {
         dispatch!(self, s => s.reclaim_space().await)
     }
 
-    /// Notifications ready to be planned now, including those being planned.
-    pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.ready_notification_count(now).await)
+    /// Whether a notification is ready to be planned now (those being planned included).
+    pub async fn has_ready_notifications(&self, now: i64) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.has_ready_notifications(now).await)
     }
 
-    /// Pending notifications and pending Marketo writes, counted on the status indexes.
+    /// Pending notifications and pending Marketo writes (the counts the triggers keep).
     pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
         dispatch!(self, s => s.pending_counts().await)
     }

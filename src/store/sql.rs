@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures::TryStreamExt;
 use sqlx::Row;
 use sqlx::migrate::Migrator;
 use uuid::Uuid;
@@ -268,6 +269,11 @@ pub trait Backend: sqlx::Database {
     const SIZE: &'static str;
     /// Gives some free pages back to the file system, if the backend needs telling.
     const RECLAIM: Option<&'static str>;
+    /// The inbox, as named by a statement that picks its rows by `id IN (…)` and also tests
+    /// their status.
+    const INBOX_BY_ID: &'static str;
+    /// The Marketo writes, as named by the pusher's read in push order.
+    const WRITES_IN_PUSH_ORDER: &'static str;
     fn migrator() -> Migrator;
 }
 
@@ -282,6 +288,14 @@ impl Backend for sqlx::Sqlite {
     // At most 4,096 pages (16 MiB) per pass: each holds the write lock only briefly. A no-op
     // on a file made before incremental auto-vacuum (its free pages are reused instead).
     const RECLAIM: Option<&'static str> = Some("PRAGMA incremental_vacuum(4096)");
+    // Without statistics SQLite prefers the `(status, next_attempt_at)` index for `status =
+    // 'pending'` over the primary key once the id list is longer than a few values, and then
+    // walks every pending notification: with a backlog of 100,000, each batch's settlement
+    // read the whole backlog's index. NOT INDEXED still looks rows up by their rowid.
+    const INBOX_BY_ID: &'static str = "inbox NOT INDEXED";
+    // SQLite would rather take the `(status, next_attempt_at)` index and sort every pending
+    // write than walk the partial index that is in push order already.
+    const WRITES_IN_PUSH_ORDER: &'static str = "marketo_writes INDEXED BY marketo_writes_push_order";
     fn migrator() -> Migrator {
         sqlx::migrate!("./migrations/sqlite")
     }
@@ -297,6 +311,8 @@ impl Backend for sqlx::Postgres {
          WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relname IN ('inbox', 'opportunities', \
          'connections', 'contacts', 'accounts', 'connection_roles', 'marketo_writes', 'marketo_leads', \
          'control', 'status_counts')";
+    const INBOX_BY_ID: &'static str = "inbox";
+    const WRITES_IN_PUSH_ORDER: &'static str = "marketo_writes";
     // Autovacuum makes deleted rows' space reusable.
     const RECLAIM: Option<&'static str> = None;
     fn migrator() -> Migrator {
@@ -572,7 +588,10 @@ where
         let mut n = 0;
         for chunk in ids.chunks(IN_CHUNK) {
             let sql = with_in_list(
-                "UPDATE inbox SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
+                &format!(
+                    "UPDATE {} SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'pending' AND id IN ({{}})",
+                    DB::INBOX_BY_ID
+                ),
                 3,
                 chunk.len(),
             );
@@ -707,8 +726,11 @@ where
             ids.dedup();
             for chunk in ids.chunks(IN_CHUNK) {
                 let sql = with_in_list(
-                    "UPDATE inbox SET status = 'done', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
-                     last_error = NULL WHERE lease_owner = $2 AND status = 'pending' AND id IN ({})",
+                    &format!(
+                        "UPDATE {} SET status = 'done', settled_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
+                         last_error = NULL WHERE lease_owner = $2 AND status = 'pending' AND id IN ({{}})",
+                        DB::INBOX_BY_ID
+                    ),
                     3,
                     chunk.len(),
                 );
@@ -813,16 +835,20 @@ where
     }
 
     pub async fn ready_writes(&self, now: i64, limit: i64) -> Result<Vec<StoredWrite>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
-             last_error, updated_at, background FROM marketo_writes WHERE status = 'pending' AND next_attempt_at <= $1 \
-             ORDER BY phase, background, updated_at, key LIMIT $2",
-        )
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(stored_write).collect()
+        const READY: &str = "SELECT key, opportunity_id, phase, payload, revision, status, attempts, \
+             next_attempt_at, last_error, updated_at, background FROM {} WHERE status = 'pending' \
+             AND next_attempt_at <= $1 ORDER BY phase, background, updated_at, key LIMIT $2";
+        // Each row is decoded as it arrives: the raw rows of a large read are never all held.
+        let sql = READY.replacen("{}", DB::WRITES_IN_PUSH_ORDER, 1);
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(limit)
+            .fetch(&self.pool);
+        let mut writes = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            writes.push(stored_write(&row)?);
+        }
+        Ok(writes)
     }
 
     pub async fn write_statuses(&self, keys: &[WriteKey]) -> Result<HashMap<WriteKey, Status>, StoreError> {
@@ -1151,18 +1177,18 @@ where
         Ok(())
     }
 
-    /// Notifications ready to be planned now (claimed ones included), counted on the
-    /// `(status, next_attempt_at)` index alone.
-    pub async fn ready_notification_count(&self, now: i64) -> Result<i64, StoreError> {
-        let row =
-            sqlx::query("SELECT COUNT(*) AS n FROM inbox WHERE status = 'pending' AND next_attempt_at <= $1")
-                .bind(now)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(row.try_get("n")?)
+    /// Whether a notification is ready to be planned now (claimed ones included): the first
+    /// entry of the `(status, next_attempt_at)` index, however long the backlog.
+    pub async fn has_ready_notifications(&self, now: i64) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM inbox WHERE status = 'pending' AND next_attempt_at <= $1 LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
     }
 
-    /// Pending notifications and pending writes, counted on the status indexes alone.
     /// Pending Marketo writes planned by a background job.
     pub async fn pending_background_writes(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
@@ -1179,10 +1205,13 @@ where
             .await?)
     }
 
+    /// Pending notifications and pending writes, from `status_counts` (kept by triggers in the
+    /// same transactions): a few rows read, not the backlog (waiting loops poll this).
     pub async fn pending_counts(&self) -> Result<(i64, i64), StoreError> {
         let row = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM inbox WHERE status = 'pending') AS inbox, \
-             (SELECT COUNT(*) FROM marketo_writes WHERE status = 'pending') AS writes",
+            "SELECT CAST(COALESCE(SUM(CASE WHEN tbl = 'inbox' THEN n END), 0) AS BIGINT) AS inbox, \
+             CAST(COALESCE(SUM(CASE WHEN tbl = 'marketo_writes' THEN n END), 0) AS BIGINT) AS writes \
+             FROM status_counts WHERE status = 'pending'",
         )
         .fetch_one(&self.pool)
         .await?;

@@ -15,12 +15,24 @@ use super::WorkerContext;
 use crate::marketo::{MarketoError, RecordResult, RoleRecord};
 use crate::retry::backoff_ms;
 use crate::rules::config::{EXTERNAL_COMPANY_ID, EXTERNAL_OPPORTUNITY_ID};
-use crate::rules::{ContactState, LeadMatch, MarketoWrite, MissingLead, WriteKey};
+use crate::rules::{ContactState, LeadMatch, MarketoWrite, MissingLead, Phase, WriteKey};
 use crate::service::{BlockReason, System};
 use crate::store::{RowKeys, Status, StoreError, StoredWrite, WriteOutcome, now_ms};
 
-/// Most writes one cycle looks at.
+/// Most writes one cycle reads, however many calls are free.
 const CYCLE_LIMIT: i64 = 10_000;
+
+/// How many pending writes a cycle reads, in push order, when `free_calls` calls may start:
+/// what those calls and the next one can carry, twice over (writes waiting for a dependency
+/// take places in the read without going). A backlog of 100,000 writes then costs a few
+/// thousand rows of memory and decoding per cycle, not the whole backlog's worth.
+pub fn read_limit(free_calls: usize, batch_size: usize) -> i64 {
+    let rows = free_calls
+        .saturating_add(1)
+        .saturating_mul(batch_size.max(1))
+        .saturating_mul(2);
+    i64::try_from(rows).unwrap_or(i64::MAX).min(CYCLE_LIMIT)
+}
 
 /// Calls a batch of leads may take (`ensure_leads`): a lookup, then the creation of the leads
 /// not found.
@@ -188,6 +200,9 @@ struct Group {
     blocked: bool,
     /// Calls one batch of the group may take.
     calls_per_batch: usize,
+    /// The cycle's read stopped inside this group: more of its writes wait unread, so its
+    /// partial rest is not the group's last batch and never goes as one.
+    more_unread: bool,
 }
 
 impl Group {
@@ -198,6 +213,7 @@ impl Group {
             newest: None,
             blocked: false,
             calls_per_batch: 1,
+            more_unread: false,
         };
         for t in times {
             g.ready += 1;
@@ -205,6 +221,14 @@ impl Group {
             g.newest = Some(g.newest.map_or(t, |n: i64| n.max(t)));
         }
         g
+    }
+
+    /// Marks a group the cycle's read stopped inside (`cut`).
+    fn cut(self, cut: bool) -> Group {
+        Group {
+            more_unread: self.more_unread || cut,
+            ..self
+        }
     }
 
     /// A group whose batches may take `calls` calls each.
@@ -244,7 +268,7 @@ impl Gate {
             max_wait: configured.saturating_mul(MAX_WAIT_LINGERS),
             batch: ctx.config.marketo.batch_size.max(1),
             free_calls,
-            planning: ctx.store.ready_notification_count(now).await? > 0,
+            planning: ctx.store.has_ready_notifications(now).await?,
             quota_hold_until,
         })
     }
@@ -263,7 +287,8 @@ impl Gate {
         let quiet = !group.blocked && !self.planning && quiet_at.is_some_and(|at| at <= self.now);
         let waited = deadline.is_some_and(|at| at <= self.now);
         let held_for_quota = self.quota_hold_until.is_some_and(|at| at > self.now);
-        let rest_goes = rest > 0 && (needed_first || (!held_for_quota && (quiet || waited)));
+        let rest_goes =
+            rest > 0 && !group.more_unread && (needed_first || (!held_for_quota && (quiet || waited)));
         let batches_wanted = full_batches + usize::from(rest_goes);
         // A batch is admitted only with every call it may take free, so none of its calls
         // waits in the limiter for a later window, holding the cycle (and the calls of the
@@ -348,7 +373,7 @@ impl WriteGroups {
     fn parse(ready: Vec<StoredWrite>) -> (WriteGroups, Settled) {
         let mut groups = WriteGroups::default();
         let mut unreadable = Vec::new();
-        for row in ready {
+        for mut row in ready {
             // Read from the parsed payload in place: a clone of thousands of payloads per cycle
             // showed in the time to the first call.
             let write = match MarketoWrite::deserialize(&row.payload) {
@@ -369,6 +394,8 @@ impl WriteGroups {
                 unreadable.push((row.key, row.revision, dead(reason)));
                 continue;
             }
+            // The typed write carries what goes; the parsed JSON would only hold memory.
+            row.payload = Value::Null;
             match write {
                 MarketoWrite::UpsertCompany { account_id, name } => groups.companies.push(Ready {
                     row,
@@ -431,15 +458,22 @@ fn planned_at<T>(writes: &[Ready<T>]) -> impl Iterator<Item = i64> + '_ {
 /// One push cycle: settles what can go now and says when to look again.
 pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError> {
     let mut outcome = CycleOutcome::default();
-    if ctx.marketo.free_calls(ctx.prepare_ahead.lead()) == 0 {
+    let free_calls = ctx.marketo.free_calls(ctx.prepare_ahead.lead());
+    if free_calls == 0 {
         outcome.next_slot = ctx.marketo.next_free_call_at();
         return Ok(outcome);
     }
     let started = Instant::now();
-    let ready = ctx.store.ready_writes(now_ms(), CYCLE_LIMIT).await?;
+    let limit = read_limit(free_calls, ctx.config.marketo.batch_size);
+    let ready = ctx.store.ready_writes(now_ms(), limit).await?;
     if ready.is_empty() {
         return Ok(outcome);
     }
+    // A read that reached its limit stopped inside the phase of its last write.
+    let cut_phase = (i64::try_from(ready.len()).unwrap_or(i64::MAX) >= limit)
+        .then(|| ready.last().map(|w| w.phase))
+        .flatten();
+    let cut = |phase: Phase| cut_phase == Some(phase);
     let read = started.elapsed();
     let ready_count = ready.len();
     // A background job (the initial sync) plans its records page after page, out of sight of
@@ -462,9 +496,11 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     // nothing here: fewer phase barriers leave fewer rate-window slots unused); roles need
     // both, so they follow, and an opportunity's delete follows its role deletes.
     let mut gate = Gate::new(ctx, background).await?;
-    let opportunities_group = Group::of(planned_at(&opportunities));
-    let companies_group = Group::of(planned_at(&companies));
-    let leads_group = Group::of(planned_at(&leads)).costing(LEAD_CALLS_PER_BATCH);
+    let opportunities_group = Group::of(planned_at(&opportunities)).cut(cut(Phase::Opportunities));
+    let companies_group = Group::of(planned_at(&companies)).cut(cut(Phase::Companies));
+    let leads_group = Group::of(planned_at(&leads))
+        .costing(LEAD_CALLS_PER_BATCH)
+        .cut(cut(Phase::Leads));
     // Opportunities decide first whether they go; if they do, every company goes ahead of them
     // (companies rarely fill a batch, and an opportunity may not precede its company). Asked of
     // a gate with unlimited calls, so the question does not spend any.
@@ -493,7 +529,11 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
                 .is_none_or(|c| !held_companies.contains(&c))
         });
     }
-    let opportunities_now = gate.admit(&Group::of(planned_at(&opportunities)), false, &mut outcome);
+    let opportunities_now = gate.admit(
+        &Group::of(planned_at(&opportunities)).cut(cut(Phase::Opportunities)),
+        false,
+        &mut outcome,
+    );
     opportunities.truncate(opportunities_now);
     let prepared = started.elapsed();
     ctx.prepare_ahead.record(prepared);
@@ -531,7 +571,10 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     // Roles: decided after the writes above settled, with the calls free by then.
     let mut gate = Gate::new(ctx, background).await?;
     let mut held_role_opportunities: HashSet<Uuid> = HashSet::new();
-    for (writes, kind) in [(role_upserts, RoleCall::Upsert), (role_deletes, RoleCall::Delete)] {
+    for (writes, kind, phase) in [
+        (role_upserts, RoleCall::Upsert, Phase::RoleUpserts),
+        (role_deletes, RoleCall::Delete, Phase::RoleDeletes),
+    ] {
         if writes.is_empty() {
             continue;
         }
@@ -539,7 +582,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
             .iter()
             .map(|r| (r.row.key.clone(), r.write.opportunity_id))
             .collect();
-        let outcomes = push_roles(ctx, kind, writes, &mut gate, &mut outcome).await?;
+        let outcomes = push_roles(ctx, kind, writes, cut(phase), &mut gate, &mut outcome).await?;
         let done: HashSet<&WriteKey> = outcomes.iter().map(|(k, _, _)| k).collect();
         held_role_opportunities.extend(waiting.iter().filter(|(k, _)| !done.contains(k)).map(|(_, o)| *o));
         outcome.settled += outcomes.len();
@@ -550,7 +593,7 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     let (mut deletes, waiting): (Vec<_>, Vec<_>) = opportunity_deletes
         .into_iter()
         .partition(|d| !held_role_opportunities.contains(&d.write));
-    let mut group = Group::of(planned_at(&deletes));
+    let mut group = Group::of(planned_at(&deletes)).cut(cut(Phase::OpportunityDeletes));
     group.blocked = !waiting.is_empty();
     deletes.truncate(gate.admit(&group, false, &mut outcome));
     if !deletes.is_empty() {
@@ -981,6 +1024,7 @@ async fn push_roles(
     ctx: &WorkerContext,
     kind: RoleCall,
     writes: Vec<Ready<RoleWrite>>,
+    more_unread: bool,
     gate: &mut Gate,
     outcome: &mut CycleOutcome,
 ) -> Result<Settled, StoreError> {
@@ -1050,7 +1094,7 @@ async fn push_roles(
             },
         }
     }
-    let mut group = Group::of(going.iter().map(|(w, _)| w.row.updated_at));
+    let mut group = Group::of(going.iter().map(|(w, _)| w.row.updated_at)).cut(more_unread);
     if kind == RoleCall::Upsert {
         group.newest = group.newest.max(blocked.iter().copied().max());
         group.blocked = !blocked.is_empty();
@@ -1102,6 +1146,28 @@ mod tests {
         assert_eq!(g.free_calls, 8);
         // Due when quiet for a linger after the newest record.
         assert_eq!(outcome.due_at, Some(9_250 + 649 + LINGER));
+    }
+
+    #[test]
+    fn a_cycle_reads_what_its_free_calls_can_carry_not_the_backlog() {
+        assert_eq!(read_limit(1, 300), 1_200);
+        assert_eq!(read_limit(5, 300), 3_600);
+        assert_eq!(read_limit(100, 300), CYCLE_LIMIT);
+        assert_eq!(read_limit(0, 0), 2);
+    }
+
+    #[test]
+    fn a_group_the_read_stopped_inside_sends_full_batches_only() {
+        // 700 old writes read out of a longer backlog: two full batches go; the 100 left are
+        // not the group's last, so they wait for the next read rather than go half empty.
+        let backlog = group(1_000, 700).cut(true);
+        let mut outcome = CycleOutcome::default();
+        let mut g = gate(1_000_000, 10, false);
+        assert_eq!(g.admit(&backlog, false, &mut outcome), 600);
+        assert_eq!(g.free_calls, 8);
+        // The same writes as the whole group: the old partial rest goes too.
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(gate(1_000_000, 10, false).admit(&group(1_000, 700), false, &mut outcome), 700);
     }
 
     #[test]
