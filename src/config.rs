@@ -140,6 +140,8 @@ impl Default for ServerConfig {
 pub struct StoreConfig {
     /// `sqlite://PATH` (default, embedded) or `postgres://…`.
     pub url: Secret,
+    /// The worker's and admin API's connection pool; 0 picks per backend (see
+    /// `store::default_pool_size`).
     pub max_connections: u32,
     /// Most notifications one group commit takes at once.
     pub group_commit_max: usize,
@@ -154,7 +156,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: Secret::new("sqlite://oppsync.db"),
-            max_connections: 8,
+            max_connections: 0,
             group_commit_max: 256,
             retention_days: 14.0,
         }
