@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::worker::ReconcileStatus;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -131,6 +132,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         }
         .to_owned(),
     );
+    // Informational too: where reconciliation can see deletes (never affects readiness).
+    checks.insert("change_tracking", change_tracking(&state).await);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -157,4 +160,79 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
             checks,
         }),
     )
+}
+
+/// What the last reconciliation pass learnt of change tracking, table by table.
+async fn change_tracking(state: &AppState) -> String {
+    let interval = state.config.reconcile.interval_secs;
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        state.worker.reconcile_status(interval),
+    )
+    .await
+    {
+        Ok(Ok(status)) => describe_change_tracking(&status),
+        Ok(Err(e)) => format!("unknown: {e}"),
+        Err(_) => "unknown: the store did not answer within 2 s".to_owned(),
+    }
+}
+
+/// `on`, the tables where it is off (their deletes then rely on webhooks), or why it is not
+/// known.
+fn describe_change_tracking(status: &ReconcileStatus) -> String {
+    let off: Vec<&str> = status
+        .tables
+        .iter()
+        .filter(|t| t.change_tracking == Some(false))
+        .map(|t| t.table.as_str())
+        .collect();
+    if !off.is_empty() {
+        return format!(
+            "off for {}: reconciliation finds their updates by modifiedon but not their deletes, \
+             which rely on webhooks; `oppsync register --enable-change-tracking` turns it on",
+            off.join(", ")
+        );
+    }
+    let known = status.tables.iter().any(|t| t.change_tracking.is_some());
+    match (known, status.interval_secs) {
+        (true, _) => "on".to_owned(),
+        (false, 0) => "not known: reconciliation is off (reconcile.interval_secs = 0)".to_owned(),
+        (false, _) => "not known yet: no reconciliation pass has run".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::TableReconcile;
+
+    fn status(interval_secs: u64, tracking: &[(&str, Option<bool>)]) -> ReconcileStatus {
+        ReconcileStatus {
+            interval_secs,
+            tables: tracking
+                .iter()
+                .map(|(table, change_tracking)| TableReconcile {
+                    table: (*table).to_owned(),
+                    change_tracking: *change_tracking,
+                    ..TableReconcile::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn change_tracking_is_described_table_by_table() {
+        let off = describe_change_tracking(&status(
+            900,
+            &[("opportunity", Some(false)), ("connection", Some(true)), ("contact", Some(false))],
+        ));
+        assert!(off.starts_with("off for opportunity, contact:"), "{off}");
+        assert!(off.contains("--enable-change-tracking"), "{off}");
+        assert_eq!(
+            describe_change_tracking(&status(900, &[("opportunity", Some(true)), ("contact", None)])),
+            "on"
+        );
+        assert!(describe_change_tracking(&status(900, &[("opportunity", None)])).starts_with("not known yet"));
+        assert!(describe_change_tracking(&status(0, &[("opportunity", None)])).contains("reconciliation is off"));
+    }
 }
