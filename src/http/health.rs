@@ -224,7 +224,11 @@ mod tests {
     fn change_tracking_is_described_table_by_table() {
         let off = describe_change_tracking(&status(
             900,
-            &[("opportunity", Some(false)), ("connection", Some(true)), ("contact", Some(false))],
+            &[
+                ("opportunity", Some(false)),
+                ("connection", Some(true)),
+                ("contact", Some(false)),
+            ],
         ));
         assert!(off.starts_with("off for opportunity, contact:"), "{off}");
         assert!(off.contains("--enable-change-tracking"), "{off}");
@@ -232,7 +236,11 @@ mod tests {
             describe_change_tracking(&status(900, &[("opportunity", Some(true)), ("contact", None)])),
             "on"
         );
-        assert!(describe_change_tracking(&status(900, &[("opportunity", None)])).starts_with("not known yet"));
-        assert!(describe_change_tracking(&status(0, &[("opportunity", None)])).contains("reconciliation is off"));
+        assert!(
+            describe_change_tracking(&status(900, &[("opportunity", None)])).starts_with("not known yet")
+        );
+        assert!(
+            describe_change_tracking(&status(0, &[("opportunity", None)])).contains("reconciliation is off")
+        );
     }
 }

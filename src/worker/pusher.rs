@@ -1167,7 +1167,10 @@ mod tests {
         assert_eq!(g.free_calls, 8);
         // The same writes as the whole group: the old partial rest goes too.
         let mut outcome = CycleOutcome::default();
-        assert_eq!(gate(1_000_000, 10, false).admit(&group(1_000, 700), false, &mut outcome), 700);
+        assert_eq!(
+            gate(1_000_000, 10, false).admit(&group(1_000, 700), false, &mut outcome),
+            700
+        );
     }
 
     #[test]
