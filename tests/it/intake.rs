@@ -184,13 +184,11 @@ async fn a_store_that_cannot_commit_answers_503_so_dynamics_retries() {
     };
     sqlx::query("DROP TABLE inbox").execute(s.pool()).await.unwrap();
     assert_problem(env.post(&sample()).await, 503, "store-unavailable").await;
-    let ready = env
-        .http
-        .get(format!("{}/readyz", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503, "readiness reflects the broken store");
+    assert_eq!(
+        env.status_of("/readyz").await,
+        503,
+        "readiness reflects the broken store"
+    );
     env.stop().await;
 }
 
@@ -335,14 +333,8 @@ async fn probes_answer() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = env
-        .http
-        .get(format!("{}/readyz", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = env.get_json("/readyz").await;
+    assert_eq!(status, 200, "{body}");
     assert_eq!(body["checks"]["store"], "ok");
     let r = env
         .http

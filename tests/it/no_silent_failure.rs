@@ -322,13 +322,11 @@ async fn native_crm_sync_enabled_blocks_pushing_with_readiness_green_and_is_repo
     assert_eq!(block["reason"], json!("crm_sync_enabled"), "{s:#}");
     assert!(block["message"].as_str().unwrap().contains("CRM"), "{s:#}");
     assert!(block["since"].as_i64().unwrap() > 0, "{s:#}");
-    let ready = env
-        .http
-        .get(format!("{}/readyz", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "readiness stays green: intake goes on");
+    assert_eq!(
+        env.status_of("/readyz").await,
+        200,
+        "readiness stays green: intake goes on"
+    );
     assert_eq!(
         metric(&env, "oppsync_marketo_blocked{reason=\"crm_sync_enabled\"}").await,
         Some(1.0)

@@ -205,14 +205,8 @@ async fn with_change_tracking_off_the_update_is_fixed_and_the_delete_reported() 
         json!([])
     );
     // Readiness tells it too, without failing for it.
-    let r = env
-        .http
-        .get(format!("{}/readyz", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let ready: Value = r.json().await.unwrap();
+    let (status, ready) = env.get_json("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
     let detail = ready["checks"]["change_tracking"].as_str().unwrap_or_default();
     assert!(
         detail.starts_with("off for opportunity:") && detail.contains("--enable-change-tracking"),

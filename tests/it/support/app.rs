@@ -133,6 +133,18 @@ impl TestEnv {
             .as_u16()
     }
 
+    /// The status and JSON body a GET of `path` answers now (Null for a body that is not JSON).
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.app.url()))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     /// What `/metrics` answers now.
     pub async fn metrics_text(&self) -> String {
         self.http
