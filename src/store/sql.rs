@@ -256,6 +256,20 @@ macro_rules! claim_sql {
     };
 }
 
+/// Pending writes ready to go, in push order (phase, live before background, oldest first),
+/// read from `$table`: one text for both backends, built at compile time.
+macro_rules! ready_writes_sql {
+    ($table:literal) => {
+        concat!(
+            "SELECT key, opportunity_id, phase, payload, revision, status, attempts, next_attempt_at, \
+             last_error, updated_at, background FROM ",
+            $table,
+            " WHERE status = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY phase, background, updated_at, key LIMIT $2"
+        )
+    };
+}
+
 /// What differs between the two backends. Everything else is [`SqlStore`]'s one SQL text.
 pub trait Backend: sqlx::Database {
     /// What intake writes through (see `insert_notifications` of each backend).
@@ -272,8 +286,9 @@ pub trait Backend: sqlx::Database {
     /// The inbox, as named by a statement that picks its rows by `id IN (…)` and also tests
     /// their status.
     const INBOX_BY_ID: &'static str;
-    /// The Marketo writes, as named by the pusher's read in push order.
-    const WRITES_IN_PUSH_ORDER: &'static str;
+    /// The pusher's read of ready writes (`ready_writes_sql!` with the table as the backend
+    /// names it).
+    const READY_WRITES: &'static str;
     fn migrator() -> Migrator;
 }
 
@@ -295,7 +310,8 @@ impl Backend for sqlx::Sqlite {
     const INBOX_BY_ID: &'static str = "inbox NOT INDEXED";
     // SQLite would rather take the `(status, next_attempt_at)` index and sort every pending
     // write than walk the partial index that is in push order already.
-    const WRITES_IN_PUSH_ORDER: &'static str = "marketo_writes INDEXED BY marketo_writes_push_order";
+    const READY_WRITES: &'static str =
+        ready_writes_sql!("marketo_writes INDEXED BY marketo_writes_push_order");
     fn migrator() -> Migrator {
         sqlx::migrate!("./migrations/sqlite")
     }
@@ -312,7 +328,7 @@ impl Backend for sqlx::Postgres {
          'connections', 'contacts', 'accounts', 'connection_roles', 'marketo_writes', 'marketo_leads', \
          'control', 'status_counts')";
     const INBOX_BY_ID: &'static str = "inbox";
-    const WRITES_IN_PUSH_ORDER: &'static str = "marketo_writes";
+    const READY_WRITES: &'static str = ready_writes_sql!("marketo_writes");
     // Autovacuum makes deleted rows' space reusable.
     const RECLAIM: Option<&'static str> = None;
     fn migrator() -> Migrator {
@@ -835,12 +851,8 @@ where
     }
 
     pub async fn ready_writes(&self, now: i64, limit: i64) -> Result<Vec<StoredWrite>, StoreError> {
-        const READY: &str = "SELECT key, opportunity_id, phase, payload, revision, status, attempts, \
-             next_attempt_at, last_error, updated_at, background FROM {} WHERE status = 'pending' \
-             AND next_attempt_at <= $1 ORDER BY phase, background, updated_at, key LIMIT $2";
         // Each row is decoded as it arrives: the raw rows of a large read are never all held.
-        let sql = READY.replacen("{}", DB::WRITES_IN_PUSH_ORDER, 1);
-        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let mut rows = sqlx::query(DB::READY_WRITES)
             .bind(now)
             .bind(limit)
             .fetch(&self.pool);
