@@ -303,13 +303,7 @@ async fn random_and_truncated_bodies_are_always_400_and_the_service_stays_health
             String::from_utf8_lossy(&body[..body.len().min(80)])
         );
     }
-    let health = env
-        .http
-        .get(format!("{}/healthz", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(env.status_of("/healthz").await, 200);
     assert!(
         env.app
             .state
@@ -326,23 +320,11 @@ async fn random_and_truncated_bodies_are_always_400_and_the_service_stays_health
 #[tokio::test]
 async fn probes_answer() {
     let env = TestEnv::start_with(intake_only()).await;
-    let r = env
-        .http
-        .get(format!("{}/healthz", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(env.status_of("/healthz").await, 200);
     let (status, body) = env.get_json("/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["checks"]["store"], "ok");
-    let r = env
-        .http
-        .get(format!("{}/nowhere", env.app.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(env.status_of("/nowhere").await, 404);
     env.stop().await;
 }
 

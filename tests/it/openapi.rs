@@ -118,15 +118,8 @@ async fn openapi_routes_are_served_by_the_router() {
     assert_eq!(r.status().as_u16(), 404);
     assert!(r.text().await.unwrap().contains("There is no route"));
     // /openapi.json serves the document itself.
-    let served: serde_json::Value = env
-        .http
-        .get(format!("{}/openapi.json", env.app.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, served) = env.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
     assert_eq!(
         served,
         serde_json::to_value(oppsync::http::openapi::document()).unwrap()
