@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -29,7 +30,7 @@ use super::WorkerContext;
 use super::planner::{PlanError, plan_and_commit};
 use crate::dynamics::webapi::{Change, CollectionQuery, Page, RowRecord, WebApiError, any_of};
 use crate::dynamics::{AttributeValue, DynamicsEvent, EntityKind};
-use crate::rules::{self, ContactState};
+use crate::rules::{self, ContactState, Phase};
 use crate::store::{RowKeys, Store, StoreError, now_ms};
 
 /// Control key of the job record (JSON of [`BackfillJob`]).
@@ -396,6 +397,11 @@ async fn run(
         query = query.filter(f);
     }
     let batch = u64::try_from(ctx.config.marketo.batch_size.max(1)).unwrap_or(300);
+    // While it reads, the pusher holds each kind's partial batch of its writes (up to a batch
+    // less one per phase) for the next page to fill: the queue's bound leaves room for them, or
+    // reading would wait on writes that wait on reading.
+    let queue_limit = u64::from(cfg.max_queued_writes).max(batch * Phase::ALL.len() as u64);
+    let reading = ReadingFlag(ctx);
     let mut failures = 0u32;
     loop {
         if shutdown.is_cancelled() || !ctx.lifecycle.is_pushing() {
@@ -406,10 +412,11 @@ async fn run(
             save(&ctx.store, &mut job).await?;
             return Ok(());
         }
+        reading.set(job.phase == BackfillPhase::Reading);
         let pending = u64::try_from(ctx.store.pending_background_writes().await?).unwrap_or(0);
         match job.phase {
             BackfillPhase::Reading | BackfillPhase::WaitingForQuota => {
-                if pending >= u64::from(cfg.max_queued_writes) {
+                if pending >= queue_limit {
                     sleep_or_cancel(shutdown, POLL).await;
                     continue;
                 }
@@ -495,6 +502,26 @@ async fn run(
             }
             BackfillPhase::Done => return Ok(()),
         }
+    }
+}
+
+/// Tells the pusher (`WorkerContext::backfill_reading`) whether pages are still being read, and
+/// wakes it when they no longer are, so the partial batches it held go at once. Cleared however
+/// the job's run ends.
+struct ReadingFlag<'a>(&'a WorkerContext);
+
+impl ReadingFlag<'_> {
+    fn set(&self, reading: bool) {
+        let was = self.0.backfill_reading.swap(reading, Ordering::Relaxed);
+        if was && !reading {
+            self.0.pusher_wakeup.notify_one();
+        }
+    }
+}
+
+impl Drop for ReadingFlag<'_> {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 

@@ -19,6 +19,7 @@ pub use reconcile::{ReconcileStatus, TableReconcile};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -44,6 +45,8 @@ pub struct WorkerContext {
     pub pusher_wakeup: Notify,
     /// How far ahead of a free rate-window place the pusher starts preparing its call.
     pub prepare_ahead: pusher::PrepareAhead,
+    /// The initial sync is reading pages (set by its job, read by the pusher's gate).
+    pub backfill_reading: AtomicBool,
     /// Faults tests inject into the worker.
     #[cfg(test)]
     pub test_hooks: tests::Hooks,
@@ -68,6 +71,7 @@ impl WorkerContext {
             owner,
             pusher_wakeup: Notify::new(),
             prepare_ahead: pusher::PrepareAhead::new(),
+            backfill_reading: AtomicBool::new(false),
             #[cfg(test)]
             test_hooks: tests::Hooks::default(),
         }

@@ -168,7 +168,8 @@ pub fn linger_ms(configured: i64, free_calls: usize, call_room: usize) -> i64 {
 /// Decides how much of a group of ready writes (one Marketo endpoint) goes out now. Full
 /// batches go whenever a call is free. The partial rest waits to fill up: it goes when nothing
 /// has joined the group for `batch_linger_ms`, nothing in it waits for a write of an earlier
-/// phase and no notification waits to be planned (so no more records are coming), when its
+/// phase, no notification waits to be planned and, for a rest of background writes, the initial
+/// sync reads no more pages (so no more records are coming), when its
 /// oldest record has waited `MAX_WAIT_LINGERS` lingers, or when it must go for a dependent
 /// batch to go. Calls that could not start now are not made: their records stay in the store,
 /// where newer plans of the same records coalesce.
@@ -187,6 +188,10 @@ struct Gate {
     planning: bool,
     /// The day's quota is spent ahead of its pace: partial batches wait until then (epoch ms).
     quota_hold_until: Option<i64>,
+    /// The initial sync is still reading pages: a partial rest of its (background) writes is not
+    /// the last of them, whether or not records joined lately (the next page may be a Dataverse
+    /// round trip or a queue drain away). Each such rest sent early cost a call of its own.
+    background_reading: bool,
 }
 
 /// One group's ready writes as the gate sees them.
@@ -203,6 +208,10 @@ struct Group {
     /// The cycle's read stopped inside this group: more of its writes wait unread, so its
     /// partial rest is not the group's last batch and never goes as one.
     more_unread: bool,
+    /// Of the ready writes, how many are live (not a background job's). Live writes come
+    /// first in push order, so a partial rest holds a live write only if the full batches
+    /// cannot carry them all.
+    live: usize,
 }
 
 impl Group {
@@ -214,9 +223,11 @@ impl Group {
             blocked: false,
             calls_per_batch: 1,
             more_unread: false,
+            live: 0,
         };
         for t in times {
             g.ready += 1;
+            g.live += 1;
             g.oldest = Some(g.oldest.map_or(t, |o: i64| o.min(t)));
             g.newest = Some(g.newest.map_or(t, |n: i64| n.max(t)));
         }
@@ -227,6 +238,14 @@ impl Group {
     fn cut(self, cut: bool) -> Group {
         Group {
             more_unread: self.more_unread || cut,
+            ..self
+        }
+    }
+
+    /// A group of which only `live` writes are live, the rest a background job's.
+    fn live(self, live: usize) -> Group {
+        Group {
+            live: live.min(self.ready),
             ..self
         }
     }
@@ -270,6 +289,7 @@ impl Gate {
             free_calls,
             planning: ctx.store.has_ready_notifications(now).await?,
             quota_hold_until,
+            background_reading: ctx.backfill_reading.load(Ordering::Relaxed),
         })
     }
 
@@ -284,7 +304,10 @@ impl Gate {
         let rest = group.ready % self.batch;
         let quiet_at = group.newest.map(|n| n.saturating_add(self.linger));
         let deadline = group.oldest.map(|o| o.saturating_add(self.max_wait));
-        let quiet = !group.blocked && !self.planning && quiet_at.is_some_and(|at| at <= self.now);
+        // A rest of background writes only, while the initial sync still reads: more are coming.
+        let background_coming = self.background_reading && group.live <= full_batches * self.batch;
+        let more_coming = group.blocked || self.planning || background_coming;
+        let quiet = !more_coming && quiet_at.is_some_and(|at| at <= self.now);
         let waited = deadline.is_some_and(|at| at <= self.now);
         let held_for_quota = self.quota_hold_until.is_some_and(|at| at > self.now);
         let rest_goes =
@@ -298,13 +321,9 @@ impl Gate {
         let batches = batches_wanted.min(self.free_calls / per_batch);
         self.free_calls -= batches * per_batch;
         if rest > 0 && !rest_goes {
-            // Blocked or still planning: no quiet time to wait for (a new write or the poll
-            // brings the pusher back).
-            let quiet_at = if group.blocked || self.planning {
-                None
-            } else {
-                quiet_at
-            };
+            // Blocked, still planning or still reading: no quiet time to wait for (a new write
+            // or the poll brings the pusher back).
+            let quiet_at = if more_coming { None } else { quiet_at };
             if held_for_quota {
                 outcome.note_due(self.quota_hold_until);
             } else {
@@ -455,6 +474,11 @@ fn planned_at<T>(writes: &[Ready<T>]) -> impl Iterator<Item = i64> + '_ {
     writes.iter().map(|r| r.row.updated_at)
 }
 
+/// How many of the writes are live, not a background job's.
+fn live<T>(writes: &[Ready<T>]) -> usize {
+    writes.iter().filter(|r| !r.row.background).count()
+}
+
 /// One push cycle: settles what can go now and says when to look again.
 pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError> {
     let mut outcome = CycleOutcome::default();
@@ -496,9 +520,14 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     // nothing here: fewer phase barriers leave fewer rate-window slots unused); roles need
     // both, so they follow, and an opportunity's delete follows its role deletes.
     let mut gate = Gate::new(ctx, background).await?;
-    let opportunities_group = Group::of(planned_at(&opportunities)).cut(cut(Phase::Opportunities));
-    let companies_group = Group::of(planned_at(&companies)).cut(cut(Phase::Companies));
+    let opportunities_group = Group::of(planned_at(&opportunities))
+        .live(live(&opportunities))
+        .cut(cut(Phase::Opportunities));
+    let companies_group = Group::of(planned_at(&companies))
+        .live(live(&companies))
+        .cut(cut(Phase::Companies));
     let leads_group = Group::of(planned_at(&leads))
+        .live(live(&leads))
         .costing(LEAD_CALLS_PER_BATCH)
         .cut(cut(Phase::Leads));
     // Opportunities decide first whether they go; if they do, every company goes ahead of them
@@ -530,7 +559,9 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
         });
     }
     let opportunities_now = gate.admit(
-        &Group::of(planned_at(&opportunities)).cut(cut(Phase::Opportunities)),
+        &Group::of(planned_at(&opportunities))
+            .live(live(&opportunities))
+            .cut(cut(Phase::Opportunities)),
         false,
         &mut outcome,
     );
@@ -593,7 +624,9 @@ pub async fn push_cycle(ctx: &WorkerContext) -> Result<CycleOutcome, StoreError>
     let (mut deletes, waiting): (Vec<_>, Vec<_>) = opportunity_deletes
         .into_iter()
         .partition(|d| !held_role_opportunities.contains(&d.write));
-    let mut group = Group::of(planned_at(&deletes)).cut(cut(Phase::OpportunityDeletes));
+    let mut group = Group::of(planned_at(&deletes))
+        .live(live(&deletes))
+        .cut(cut(Phase::OpportunityDeletes));
     group.blocked = !waiting.is_empty();
     deletes.truncate(gate.admit(&group, false, &mut outcome));
     if !deletes.is_empty() {
@@ -1094,7 +1127,9 @@ async fn push_roles(
             },
         }
     }
-    let mut group = Group::of(going.iter().map(|(w, _)| w.row.updated_at)).cut(more_unread);
+    let mut group = Group::of(going.iter().map(|(w, _)| w.row.updated_at))
+        .live(going.iter().filter(|(w, _)| !w.row.background).count())
+        .cut(more_unread);
     if kind == RoleCall::Upsert {
         group.newest = group.newest.max(blocked.iter().copied().max());
         group.blocked = !blocked.is_empty();
@@ -1129,6 +1164,7 @@ mod tests {
             free_calls,
             planning,
             quota_hold_until: None,
+            background_reading: false,
         }
     }
 
@@ -1182,6 +1218,41 @@ mod tests {
         assert_eq!(gate(7_000, 10, true).admit(&quiet, false, &mut outcome), 0);
         // Still planning: only the deadline is due, not the quiet time.
         assert_eq!(outcome.due_at, Some(5_000 + MAX_WAIT_LINGERS * LINGER));
+    }
+
+    #[test]
+    fn the_initial_syncs_partial_batches_wait_for_its_next_page_while_it_reads() {
+        // 350 background writes, quiet for a second: one full batch goes, the 50 wait while
+        // the initial sync still reads (its next page fills them), only their deadline due.
+        let background = group(5_000, 350).live(0);
+        let mut reading = gate(7_000, 10, false);
+        reading.background_reading = true;
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(reading.admit(&background, false, &mut outcome), 300);
+        assert_eq!(outcome.due_at, Some(5_000 + MAX_WAIT_LINGERS * LINGER));
+        // Once it reads no more, the quiet rest goes.
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(
+            gate(7_000, 10, false).admit(&background, false, &mut outcome),
+            350
+        );
+        // A live write in the rest is not held for the sync's pages: it goes with the rest.
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(
+            reading.admit(&group(5_000, 350).live(301), false, &mut outcome),
+            350
+        );
+        // Live writes the full batches carry leave a background rest, which waits.
+        let mut outcome = CycleOutcome::default();
+        assert_eq!(
+            reading.admit(&group(5_000, 350).live(300), false, &mut outcome),
+            300
+        );
+        // The deadline still sends it.
+        let mut outcome = CycleOutcome::default();
+        let mut late = reading;
+        late.now = 5_000 + MAX_WAIT_LINGERS * LINGER;
+        assert_eq!(late.admit(&background, false, &mut outcome), 350);
     }
 
     #[test]
