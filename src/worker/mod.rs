@@ -236,16 +236,25 @@ where
 
 /// A task that lives exactly as long as this handle: dropping the handle (the batch done, or
 /// unwound by a panic) aborts it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
+impl AbortOnDrop<Claimed> {
+    /// The claimed batch, once the task ends (an error if it panicked).
+    async fn join(mut self) -> Claimed {
+        (&mut self.0)
+            .await
+            .unwrap_or_else(|e| Err(format!("claiming task failed: {e}")))
+    }
+}
+
 /// Renews the leases of `ids` every third of `lease_ms` until the returned handle is dropped.
-fn renew_leases_while_held(ctx: &Arc<WorkerContext>, ids: Vec<i64>, lease_ms: i64) -> AbortOnDrop {
+fn renew_leases_while_held(ctx: &Arc<WorkerContext>, ids: Vec<i64>, lease_ms: i64) -> AbortOnDrop<()> {
     let ctx = ctx.clone();
     AbortOnDrop(tokio::spawn(async move {
         loop {
@@ -267,42 +276,68 @@ fn renew_leases_while_held(ctx: &Arc<WorkerContext>, ids: Vec<i64>, lease_ms: i6
 async fn plan_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
     let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
     let lease_ms = i64::try_from(ctx.config.worker.lease_secs).unwrap_or(300) * 1000;
+    // The next batch, claimed and decoded while the current one was planned: planning waits on
+    // SQLite for much of its time, and claiming and decoding use the other core meanwhile. It
+    // is planned only after the current batch committed, so it sees what that one wrote.
+    let mut next: Option<AbortOnDrop<Claimed>> = None;
     while !shutdown.is_cancelled() {
-        let claimed = match ctx
-            .store
-            .claim_notifications(
-                &ctx.owner,
-                now_ms(),
-                lease_ms,
-                i64::from(ctx.config.worker.claim_batch),
-            )
-            .await
-        {
-            Ok(c) => c,
+        let claimed = match next.take() {
+            Some(prefetch) => prefetch.join().await,
+            None => claim_next(ctx.clone(), lease_ms).await,
+        };
+        let (batch, _renewer) = match claimed {
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = ctx.lifecycle.notification_stored() => {}
+                }
+                continue;
+            }
             Err(e) => {
-                tracing::warn!(error = %crate::errors::chain(&e), "could not claim notifications; retrying");
+                tracing::warn!(error = %e, "could not claim notifications; retrying");
                 sleep_or_cancel(&shutdown, Duration::from_secs(1)).await;
                 continue;
             }
         };
-        if claimed.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(poll) => {}
-                _ = ctx.lifecycle.notification_stored() => {}
-            }
-            continue;
-        }
-        let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
-        // Renew the batch's leases while it is being worked on, well before they expire, so a
-        // slow Dataverse read never lets another worker take a notification mid-plan. The
-        // renewer cannot outlive the batch: a panic unwinds through `_renewer` and aborts it.
-        let _renewer = renew_leases_while_held(&ctx, ids, lease_ms);
-        planner::process_batch(&ctx, claimed).await;
+        next = Some(AbortOnDrop(tokio::spawn(claim_next(ctx.clone(), lease_ms))));
+        planner::process_decoded(&ctx, batch).await;
+    }
+    // A batch claimed ahead and not planned goes back with the rest.
+    if let Some(prefetch) = next.take() {
+        let _ = prefetch.join().await;
     }
     if let Err(e) = ctx.store.release_leases(&ctx.owner).await {
         tracing::warn!(error = %crate::errors::chain(&e), "could not release leases at shutdown");
     }
+}
+
+/// A claimed, decoded batch and the renewal of its leases (held as long as the batch is).
+type Claimed = Result<Option<(planner::DecodedBatch, AbortOnDrop<()>)>, String>;
+
+/// Claims up to `worker.claim_batch` notifications, renews their leases from then on, and
+/// decodes them; `None` when none is ready.
+async fn claim_next(ctx: Arc<WorkerContext>, lease_ms: i64) -> Claimed {
+    let entries = ctx
+        .store
+        .claim_notifications(
+            &ctx.owner,
+            now_ms(),
+            lease_ms,
+            i64::from(ctx.config.worker.claim_batch),
+        )
+        .await
+        .map_err(|e| crate::errors::chain(&e))?;
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
+    // Renew the batch's leases while it is being worked on, well before they expire, so a
+    // slow Dataverse read never lets another worker take a notification mid-plan. The renewer
+    // cannot outlive the batch: a panic unwinds through it and aborts it.
+    let renewer = renew_leases_while_held(&ctx, ids, lease_ms);
+    Ok(Some((planner::DecodedBatch::decode(entries), renewer)))
 }
 
 async fn push_loop(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {

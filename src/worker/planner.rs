@@ -63,29 +63,48 @@ fn decode(entry: &InboxEntry) -> Result<DynamicsEvent, PlanError> {
         .map_err(|e| PlanError::Undecodable(e.to_string()))
 }
 
-/// Processes a claimed batch to the end: every notification committed, rescheduled or
-/// dead-lettered. Notifications that need a Web API read of their own row (sent without data)
-/// or do not decode, and every notification of a batch that fails as a whole, go one at a time.
-pub async fn process_batch(ctx: &WorkerContext, entries: Vec<InboxEntry>) {
-    #[cfg(test)]
-    ctx.test_hooks.before_planning();
-    let mut together: Vec<(InboxEntry, DynamicsEvent)> = Vec::new();
-    let mut alone: Vec<InboxEntry> = Vec::new();
-    for entry in entries {
-        match decode(&entry) {
-            Ok(event) if !(event.data_missing && event.message != MessageKind::Delete) => {
-                together.push((entry, event));
+/// A claimed batch, decoded: what is planned together, and what goes one at a time.
+#[derive(Debug, Default)]
+pub struct DecodedBatch {
+    together: Vec<(InboxEntry, DynamicsEvent)>,
+    alone: Vec<InboxEntry>,
+}
+
+impl DecodedBatch {
+    /// Decodes a claimed batch (CPU only: the plan loop does it for the next batch while the
+    /// current one is planned). Notifications that need a Web API read of their own row (sent
+    /// without data) or do not decode go one at a time.
+    pub fn decode(entries: Vec<InboxEntry>) -> DecodedBatch {
+        let mut batch = DecodedBatch::default();
+        for entry in entries {
+            match decode(&entry) {
+                Ok(event) if !(event.data_missing && event.message != MessageKind::Delete) => {
+                    batch.together.push((entry, event));
+                }
+                _ => batch.alone.push(entry),
             }
-            _ => alone.push(entry),
         }
-    }
-    if together.len() == 1 {
-        alone.extend(together.drain(..).map(|(entry, _)| entry));
-    }
-    if !together.is_empty() {
+        if batch.together.len() == 1 {
+            batch
+                .alone
+                .extend(batch.together.drain(..).map(|(entry, _)| entry));
+        }
         // Version order (then arrival order): the merge does not depend on it, but a reader of
         // the plan can rely on it.
-        together.sort_by_key(|(entry, event)| (event.version, entry.id));
+        batch
+            .together
+            .sort_by_key(|(entry, event)| (event.version, entry.id));
+        batch
+    }
+}
+
+/// Processes a claimed, decoded batch to the end: every notification committed, rescheduled or
+/// dead-lettered. Every notification of a batch that fails as a whole goes one at a time.
+pub async fn process_decoded(ctx: &WorkerContext, batch: DecodedBatch) {
+    #[cfg(test)]
+    ctx.test_hooks.before_planning();
+    let DecodedBatch { together, mut alone } = batch;
+    if !together.is_empty() {
         let started = now_ms();
         let settle = Settle {
             ids: together.iter().map(|(entry, _)| entry.id).collect(),
