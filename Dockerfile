@@ -11,7 +11,9 @@
 ARG RUST_VERSION=1.95
 
 # ---- build ------------------------------------------------------------------------------
-FROM rust:${RUST_VERSION}-slim-bookworm AS build
+# The full image, not -slim: jemalloc (tikv-jemalloc-sys) is built from C with make, which the
+# slim image lacks. Only the binary reaches the runtime stage.
+FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /build
 
 # Dependencies first, in their own layer: this layer is rebuilt only when Cargo.toml,
@@ -19,6 +21,8 @@ WORKDIR /build
 # benches come along because Cargo.toml names them and cargo refuses a manifest whose targets
 # are missing (`cargo build` does not compile them).
 COPY Cargo.toml Cargo.lock ./
+# jemalloc's compiled-in defaults (JEMALLOC_SYS_WITH_MALLOC_CONF), read when it is built.
+COPY .cargo ./.cargo
 COPY benches ./benches
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \

@@ -30,7 +30,7 @@ use args::value_after;
 /// The allocator the `oppsync` binary ships with (src/main.rs), so that the service measured in
 /// process allocates as it does in production.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const KEY: &str = "bench-webhook-key";
 

@@ -20,7 +20,7 @@ use args::value_after;
 
 /// The allocator the `oppsync` binary ships with (src/main.rs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const KEY: &str = "bench-webhook-key";
 

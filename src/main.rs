@@ -11,12 +11,14 @@ use oppsync::marketo::MarketoClient;
 use oppsync::register::{self, RegisterOptions};
 use url::Url;
 
-/// mimalloc instead of the system allocator: intake allocates per request (the body, its
+/// jemalloc instead of the system allocator: intake allocates per request (the body, its
 /// decode, its compressed copy), and glibc's malloc was a fifth of intake's CPU time under
-/// concurrent load. Set in the binary, not the library, so that the fuzz target keeps the
-/// allocator its sanitizer checks; the benchmarks that measure intake set it too.
+/// concurrent load; glibc's per-thread arenas also kept SQLite's freed memory resident. Its
+/// unprefixed `malloc` serves SQLite too, under the bounds `.cargo/config.toml` compiles in. Set
+/// in the binary, not the library, so that the fuzz target keeps the allocator its sanitizer
+/// checks; the benchmarks that measure intake set it too.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
