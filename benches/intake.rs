@@ -3,8 +3,12 @@
 //! on the same machine, with the same load generator. Prints throughput, p50/p99/p99.9 and the
 //! ratio, in rounds that measure the bare handler before and after each intake target, and the
 //! median ratio over the rounds.
-//! `cargo bench --bench intake` (add `-- --quick` for a short run, `--only sqlite` or `--only
-//! postgres` to measure one backend next to the bare handler, `--connections N` for one level).
+//! A third target is the whole service on SQLite with the planner running on the same store
+//! (pushing paused), as in production: intake and planning share the two cores. For it the
+//! benchmark also prints how many notifications the planner settled per second during the run.
+//! `cargo bench --bench intake` (add `-- --quick` for a short run, `--only sqlite`, `--only
+//! postgres` or `--only planner` to measure one target next to the bare handler,
+//! `--connections N` for one level).
 //!
 //! Backends: SQLite always; PostgreSQL too when it answers at OPPSYNC_TEST_PG_URL (default
 //! postgres://postgres@127.0.0.1:5432/test).
@@ -36,6 +40,9 @@ const KEY: &str = "bench-webhook-key";
 
 struct Run {
     label: String,
+    /// Notifications the planner settled per second during the run (the target with the
+    /// planner active only).
+    planned_per_second: Option<f64>,
     accepted: usize,
     seconds: f64,
     latencies_us: Vec<u64>,
@@ -175,6 +182,7 @@ async fn load(
     }
     let mut run = Run {
         label: label.to_owned(),
+        planned_per_second: None,
         accepted: 0,
         seconds: 0.0,
         latencies_us: Vec::new(),
@@ -247,6 +255,9 @@ fn print(runs: &[(Run, f64)]) {
             100.0 * r.rate() / reference,
             r.cpu_us_per_request
         );
+        if let Some(planned) = r.planned_per_second {
+            println!("{:<34} {planned:>10.0} notifications/s planned meanwhile", "");
+        }
     }
 }
 
@@ -276,6 +287,30 @@ async fn main() {
     .unwrap_or_else(|e| panic!("start: {e}"));
     let only = value_after::<String>("--only").map(|o| o.to_ascii_lowercase());
     let wanted = |backend: &str| only.as_deref().is_none_or(|o| o == backend);
+    // The whole service (intake, planner; pushing paused) on a store of its own, against the
+    // simulators for the lookups planning may make.
+    let sims = oppsync::sim::env::Simulators::start(oppsync::sim::marketo::MarketoSimConfig::default())
+        .await
+        .unwrap_or_else(|e| panic!("simulators: {e}"));
+    let planning = if wanted("planner") {
+        let url = format!("sqlite://{}", dir.path().join("planning.db").display());
+        let mut config = sims.service_config(&url, KEY);
+        config.server.listen = "127.0.0.1:0".into();
+        config.worker.paused = true;
+        Some(
+            start(
+                config,
+                StartOptions {
+                    migrate: true,
+                    intake_only: false,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("start with the planner: {e}")),
+        )
+    } else {
+        None
+    };
     let pg_url = if wanted("postgres") {
         postgres_url().await
     } else {
@@ -318,13 +353,42 @@ async fn main() {
     if let Some(pg) = &pg {
         targets.push(("oppsync intake, PostgreSQL", pg.addr));
     }
+    const PLANNING: &str = "oppsync intake+planner, SQLite";
+    if let Some(app) = &planning {
+        targets.push((PLANNING, app.addr));
+    }
+    let planning_store = planning.as_ref().map(|app| app.state.store.clone());
+    // Notifications waiting to be planned (the target with the planner active only).
+    let waiting = |label: &str| {
+        let store = planning_store.clone().filter(|_| label == PLANNING);
+        async move {
+            match store {
+                Some(store) => Some(
+                    store
+                        .pending_counts()
+                        .await
+                        .unwrap_or_else(|e| panic!("pending counts: {e}"))
+                        .0,
+                ),
+                None => None,
+            }
+        }
+    };
     let measure = |label: &'static str, addr: SocketAddr, connections: usize| {
         let template = template.clone();
+        let waiting = &waiting;
         async move {
             let clients = clients(connections);
             let warmup = Duration::from_millis(500);
             let _ = load("warmup", &url(addr), &clients, warmup, template.clone()).await;
-            load(label, &url(addr), &clients, duration, template).await
+            let before = waiting(label).await;
+            let mut run = load(label, &url(addr), &clients, duration, template).await;
+            // Settled = accepted during the run, less what the waiting backlog grew by.
+            if let (Some(before), Some(after)) = (before, waiting(label).await) {
+                let settled = run.accepted as f64 - (after - before) as f64;
+                run.planned_per_second = Some(settled.max(0.0) / run.seconds);
+            }
+            run
         }
     };
     let mut summary: Vec<(usize, &str, Vec<f64>)> = Vec::new();
@@ -374,5 +438,8 @@ async fn main() {
     sqlite.stop().await;
     if let Some(pg) = pg {
         pg.stop().await;
+    }
+    if let Some(app) = planning {
+        app.stop().await;
     }
 }

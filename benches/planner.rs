@@ -5,7 +5,8 @@
 //! drains the inbox. Prints notifications planned per second and the process's CPU time per
 //! notification (user + system, from /proc/self/stat).
 //!
-//! `cargo bench --bench planner` (`-- --opportunities N` for another size).
+//! `cargo bench --bench planner` (`-- --opportunities N` for another size, `--claim-batch N` for
+//! another `worker.claim_batch`).
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,9 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let mut config = sims.service_config(&format!("sqlite://{}", dir.path().join("p.db").display()), KEY);
     config.worker.paused = true;
+    if let Some(n) = value_after("--claim-batch") {
+        config.worker.claim_batch = n;
+    }
     let mut org = DynamicsOrg::new(1_750_000_000_000, Some(sims.dataverse.clone()));
     let notifications = oppsync::sim::scenario::bulk_workload(opportunities, &mut org);
     let wires: Vec<(String, Vec<(String, String)>)> =
