@@ -150,12 +150,16 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Runn
         tasks.spawn(async move { while worker_tasks.join_next().await.is_some() {} });
         Some(ctx)
     };
+    let metrics = crate::service::metrics::install();
+    if let Some(handle) = metrics.clone() {
+        tasks.spawn(crate::service::metrics::run_upkeep(handle, shutdown.clone()));
+    }
     let state: AppState = Arc::new(AppContext {
         config: config.clone(),
         store: store.clone(),
         intake,
         lifecycle: lifecycle.clone(),
-        metrics: crate::service::metrics::install(),
+        metrics,
         admin_auth,
         worker: WorkerControl::new(store.clone(), worker.clone()),
         organization,
