@@ -367,6 +367,44 @@ async fn no_log_level_shows_the_webhook_key_and_failed_authentications_are_warne
     );
 }
 
+/// Dynamics's `x-ms-correlation-request-id` is on the line that records the notification, so a
+/// System Job in Dynamics can be matched to oppsync's log. Read from the real process's log:
+/// tracing's callsite cache is process-wide, so a subscriber set for one test of a shared test
+/// binary could miss events that other threads registered first.
+#[tokio::test]
+async fn the_correlation_request_id_header_is_logged() {
+    let sims = sims().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let env = serve_env(&sims, &sqlite_url(dir.path()), port);
+    let mut serve = Serve::start(&env, port, &[], &dir.path().join("serve.log"));
+    assert!(serve.answers("/healthz").await, "{}", serve.log());
+    let n = NotificationBuilder::contact_create(Uuid::new_v4(), 1_750_000_000_000);
+    let correlation = n
+        .headers()
+        .into_iter()
+        .find_map(|(k, v)| (k == "x-ms-correlation-request-id").then_some(v))
+        .unwrap();
+    assert_eq!(serve.post(KEY, &n).await, 202);
+    let mut stored = None;
+    for _ in 0..200 {
+        stored = serve
+            .log()
+            .lines()
+            .find(|l| l.contains("notification stored"))
+            .map(str::to_owned);
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let stored = stored.unwrap_or_else(|| panic!("no \"notification stored\" line:\n{}", serve.log()));
+    assert!(
+        stored.contains(&format!("correlation_request_id={correlation}")),
+        "{stored}"
+    );
+}
+
 /// File descriptors run out while serving (idle connections under a low `ulimit -n`): a
 /// notification committed meanwhile is still made durable and answered 202 (the inbox log is
 /// held open, not opened again per group), intake is not latched off, and once the idle
