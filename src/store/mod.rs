@@ -5,6 +5,7 @@
 mod body;
 mod group_commit;
 mod sql;
+mod sqlite_checkpoint;
 mod sqlite_inbox;
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
@@ -510,6 +511,12 @@ impl Store {
                 // The log is cut back to this size after a checkpoint, so a burst does not
                 // leave a large file behind.
                 .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string())
+                // The log is checkpointed by a thread of the store's own, not by the commit
+                // that fills it (`sqlite_checkpoint`).
+                .pragma(
+                    "wal_autocheckpoint",
+                    sqlite_checkpoint::AUTOCHECKPOINT_FALLBACK_PAGES.to_string(),
+                )
                 // Multi-row statements keep a statement journal (to undo a half-done statement);
                 // in memory it costs a copy, on disk a write per page touched.
                 .pragma("temp_store", "memory");

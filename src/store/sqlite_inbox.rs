@@ -17,6 +17,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{TransactionBehavior, params};
 
+use super::sqlite_checkpoint::{AUTOCHECKPOINT_FALLBACK_PAGES, Checkpointer};
 use super::{NewNotification, Received, StoreError};
 
 /// The insert of one notification: a repeated dedupe key changes no row. No `RETURNING id`:
@@ -76,6 +77,8 @@ pub struct SqliteInbox {
     /// The log, opened once it exists and held: each sync goes to the file SQLite writes (its
     /// inode checked against the path), and needs no new descriptor.
     wal_file: Mutex<Option<File>>,
+    /// The log's checkpoints, off intake's and the planner's commits; they stop with the store.
+    _checkpointer: Checkpointer,
 }
 
 impl std::fmt::Debug for SqliteInbox {
@@ -111,10 +114,12 @@ impl SqliteInbox {
         // this connection never writes a rollback journal whatever opened the file first. The
         // rest are per connection: a statement that may abort keeps a statement journal, which
         // temp_store keeps in memory rather than in a temporary file; the log is cut back after
-        // a checkpoint as the pool's connections do.
+        // a checkpoint as the pool's connections do, and checkpoints are left to the
+        // checkpoint thread.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-             PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = {};",
+             PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = {}; \
+             PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_FALLBACK_PAGES};",
             super::JOURNAL_SIZE_LIMIT
         ))?;
         let db_file = File::open(db).map_err(|e| StoreError::Sqlite(format!("{}: {e}", db.display())))?;
@@ -124,6 +129,7 @@ impl SqliteInbox {
             db_file,
             wal,
             wal_file: Mutex::new(None),
+            _checkpointer: Checkpointer::start(db)?,
         })
     }
 
