@@ -51,12 +51,25 @@ fn insert_sql(rows: usize) -> String {
 
 /// Values per `IN (…)` list: far below both backends' parameter limits, and small enough that
 /// the statement text stays short.
-///
-/// Statements built for a number of rows are kept prepared (sqlx's per-connection cache) only
-/// at the full chunk size, the one that recurs: every other size would take a place in the
-/// cache of each pooled connection, and a prepared statement of hundreds of placeholders holds
-/// tens of kilobytes.
 const IN_CHUNK: usize = 500;
+
+/// The lengths an `IN (…)` list is padded up to (by repeating its last value, which matches
+/// nothing more), so that its statement recurs and stays prepared in sqlx's per-connection
+/// cache. A list of any length used to be new SQL to compile each time: a fifth of the
+/// planner's store work was SQLite parsing them. A few sizes per statement, not one per
+/// length: a prepared statement of hundreds of placeholders holds tens of kilobytes.
+const IN_LIST_SIZES: [usize; 5] = [4, 16, 64, 256, IN_CHUNK];
+
+/// The padded length of an `IN` list of `n` values (`n` ≤ [`IN_CHUNK`]).
+fn in_list_len(n: usize) -> usize {
+    IN_LIST_SIZES.iter().copied().find(|&size| size >= n).unwrap_or(n)
+}
+
+/// `values` padded to [`in_list_len`] by repeating the last one.
+fn padded<T>(values: &[T]) -> impl Iterator<Item = &T> {
+    let pad = in_list_len(values.len()) - values.len();
+    values.iter().chain(values.last().into_iter().cycle().take(pad))
+}
 
 /// `$first, $first+1, …` for `n` values: the inside of an `IN (…)` list, built only from
 /// placeholder numbers, never from data.
@@ -67,9 +80,10 @@ fn placeholders(first: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// `query` with `{}` replaced by an `IN` list of `n` placeholders starting at `$first`.
+/// `query` with `{}` replaced by an `IN` list for `n` values, placeholders from `$first`: the
+/// list is [`in_list_len`] long, for values bound through [`padded`].
 fn with_in_list(query: &str, first: usize, n: usize) -> String {
-    query.replacen("{}", &placeholders(first, n), 1)
+    query.replacen("{}", &placeholders(first, in_list_len(n)), 1)
 }
 
 /// Distinct ids as the text the tables key them by.
@@ -612,10 +626,10 @@ where
                 chunk.len(),
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .persistent(chunk.len() == IN_CHUNK)
+                .persistent(true)
                 .bind(until)
                 .bind(owner);
-            for id in chunk {
+            for id in padded(chunk) {
                 q = q.bind(id);
             }
             n += q.execute(&mut *tx).await?.rows_affected();
@@ -690,8 +704,8 @@ where
         for (ids, query, table) in lookups {
             for chunk in id_texts(ids).chunks(IN_CHUNK) {
                 let sql = with_in_list(query, 1, chunk.len());
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() == IN_CHUNK);
-                for id in chunk {
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(true);
+                for id in padded(chunk) {
                     q = q.bind(id);
                 }
                 for r in q.fetch_all(&mut *conn).await? {
@@ -751,10 +765,10 @@ where
                     chunk.len(),
                 );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .persistent(chunk.len() == IN_CHUNK)
+                    .persistent(true)
                     .bind(now)
                     .bind(&settle.owner);
-                for id in chunk {
+                for id in padded(chunk) {
                     q = q.bind(id);
                 }
                 // Every one of them, or none: a notification whose lease went to another
@@ -875,8 +889,8 @@ where
                 1,
                 chunk.len(),
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() == IN_CHUNK);
-            for key in chunk {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(true);
+            for key in padded(chunk) {
                 q = q.bind(key);
             }
             for r in q.fetch_all(&mut *conn).await? {
@@ -956,8 +970,8 @@ where
                 1,
                 chunk.len(),
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() == IN_CHUNK);
-            for id in chunk {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(true);
+            for id in padded(chunk) {
                 q = q.bind(id);
             }
             for r in q.fetch_all(&mut *conn).await? {
@@ -1141,10 +1155,8 @@ where
                 2,
                 chunk.len(),
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .persistent(chunk.len() == IN_CHUNK)
-                .bind(now);
-            for key in chunk {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(true).bind(now);
+            for key in padded(chunk) {
                 q = q.bind(key);
             }
             n += q.execute(&self.pool).await?.rows_affected();
@@ -1360,5 +1372,25 @@ impl PgStore {
                 None => Received::Duplicate,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_lists_are_padded_to_a_few_lengths_with_their_last_value() {
+        assert_eq!(in_list_len(1), 4);
+        assert_eq!(in_list_len(4), 4);
+        assert_eq!(in_list_len(5), 16);
+        assert_eq!(in_list_len(257), IN_CHUNK);
+        assert_eq!(in_list_len(IN_CHUNK), IN_CHUNK);
+        let values = [1, 2, 3, 4, 5];
+        let list: Vec<i32> = padded(&values).copied().collect();
+        assert_eq!(list, [1, 2, 3, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]);
+        assert_eq!(padded::<i32>(&[]).count(), 0);
+        let sql = with_in_list("SELECT 1 WHERE x IN ({})", 2, 3);
+        assert_eq!(sql, "SELECT 1 WHERE x IN ($2, $3, $4, $5)");
     }
 }
