@@ -63,11 +63,16 @@ fn decode(entry: &InboxEntry) -> Result<DynamicsEvent, PlanError> {
         .map_err(|e| PlanError::Undecodable(e.to_string()))
 }
 
-/// A claimed batch, decoded: what is planned together, and what goes one at a time.
+/// A claimed batch, decoded: what is planned together, and what goes one at a time (with its
+/// event when it decoded).
+///
+/// A decoded notification no longer holds its body: the event is all planning needs, and a
+/// batch (two, with the one claimed ahead) would otherwise keep every body twice, as text and
+/// decoded.
 #[derive(Debug, Default)]
 pub struct DecodedBatch {
     together: Vec<(InboxEntry, DynamicsEvent)>,
-    alone: Vec<InboxEntry>,
+    alone: Vec<(InboxEntry, Option<DynamicsEvent>)>,
 }
 
 impl DecodedBatch {
@@ -76,18 +81,27 @@ impl DecodedBatch {
     /// without data) or do not decode go one at a time.
     pub fn decode(entries: Vec<InboxEntry>) -> DecodedBatch {
         let mut batch = DecodedBatch::default();
-        for entry in entries {
+        for mut entry in entries {
             match decode(&entry) {
                 Ok(event) if !(event.data_missing && event.message != MessageKind::Delete) => {
+                    entry.body = None;
                     batch.together.push((entry, event));
                 }
-                _ => batch.alone.push(entry),
+                Ok(event) => {
+                    entry.body = None;
+                    batch.alone.push((entry, Some(event)));
+                }
+                // Decoded again alone, to dead-letter it with the reason.
+                Err(_) => batch.alone.push((entry, None)),
             }
         }
         if batch.together.len() == 1 {
-            batch
-                .alone
-                .extend(batch.together.drain(..).map(|(entry, _)| entry));
+            batch.alone.extend(
+                batch
+                    .together
+                    .drain(..)
+                    .map(|(entry, event)| (entry, Some(event))),
+            );
         }
         // Version order (then arrival order): the merge does not depend on it, but a reader of
         // the plan can rely on it.
@@ -141,18 +155,19 @@ pub async fn process_decoded(ctx: &WorkerContext, batch: DecodedBatch) {
                 // Whatever went wrong (a lookup, a lease, a row), planning each on its own
                 // settles the others and charges the failure to the one that caused it.
                 tracing::info!(parent: &span, error = %crate::errors::chain(&e), "batch not planned as a whole; planning one at a time");
-                alone.extend(together.into_iter().map(|(entry, _)| entry));
+                alone.extend(together.into_iter().map(|(entry, event)| (entry, Some(event))));
             }
         }
     }
-    alone.sort_by_key(|e| e.id);
-    for entry in alone {
-        process(ctx, entry).await;
+    alone.sort_by_key(|(entry, _)| entry.id);
+    for (entry, event) in alone {
+        process(ctx, entry, event).await;
     }
 }
 
 /// Processes one claimed notification to the end: committed, rescheduled or dead-lettered.
-pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
+/// `event`: its body decoded already (`None`: decoded here).
+async fn process(ctx: &WorkerContext, entry: InboxEntry, event: Option<DynamicsEvent>) {
     let span = tracing::info_span!(
         "plan",
         inbox_id = entry.id,
@@ -162,7 +177,7 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
         record_id = %entry.record_id,
     );
     let started = now_ms();
-    match plan_one(ctx, &entry).instrument(span.clone()).await {
+    match plan_one(ctx, &entry, event).instrument(span.clone()).await {
         Ok(writes) => {
             metrics::counter!("oppsync_worker_notifications_total", "outcome" => "applied").increment(1);
             metrics::histogram!("oppsync_worker_lag_seconds")
@@ -210,8 +225,15 @@ pub async fn process(ctx: &WorkerContext, entry: InboxEntry) {
     }
 }
 
-async fn plan_one(ctx: &WorkerContext, entry: &InboxEntry) -> Result<usize, PlanError> {
-    let mut event = decode(entry)?;
+async fn plan_one(
+    ctx: &WorkerContext,
+    entry: &InboxEntry,
+    event: Option<DynamicsEvent>,
+) -> Result<usize, PlanError> {
+    let mut event = match event {
+        Some(event) => event,
+        None => decode(entry)?,
+    };
     if event.data_missing && event.message != MessageKind::Delete {
         match read_row(ctx, &event).await? {
             Some(full) => event = full,
