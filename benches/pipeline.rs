@@ -325,7 +325,7 @@ async fn run(label: &'static str, opportunities: usize, backlog: bool) -> Measur
     // `--linger-ms N` tries another marketo.batch_linger_ms (default 1000): in the live run the
     // last partial batches wait for it after the last notification is planned.
     let linger_ms = value_after("--linger-ms");
-    // `--claim-batch N` tries another worker.claim_batch (default 256): smaller claims bring
+    // `--claim-batch N` tries another worker.claim_batch (default 512): smaller claims bring
     // the first records to the pusher sooner, at a higher cost per notification.
     let claim_batch = value_after("--claim-batch");
     let mut service = start_service(opportunities, marketo, false, |config| {

@@ -365,7 +365,7 @@ impl Default for WorkerConfig {
             lease_secs: 300,
             max_attempts: 12,
             poll_interval_ms: 200,
-            claim_batch: 256,
+            claim_batch: 512,
             retry_base_ms: 2_000,
             retry_max_ms: 600_000,
             restart_base_ms: 1_000,
