@@ -107,7 +107,9 @@ async fn main() -> anyhow::Result<()> {
     let peak_rss_kib = serve.peak_rss_kib();
     drop(serve);
 
+    // Records and calls by endpoint (a lookup apart from a write of the same path).
     let mut per_endpoint: BTreeMap<String, usize> = BTreeMap::new();
+    let mut calls_per_endpoint: BTreeMap<String, usize> = BTreeMap::new();
     let mut marketo_calls = 0;
     for c in sims.marketo.calls() {
         if c.path.starts_with("/identity") {
@@ -128,7 +130,8 @@ async fn main() -> anyhow::Result<()> {
         } else {
             c.path.clone()
         };
-        *per_endpoint.entry(key).or_default() += records;
+        *per_endpoint.entry(key.clone()).or_default() += records;
+        *calls_per_endpoint.entry(key).or_default() += 1;
     }
     let records: usize = per_endpoint.values().sum();
     let minimum_calls: usize = per_endpoint.values().map(|n| n.div_ceil(BATCH)).sum();
@@ -151,6 +154,13 @@ async fn main() -> anyhow::Result<()> {
         "  calls used / minimum possible     {marketo_calls:>8} / {minimum_calls} = {:.2}x",
         marketo_calls as f64 / minimum_calls.max(1) as f64
     );
+    for (endpoint, records) in &per_endpoint {
+        let calls = calls_per_endpoint.get(endpoint).copied().unwrap_or(0);
+        println!(
+            "    {endpoint:<40} {records:>7} records in {calls:>4} calls (minimum {})",
+            records.div_ceil(BATCH)
+        );
+    }
     println!(
         "  elapsed / rate limit alone        {elapsed:>8.1} s / {rate_only:.1} s = {:.3}x (target <= 1.1x)",
         elapsed / rate_only.max(0.001)
