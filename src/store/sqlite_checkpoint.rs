@@ -79,25 +79,35 @@ fn run(conn: &rusqlite::Connection, stopped: &mpsc::Receiver<()>) {
 mod tests {
     use super::*;
 
-    /// Rows written with automatic checkpoints at the fallback threshold reach the database
-    /// file within a few intervals: the thread copied them, no commit did.
-    #[test]
-    fn the_log_is_copied_into_the_database_file_by_the_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("c.db");
+    /// A database in WAL mode whose commits checkpoint only past the fallback threshold.
+    fn wal_database(dir: &Path) -> (std::path::PathBuf, rusqlite::Connection) {
+        let db = dir.join("c.db");
         let conn = rusqlite::Connection::open(&db).unwrap();
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_FALLBACK_PAGES}; \
              CREATE TABLE t (v BLOB);"
         ))
         .unwrap();
-        let file_size = || std::fs::metadata(&db).unwrap().len();
-        let before = file_size();
-        // About 2 MiB of rows: 500 pages, below either threshold of automatic checkpoints.
+        (db, conn)
+    }
+
+    /// About 2 MiB of rows: 500 pages, below either threshold of automatic checkpoints.
+    fn write_rows(conn: &rusqlite::Connection) {
         for _ in 0..200 {
             conn.execute("INSERT INTO t (v) VALUES (zeroblob(10000))", [])
                 .unwrap();
         }
+    }
+
+    /// Rows written with automatic checkpoints at the fallback threshold reach the database
+    /// file within a few intervals: the thread copied them, no commit did.
+    #[test]
+    fn the_log_is_copied_into_the_database_file_by_the_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, conn) = wal_database(dir.path());
+        let file_size = || std::fs::metadata(&db).unwrap().len();
+        let before = file_size();
+        write_rows(&conn);
         assert_eq!(file_size(), before, "no commit checkpointed");
         let checkpointer = Checkpointer::start(&db).unwrap();
         let mut copied = false;
@@ -116,20 +126,11 @@ mod tests {
     #[test]
     fn dropping_the_handle_stops_the_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("c.db");
-        let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_FALLBACK_PAGES}; \
-             CREATE TABLE t (v BLOB);"
-        ))
-        .unwrap();
+        let (db, conn) = wal_database(dir.path());
         drop(Checkpointer::start(&db).unwrap());
         std::thread::sleep(CHECKPOINT_INTERVAL);
         let before = std::fs::metadata(&db).unwrap().len();
-        for _ in 0..200 {
-            conn.execute("INSERT INTO t (v) VALUES (zeroblob(10000))", [])
-                .unwrap();
-        }
+        write_rows(&conn);
         std::thread::sleep(CHECKPOINT_INTERVAL * 3);
         assert_eq!(std::fs::metadata(&db).unwrap().len(), before);
     }
