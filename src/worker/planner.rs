@@ -83,13 +83,13 @@ impl DecodedBatch {
         let mut batch = DecodedBatch::default();
         for mut entry in entries {
             match decode(&entry) {
-                Ok(event) if !(event.data_missing && event.message != MessageKind::Delete) => {
-                    entry.body = None;
-                    batch.together.push((entry, event));
-                }
                 Ok(event) => {
                     entry.body = None;
-                    batch.alone.push((entry, Some(event)));
+                    if event.data_missing && event.message != MessageKind::Delete {
+                        batch.alone.push((entry, Some(event)));
+                    } else {
+                        batch.together.push((entry, event));
+                    }
                 }
                 // Decoded again alone, to dead-letter it with the reason.
                 Err(_) => batch.alone.push((entry, None)),
