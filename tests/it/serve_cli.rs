@@ -81,6 +81,21 @@ impl Serve {
         std::fs::read_to_string(&self.log).unwrap()
     }
 
+    /// The first log line that `matches`, once one is written (`None` if none is within
+    /// `within`).
+    async fn line_within(&self, matches: impl Fn(&str) -> bool, within: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self.log().lines().find(|l| matches(l)) {
+                return Some(line.to_owned());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Posts `n` as Dynamics would, with webhook key `key`; the answer's status.
     async fn post(&self, key: &str, n: &NotificationBuilder) -> u16 {
         let mut post = reqwest::Client::new()
@@ -253,16 +268,12 @@ async fn a_dead_letter_is_logged_once_at_warn_with_its_record_reason_and_retry()
     );
     assert_eq!(serve.post(KEY, &n).await, 202);
     let record = format!("opportunity:{id}");
-    let said = |log: &str| {
-        log.lines()
-            .any(|l| l.contains("dead-lettered") && l.contains(&record))
-    };
-    for _ in 0..600 {
-        if said(&serve.log()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    serve
+        .line_within(
+            |l| l.contains("dead-lettered") && l.contains(&record),
+            Duration::from_secs(30),
+        )
+        .await;
     // Let a second line, if there were one, reach the file.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = serve.log();
@@ -386,19 +397,10 @@ async fn the_correlation_request_id_header_is_logged() {
         .find_map(|(k, v)| (k == "x-ms-correlation-request-id").then_some(v))
         .unwrap();
     assert_eq!(serve.post(KEY, &n).await, 202);
-    let mut stored = None;
-    for _ in 0..200 {
-        stored = serve
-            .log()
-            .lines()
-            .find(|l| l.contains("notification stored"))
-            .map(str::to_owned);
-        if stored.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let stored = stored.unwrap_or_else(|| panic!("no \"notification stored\" line:\n{}", serve.log()));
+    let stored = serve
+        .line_within(|l| l.contains("notification stored"), Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("no \"notification stored\" line:\n{}", serve.log()));
     assert!(
         stored.contains(&format!("correlation_request_id={correlation}")),
         "{stored}"
