@@ -288,28 +288,28 @@ async fn main() {
     let only = value_after::<String>("--only").map(|o| o.to_ascii_lowercase());
     let wanted = |backend: &str| only.as_deref().is_none_or(|o| o == backend);
     // The whole service (intake, planner; pushing paused) on a store of its own, against the
-    // simulators for the lookups planning may make.
-    let sims = oppsync::sim::env::Simulators::start(oppsync::sim::marketo::MarketoSimConfig::default())
-        .await
-        .unwrap_or_else(|e| panic!("simulators: {e}"));
-    let planning = if wanted("planner") {
+    // simulators for the lookups planning may make (started for this target only; they live
+    // as long as `_sims`).
+    let (_sims, planning) = if wanted("planner") {
+        let sims = oppsync::sim::env::Simulators::start(oppsync::sim::marketo::MarketoSimConfig::default())
+            .await
+            .unwrap_or_else(|e| panic!("simulators: {e}"));
         let url = format!("sqlite://{}", dir.path().join("planning.db").display());
         let mut config = sims.service_config(&url, KEY);
         config.server.listen = "127.0.0.1:0".into();
         config.worker.paused = true;
-        Some(
-            start(
-                config,
-                StartOptions {
-                    migrate: true,
-                    intake_only: false,
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("start with the planner: {e}")),
+        let app = start(
+            config,
+            StartOptions {
+                migrate: true,
+                intake_only: false,
+            },
         )
+        .await
+        .unwrap_or_else(|e| panic!("start with the planner: {e}"));
+        (Some(sims), Some(app))
     } else {
-        None
+        (None, None)
     };
     let pg_url = if wanted("postgres") {
         postgres_url().await
