@@ -367,7 +367,9 @@ fn tokenize(filter: &str) -> Result<Vec<Token>, String> {
     let mut chars = filter.chars().peekable();
     while let Some(&c) = chars.peek() {
         match c {
-            ' ' | '\t' | '\n' | '\r' => {
+            // Every whitespace the word loop below stops at, or it would make empty words
+            // without consuming anything, forever (a form feed in a fuzzed filter did).
+            c if c.is_whitespace() => {
                 chars.next();
             }
             '(' => {
@@ -545,6 +547,16 @@ mod tests {
         assert!(!f.matches(&r2));
         assert!(parse_filter("category foo 3").is_err());
         assert!(parse_filter("(category eq 3").is_err());
+    }
+
+    #[test]
+    fn filters_accept_any_whitespace_between_words() {
+        let r = row(&[("statecode", "0")]);
+        for space in ['\u{0b}', '\u{0c}', '\u{85}', '\u{a0}', '\u{2028}', '\u{3000}'] {
+            let f = parse_filter(&format!("statecode{space}eq{space}0")).unwrap();
+            assert!(f.matches(&r), "{space:?}");
+            assert!(parse_filter(&format!("{space}")).is_err(), "{space:?}");
+        }
     }
 
     #[test]
