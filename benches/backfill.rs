@@ -11,7 +11,8 @@
 //! are streamed, never the organisation held).
 //!
 //! `cargo bench --bench backfill` (`-- --opportunities N` for another size, `--page-size N` for
-//! another `backfill.page_size`, `--dataverse-429 N` to inject another number of 429s).
+//! another `backfill.page_size`, `--dataverse-429 N` to inject another number of 429s,
+//! `--call-sizes` to list every Marketo call's time and records by endpoint).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -110,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
     // Records and calls by endpoint (a lookup apart from a write of the same path).
     let mut per_endpoint: BTreeMap<String, usize> = BTreeMap::new();
     let mut calls_per_endpoint: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sizes_per_endpoint: BTreeMap<String, Vec<(f64, usize)>> = BTreeMap::new();
     let mut marketo_calls = 0;
     for c in sims.marketo.calls() {
         if c.path.starts_with("/identity") {
@@ -130,6 +132,10 @@ async fn main() -> anyhow::Result<()> {
         } else {
             c.path.clone()
         };
+        sizes_per_endpoint
+            .entry(key.clone())
+            .or_default()
+            .push((c.at.saturating_duration_since(started).as_secs_f64(), records));
         *per_endpoint.entry(key.clone()).or_default() += records;
         *calls_per_endpoint.entry(key).or_default() += 1;
     }
@@ -160,6 +166,12 @@ async fn main() -> anyhow::Result<()> {
             "    {endpoint:<40} {records:>7} records in {calls:>4} calls (minimum {})",
             records.div_ceil(BATCH)
         );
+    }
+    if std::env::args().any(|a| a == "--call-sizes") {
+        for (endpoint, sizes) in &sizes_per_endpoint {
+            let list: Vec<String> = sizes.iter().map(|(t, n)| format!("{t:.0}s:{n}")).collect();
+            println!("    {endpoint}: {}", list.join(" "));
+        }
     }
     println!(
         "  elapsed / rate limit alone        {elapsed:>8.1} s / {rate_only:.1} s = {:.3}x (target <= 1.1x)",
