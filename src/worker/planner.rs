@@ -64,15 +64,15 @@ fn decode(entry: &InboxEntry) -> Result<DynamicsEvent, PlanError> {
 }
 
 /// A claimed batch, decoded: what is planned together, and what goes one at a time (with its
-/// event when it decoded).
+/// event, or why it did not decode).
 ///
-/// A decoded notification no longer holds its body: the event is all planning needs, and a
-/// batch (two, with the one claimed ahead) would otherwise keep every body twice, as text and
-/// decoded.
+/// A notification no longer holds its body once decoded: the event (or the error) is all
+/// planning needs, and a batch (two, with the one claimed ahead) would otherwise keep every body
+/// twice, as text and decoded.
 #[derive(Debug, Default)]
 pub struct DecodedBatch {
     together: Vec<(InboxEntry, DynamicsEvent)>,
-    alone: Vec<(InboxEntry, Option<DynamicsEvent>)>,
+    alone: Vec<(InboxEntry, Result<DynamicsEvent, PlanError>)>,
 }
 
 impl DecodedBatch {
@@ -82,26 +82,20 @@ impl DecodedBatch {
     pub fn decode(entries: Vec<InboxEntry>) -> DecodedBatch {
         let mut batch = DecodedBatch::default();
         for mut entry in entries {
-            match decode(&entry) {
-                Ok(event) => {
-                    entry.body = None;
-                    if event.data_missing && event.message != MessageKind::Delete {
-                        batch.alone.push((entry, Some(event)));
-                    } else {
-                        batch.together.push((entry, event));
-                    }
+            let decoded = decode(&entry);
+            entry.body = None;
+            match decoded {
+                Ok(event) if !(event.data_missing && event.message != MessageKind::Delete) => {
+                    batch.together.push((entry, event));
                 }
-                // Decoded again alone, to dead-letter it with the reason.
-                Err(_) => batch.alone.push((entry, None)),
+                // Read in full, or dead-lettered with the reason, one at a time.
+                other => batch.alone.push((entry, other)),
             }
         }
         if batch.together.len() == 1 {
-            batch.alone.extend(
-                batch
-                    .together
-                    .drain(..)
-                    .map(|(entry, event)| (entry, Some(event))),
-            );
+            batch
+                .alone
+                .extend(batch.together.drain(..).map(|(entry, event)| (entry, Ok(event))));
         }
         // Version order (then arrival order): the merge does not depend on it, but a reader of
         // the plan can rely on it.
@@ -155,7 +149,7 @@ pub async fn process_decoded(ctx: &WorkerContext, batch: DecodedBatch) {
                 // Whatever went wrong (a lookup, a lease, a row), planning each on its own
                 // settles the others and charges the failure to the one that caused it.
                 tracing::info!(parent: &span, error = %crate::errors::chain(&e), "batch not planned as a whole; planning one at a time");
-                alone.extend(together.into_iter().map(|(entry, event)| (entry, Some(event))));
+                alone.extend(together.into_iter().map(|(entry, event)| (entry, Ok(event))));
             }
         }
     }
@@ -166,8 +160,8 @@ pub async fn process_decoded(ctx: &WorkerContext, batch: DecodedBatch) {
 }
 
 /// Processes one claimed notification to the end: committed, rescheduled or dead-lettered.
-/// `event`: its body decoded already (`None`: decoded here).
-async fn process(ctx: &WorkerContext, entry: InboxEntry, event: Option<DynamicsEvent>) {
+/// `event`: its body decoded, or why it did not decode.
+async fn process(ctx: &WorkerContext, entry: InboxEntry, event: Result<DynamicsEvent, PlanError>) {
     let span = tracing::info_span!(
         "plan",
         inbox_id = entry.id,
@@ -228,12 +222,9 @@ async fn process(ctx: &WorkerContext, entry: InboxEntry, event: Option<DynamicsE
 async fn plan_one(
     ctx: &WorkerContext,
     entry: &InboxEntry,
-    event: Option<DynamicsEvent>,
+    event: Result<DynamicsEvent, PlanError>,
 ) -> Result<usize, PlanError> {
-    let mut event = match event {
-        Some(event) => event,
-        None => decode(entry)?,
-    };
+    let mut event = event?;
     if event.data_missing && event.message != MessageKind::Delete {
         match read_row(ctx, &event).await? {
             Some(full) => event = full,
