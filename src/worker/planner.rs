@@ -1083,3 +1083,54 @@ impl PlanStep {
         Ok((commit, writes))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::dynamics::compose::NotificationBuilder;
+    use crate::store::Status;
+
+    fn entry(id: i64, body: String) -> InboxEntry {
+        InboxEntry {
+            id,
+            dedupe_key: format!("k{id}"),
+            received_at: 0,
+            entity: "contact".into(),
+            message: "Create".into(),
+            record_id: Uuid::new_v4().to_string(),
+            version: 0,
+            correlation_id: None,
+            data_missing: false,
+            status: Status::Pending,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
+            settled_at: None,
+            body: Some(body),
+        }
+    }
+
+    #[test]
+    fn a_claimed_batch_keeps_events_or_decode_errors_and_no_body() {
+        let create = |id| {
+            entry(
+                id,
+                NotificationBuilder::contact_create(Uuid::new_v4(), 1_750_000_000_000).to_json(),
+            )
+        };
+        let batch = DecodedBatch::decode(vec![create(1), entry(2, "{not json".into()), create(3)]);
+        assert_eq!(batch.together.len(), 2);
+        assert_eq!(batch.alone.len(), 1);
+        let (garbled, result) = &batch.alone[0];
+        assert_eq!(garbled.id, 2);
+        assert!(matches!(result, Err(PlanError::Undecodable(_))), "{result:?}");
+        let bodies = batch
+            .together
+            .iter()
+            .map(|(e, _)| e)
+            .chain(batch.alone.iter().map(|(e, _)| e));
+        assert!(bodies.into_iter().all(|e| e.body.is_none()));
+    }
+}
